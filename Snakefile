@@ -1,0 +1,23 @@
+# closedloop: one DAG from data to report. Stages live in rules/<stage>.smk; every rule
+# calls the `closedloop` CLI, which runs the stage's main(cfg).
+#   snakemake --cores 2                                   # the embedded default experiment
+#   snakemake --cores 2 --configfile configs/smoke.yaml   # the smoke config (tests)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "configs/default.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/sft.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        report_targets(),

