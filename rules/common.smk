@@ -31,5 +31,13 @@ def eval_dirs():
     return [str(paths.eval_dir(CFG, m, t)) for m in CFG.eval.models for t in CFG.eval.tasks]
 
 
+def data_tasks():
+    """Every task the DAG builds data for: the SFT task and each evaluated task."""
+    needed = list(CFG.eval.tasks)
+    if "sft" in CFG.eval.models and CFG.sft.task not in needed:
+        needed.append(CFG.sft.task)
+    return needed
+
+
 def report_targets():
-    return [str(paths.report_file(CFG))]
+    return [str(paths.report_file(CFG)), f"{CFG.data_dir}.dvc"]

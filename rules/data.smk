@@ -9,3 +9,18 @@ rule data:
         str(LOGS / "data" / "{task}.log"),
     shell:
         "closedloop run-stage data --config-yaml {params.cfg:q} job.task={wildcards.task} 2>&1 | tee {log}"
+
+
+rule track_data:
+    input:
+        [str(paths.data_dir(CFG, t)) for t in data_tasks()],
+    output:
+        f"{CFG.data_dir}.dvc",
+    params:
+        data_dir=lambda w, output: output[0].removesuffix(".dvc"),
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(LOGS / "track_data.log"),
+    shell:
+        "dvc add --quiet {params.data_dir} 2>&1 | tee {log}"

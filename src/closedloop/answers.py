@@ -13,7 +13,7 @@ import re
 from fractions import Fraction
 
 NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?%?|-?\$?\.\d+"
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*(.+)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*", re.IGNORECASE)
 _NUMBER = re.compile(NUMBER)
 
 
@@ -34,11 +34,10 @@ def parse_number(text: str) -> Fraction | None:
 
 def extract_number(text: str) -> str | None:
     """The final numeric answer in a completion, as written (not yet normalised)."""
-    tail = _ANSWER_IS.findall(text)
-    for segment in reversed(tail):
-        found = _NUMBER.findall(segment)
+    for marker in reversed(list(_ANSWER_IS.finditer(text))):
+        found = _NUMBER.search(text, marker.end())
         if found:
-            return found[0].strip()
+            return found.group(0).strip()
     found = _NUMBER.findall(text)
     return found[-1].strip() if found else None
 
@@ -58,9 +57,10 @@ def extract_math(text: str) -> str | None:
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
-    tail = _ANSWER_IS.findall(text)
-    if tail:
-        return tail[-1].strip().rstrip(".")
+    markers = list(_ANSWER_IS.finditer(text))
+    if markers:
+        tail = text[markers[-1].end():].strip()
+        return tail.splitlines()[0].rstrip(".") if tail else None
     return extract_number(text)
 
 

@@ -16,6 +16,7 @@ import sys
 from omegaconf import OmegaConf
 
 from closedloop import config as cl_config
+from closedloop import paths
 
 STAGES = ("data", "sft", "evaluate", "report")
 
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", action="append", default=[], metavar="FILE",
                        help="YAML file merged over the embedded defaults (repeatable, in order)")
         p.add_argument("--config-yaml", default=None, help=argparse.SUPPRESS)
+        if name == "show-config":
+            p.add_argument("--report-path", action="store_true", help="print only where the report is written")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
     return parser
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         return 2
     if args.command == "show-config":
-        print(OmegaConf.to_yaml(cfg), end="")
+        print(paths.report_file(cfg).resolve() if args.report_path else OmegaConf.to_yaml(cfg), end="\n" * args.report_path)
         return 0
     module = importlib.import_module(f"closedloop.{args.stage.replace('-', '_')}")
     try:

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -73,7 +73,7 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: List[str] = field(
+    target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     merge_after_training: bool = True
@@ -87,10 +87,10 @@ class ModelConfig:
     kind: ModelKind = ModelKind.embedded
     name_or_path: str = "SmolLM2-135M-Instruct"
     """Hub id or local dir for ``kind: hf``; a label for the other kinds."""
-    revision: Optional[str] = None
+    revision: str | None = None
     trust_remote_code: bool = False
     dtype: DType = DType.float32
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where converted/built models are cached; default $CLOSEDLOOP_CACHE or ~/.cache/closedloop."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -116,14 +116,14 @@ class TaskConfig:
     n_train: int = 0
     n_heldout: int = 200
     """Rows in the held-out split; -1 keeps all."""
-    train_path: Optional[str] = None
+    train_path: str | None = None
     """``source: jsonl`` only: the user's training rows."""
-    heldout_path: Optional[str] = None
+    heldout_path: str | None = None
     """``source: jsonl`` only: the user's held-out rows."""
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
 
 
-def _default_tasks() -> Dict[str, TaskConfig]:
+def _default_tasks() -> dict[str, TaskConfig]:
     return {
         "synthetic": TaskConfig(source=TaskSource.synthetic, n_train=512, n_heldout=200),
         "arc_challenge": TaskConfig(source=TaskSource.arc_challenge, n_heldout=200),
@@ -138,7 +138,7 @@ def _default_tasks() -> Dict[str, TaskConfig]:
 class DataConfig:
     """The task catalogue; only the tasks that SFT or evaluation need are built."""
 
-    tasks: Dict[str, TaskConfig] = field(default_factory=_default_tasks)
+    tasks: dict[str, TaskConfig] = field(default_factory=_default_tasks)
 
 
 @dataclass
@@ -163,8 +163,8 @@ class SFTConfig:
 class EvalConfig:
     """Held-out evaluation (SPEC §7)."""
 
-    tasks: List[str] = field(default_factory=lambda: ["synthetic", "arc_challenge", "sciq"])
-    models: List[str] = field(default_factory=lambda: ["base", "sft"])
+    tasks: list[str] = field(default_factory=lambda: ["synthetic", "arc_challenge", "sciq"])
+    models: list[str] = field(default_factory=lambda: ["base", "sft"])
     """Model tags: ``base`` (the configured model, untrained) and ``sft``."""
     decoding: Decoding = Decoding.greedy
     k: int = 4
@@ -191,8 +191,8 @@ class ReportConfig:
 class JobConfig:
     """Which unit of a stage this process runs (filled from Snakemake wildcards)."""
 
-    task: Optional[str] = None
-    model: Optional[str] = None
+    task: str | None = None
+    model: str | None = None
 
 
 @dataclass
@@ -212,7 +212,7 @@ class ExperimentConfig:
 
 
 SHARED_KEYS = ("experiment", "seed", "data_dir", "results_dir")
-STAGE_SECTIONS: Dict[str, tuple] = {
+STAGE_SECTIONS: dict[str, tuple] = {
     "data": (),
     "sft": ("model", "sft"),
     "evaluate": ("model", "eval"),
@@ -252,7 +252,7 @@ def merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
 
 
 def load(
-    files: List[str | Path] = (), overrides: List[str] = (), validate: bool = True
+    files: list[str | Path] = (), overrides: list[str] = (), validate: bool = True
 ) -> DictConfig:
     """Defaults ← each YAML file in order ← ``key=value`` overrides; validated.
 
@@ -309,7 +309,7 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"key 'eval.models': unknown model tag {tag!r} (expected 'base' or 'sft')")
 
 
-def stage_view(cfg: DictConfig, stage: str, tasks: List[str] = ()) -> dict:
+def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = ()) -> dict:
     """The part of ``cfg`` that determines one ``stage`` job's outputs, as a plain dict.
 
     Only these sections (plus the catalogue entries of ``tasks``) go to the job, so a

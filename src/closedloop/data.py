@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from closedloop import artifacts, config as cl_config, paths, tasks
+from closedloop import artifacts, paths, tasks
+from closedloop import config as cl_config
 
 
 def main(cfg) -> None:

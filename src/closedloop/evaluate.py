@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from transformers import set_seed
 
-from closedloop import answers, artifacts, config as cl_config, generation, models, paths, prompts, stats
+from closedloop import answers, artifacts, generation, models, paths, prompts, stats
+from closedloop import config as cl_config
 
 
 def model_record(cfg, tag: str) -> tuple[str, dict]:
@@ -32,7 +33,7 @@ def model_record(cfg, tag: str) -> tuple[str, dict]:
 def score(rows: list[dict], completions: list[list[str]]) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Per-row predictions, per-row accuracy (mean over samples) and per-row pass@k."""
     records, acc, any_ok = [], [], []
-    for row, texts in zip(rows, completions):
+    for row, texts in zip(rows, completions, strict=True):
         extracted = [answers.extract(t, row) for t in texts]
         correct = [answers.is_correct(e, row) for e in extracted]
         records.append({"id": row["id"], "answer": row["answer"], "completions": texts,

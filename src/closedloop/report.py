@@ -12,7 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from closedloop import artifacts, config as cl_config, paths  # noqa: E402
+from closedloop import artifacts, paths  # noqa: E402
+from closedloop import config as cl_config
 
 PLOTS = ("accuracy.png", "sft_loss.png")
 

@@ -14,7 +14,8 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 
-from closedloop import artifacts, config as cl_config, models, paths, prompts
+from closedloop import artifacts, models, paths, prompts
+from closedloop import config as cl_config
 
 
 class CsvLogCallback(TrainerCallback):

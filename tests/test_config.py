@@ -1,0 +1,107 @@
+"""Config loading: defaults, files, overrides, and errors that name file, key and type."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from closedloop import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text, name="bad.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_default_yaml_mirrors_the_dataclass_defaults():
+    from_file = OmegaConf.to_container(config.load([ROOT / "configs/default.yaml"]), enum_to_str=True)
+    embedded = OmegaConf.to_container(config.load(), enum_to_str=True)
+    assert from_file == embedded
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "paper/mcts_ipl_mistral7b.yaml"])
+def test_shipped_configs_load(name):
+    cfg = config.load([ROOT / "configs" / name])
+    assert cfg.experiment
+
+
+def test_files_then_overrides_in_order(tmp_path):
+    a = write(tmp_path, "seed: 3\nsft:\n  learning_rate: 0.5\n", "a.yaml")
+    b = write(tmp_path, "seed: 4\n", "b.yaml")
+    cfg = config.load([a, b], ["sft.batch_size=2", "eval.tasks=[synthetic]"])
+    assert (cfg.seed, cfg.sft.learning_rate, cfg.sft.batch_size) == (4, 0.5, 2)
+    assert list(cfg.eval.tasks) == ["synthetic"]
+    assert cfg.model.kind == config.ModelKind.embedded
+
+
+BAD_FILES = [
+    ("seeed: 1\n", "seeed"),  # unknown top-level key
+    ("sft:\n  lr: 0.1\n", "sft.lr"),  # unknown nested key
+    ("sft:\n  batch_size: eight\n", "sft.batch_size"),  # wrong type
+    ("model:\n  kind: gpt5\n", "model.kind"),  # bad enum value
+    ("model:\n  trust_remote_code: maybe\n", "model.trust_remote_code"),  # not a bool
+    ("eval:\n  tasks: synthetic\n", "eval.tasks"),  # scalar for a list
+    ("data:\n  tasks:\n    mine:\n      source: csv\n", "data.tasks.mine.source"),  # bad enum in a dict value
+    ("eval:\n  tasks: [nope]\n", "eval.tasks"),  # unknown task
+    ("eval:\n  ci_level: 1.5\n", "eval.ci_level"),  # out of range
+    ("data:\n  tasks:\n    mine:\n      source: jsonl\n", "data.tasks.mine.heldout_path"),  # missing path
+    ("eval:\n  models: [base, gpt]\n", "eval.models"),  # unknown model tag
+    ("sft:\n  batch_size: 0\n", "sft.batch_size"),  # not positive
+]
+
+
+@pytest.mark.parametrize("text,key", BAD_FILES)
+def test_bad_config_names_file_and_key(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load([path])
+    message = str(err.value)
+    assert key in message
+    if key not in ("eval.tasks", "eval.ci_level", "eval.models", "sft.batch_size", "data.tasks.mine.heldout_path") \
+            or "eight" in text or "synthetic" in text:
+        assert str(path) in message
+
+
+def test_wrong_type_says_what_was_expected(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"sft\.batch_size.*(Integer|int)"):
+        config.load([write(tmp_path, "sft:\n  batch_size: eight\n")])
+
+
+def test_bad_enum_lists_the_valid_values(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"embedded.*hf.*tiny"):
+        config.load([write(tmp_path, "model:\n  kind: gpt5\n")])
+
+
+def test_bad_override_is_reported_as_command_line():
+    with pytest.raises(config.ConfigError, match=r"command line: key 'sft.epochs'"):
+        config.load([], ["sft.epochs=lots"])
+    with pytest.raises(config.ConfigError, match="key=value"):
+        config.load([], ["sft.epochs"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.load([tmp_path / "nope.yaml"])
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load([write(tmp_path, "sft: [unclosed\n")])
+    with pytest.raises(config.ConfigError, match="mapping"):
+        config.load([write(tmp_path, "- a\n- b\n")])
+
+
+def test_stage_view_keeps_only_what_the_stage_depends_on():
+    cfg = config.load()
+    sft = config.stage_view(cfg, "sft", ["synthetic"])
+    assert set(sft) == {"experiment", "seed", "data_dir", "results_dir", "model", "sft", "data"}
+    assert list(sft["data"]["tasks"]) == ["synthetic"]
+    changed = config.load([], ["eval.k=9"])
+    assert config.stage_view(changed, "sft", ["synthetic"]) == sft  # eval change: SFT stays valid
+    assert config.stage_view(changed, "evaluate", ["sciq"]) != config.stage_view(cfg, "evaluate", ["sciq"])
+    assert config.config_hash(sft) == config.config_hash(dict(reversed(list(sft.items()))))
+
+
+def test_from_dict_names_its_source():
+    with pytest.raises(config.ConfigError, match=r"snake\.yaml: key 'sft.nope'"):
+        config.from_dict({"sft": {"nope": 1}}, "snake.yaml")
