@@ -7,6 +7,8 @@ rule data:
         "../workflow/envs/closedloop.yaml"
     log:
         str(LOGS / "data" / "{task}.log"),
+    benchmark:
+        str(LOGS / "data" / "{task}.benchmark.tsv")
     shell:
         "closedloop run-stage data --config-yaml {params.cfg:q} job.task={wildcards.task} 2>&1 | tee {log}"
 

@@ -11,6 +11,8 @@ rule evaluate:
         "../workflow/envs/closedloop.yaml"
     log:
         str(LOGS / "evaluate" / "{model}" / "{task}.log"),
+    benchmark:
+        str(LOGS / "evaluate" / "{model}" / "{task}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage evaluate --config-yaml {params.cfg:q}"
         " job.model={wildcards.model} job.task={wildcards.task} 2>&1 | tee {log}"

@@ -19,5 +19,7 @@ rule report:
         "../workflow/envs/closedloop.yaml"
     log:
         str(LOGS / "report.log"),
+    benchmark:
+        str(LOGS / "report.benchmark.tsv")
     shell:
         "closedloop run-stage report --config-yaml {params.cfg:q} 2>&1 | tee {log}"

@@ -10,5 +10,7 @@ rule sft:
         "../workflow/envs/closedloop.yaml"
     log:
         str(LOGS / "sft.log"),
+    benchmark:
+        str(LOGS / "sft.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage sft --config-yaml {params.cfg:q} 2>&1 | tee {log}"

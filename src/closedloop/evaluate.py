@@ -60,7 +60,7 @@ def main(cfg) -> None:
         model, tokenizer, [prompts.chat_prompt(tokenizer, r) for r in rows],
         max_new_tokens=ev.mc_max_new_tokens if mc else ev.max_new_tokens,
         batch_size=ev.batch_size, do_sample=sampled, temperature=ev.temperature, top_p=ev.top_p,
-        num_return_sequences=ev.k if sampled else 1, desc=f"evaluate {tag}/{task}",
+        num_return_sequences=ev.k if sampled else 1, stop_at_answer=not mc, desc=f"evaluate {tag}/{task}",
     )
     records, acc, any_ok = score(rows, completions)
     metrics = {"task": task, "model": model_info, "decoding": ev.decoding.value,
