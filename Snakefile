@@ -14,6 +14,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/sft.smk"
 include: "rules/evaluate.smk"
+include: "rules/mcts.smk"
 include: "rules/report.smk"
 
 

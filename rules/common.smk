@@ -20,11 +20,22 @@ LOGS = paths.run_dir(CFG) / "logs"
 wildcard_constraints:
     task="|".join(CFG.data.tasks),
     model="base|sft",
+    k=r"\d+",
+    shard=r"\d+",
 
 
 def view_json(stage, tasks=()):
     """The config sections a job depends on: a change elsewhere does not rerun it."""
     return json.dumps(cl_config.stage_view(CFG, stage, list(tasks)), sort_keys=True)
+
+
+def policy_artifact(k):
+    """The artifact dir that holds policy_k (SPEC §3: policy_0 is the SFT model)."""
+    return str(paths.sft_dir(CFG) if k == 0 else paths.policy_dir(CFG, k).parent)
+
+
+def mcts_targets():
+    return [str(paths.mcts_dir(CFG, 1) / "merged")]
 
 
 def eval_dirs():
@@ -34,8 +45,9 @@ def eval_dirs():
 def data_tasks():
     """Every task the DAG builds data for: the SFT task and each evaluated task."""
     needed = list(CFG.eval.tasks)
-    if "sft" in CFG.eval.models and CFG.sft.task not in needed:
-        needed.append(CFG.sft.task)
+    for task in (CFG.sft.task, CFG.mcts.task):
+        if task not in needed:
+            needed.append(task)
     return needed
 
 

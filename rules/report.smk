@@ -1,6 +1,7 @@
 rule report:
     input:
         eval_dirs(),
+        mcts_targets(),
     output:
         md=str(paths.report_file(CFG)),
         accuracy=report(

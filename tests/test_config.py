@@ -105,3 +105,12 @@ def test_stage_view_keeps_only_what_the_stage_depends_on():
 def test_from_dict_names_its_source():
     with pytest.raises(config.ConfigError, match=r"snake\.yaml: key 'sft.nope'"):
         config.from_dict({"sft": {"nope": 1}}, "snake.yaml")
+
+
+def test_from_dict_accepts_dotted_keys_like_snakemake_config():
+    cfg = config.from_dict({"seed": 2, "sft.learning_rate": 0.003, "eval.tasks": ["sciq"]}, "cli")
+    assert (cfg.seed, cfg.sft.learning_rate, list(cfg.eval.tasks)) == (2, 0.003, ["sciq"])
+    with pytest.raises(config.ConfigError, match=r"sft\.nope"):
+        config.from_dict({"sft.nope": 1}, "cli")
+    with pytest.raises(config.ConfigError, match=r"sft\.batch_size"):
+        config.from_dict({"sft.batch_size": "many"}, "cli")

@@ -29,21 +29,25 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(repo_copy):
     run = repo_copy / "results" / "smoke"
     for rel in ["report.md", "report.provenance.json", "report.config.yaml", "plots/accuracy.png",
                 "plots/sft_loss.png", "sft/model/model.safetensors", "sft/train_log.csv",
-                "eval/base/synthetic/metrics.json", "eval/sft/arc_challenge/metrics.json"]:
+                "eval/base/synthetic/metrics.json", "eval/sft/arc_challenge/metrics.json",
+                "iter1/mcts/merged/pairs.jsonl", "iter1/mcts/shards/1/trees.jsonl"]:
         assert (run / rel).is_file(), rel
     for png in ("accuracy.png", "sft_loss.png"):
         assert (run / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     report = (run / "report.md").read_text()
     assert "| synthetic | 12 |" in report and "| arc_challenge | 12 |" in report
+    assert "## MCTS data engine" in report and "4 trees" in report
     assert (repo_copy / "data.dvc").is_file() and "outs:" in (repo_copy / "data.dvc").read_text()
 
     second = snakemake(repo_copy)
     assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
 
-    # one changed setting reruns only what it invalidates: SFT, the two evals of its model, the report
+    # one changed setting reruns only what it invalidates: SFT, what it feeds (evals of the SFT model,
+    # MCTS with the SFT policy) and the report; never the data or the base-model evals
     changed = snakemake(repo_copy, "-n", "--config", "sft={learning_rate: 0.001}")
     assert changed.returncode == 0, changed.stderr[-2000:]
-    assert planned_jobs(changed.stdout) == {"sft": 1, "evaluate": 2, "report": 1, "all": 1}
+    assert planned_jobs(changed.stdout) == {"sft": 1, "evaluate": 2, "mcts": 2, "mcts_merge": 1, "report": 1,
+                                            "all": 1}
     assert "output: results/smoke/eval/base" not in changed.stdout
 
     html = snakemake(repo_copy, "--report", "report.html")

@@ -18,7 +18,14 @@ from omegaconf import OmegaConf
 from closedloop import config as cl_config
 from closedloop import paths
 
-STAGES = ("data", "sft", "evaluate", "report")
+STAGES = {  # stage name -> "module:function" taking the resolved config
+    "data": "data:main",
+    "sft": "sft:main",
+    "evaluate": "evaluate:main",
+    "mcts": "mcts:main",
+    "mcts-merge": "mcts:merge",
+    "report": "report:main",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                             ("show-config", "print the resolved config as YAML")):
         p = sub.add_parser(name, help=help_text)
         if name == "run-stage":
-            p.add_argument("stage", choices=STAGES)
+            p.add_argument("stage", choices=list(STAGES))
         p.add_argument("--config", action="append", default=[], metavar="FILE",
                        help="YAML file merged over the embedded defaults (repeatable, in order)")
         p.add_argument("--config-yaml", default=None, help=argparse.SUPPRESS)
@@ -61,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-config":
         print(paths.report_file(cfg).resolve() if args.report_path else OmegaConf.to_yaml(cfg), end="\n" * args.report_path)
         return 0
-    module = importlib.import_module(f"closedloop.{args.stage.replace('-', '_')}")
+    module, function = STAGES[args.stage].split(":")
+    run = getattr(importlib.import_module(f"closedloop.{module}"), function)
     try:
-        module.main(cfg)
+        run(cfg)
     except cl_config.ConfigError as err:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         return 2

@@ -47,6 +47,11 @@ class TaskSource(str, Enum):
     jsonl = "jsonl"
 
 
+class RejectedChoice(str, Enum):
+    lowest_q = "lowest_q"  # SPEC §2 (paper)
+    random = "random"  # reference code: a random non-best sibling
+
+
 class Decoding(str, Enum):
     greedy = "greedy"
     sampled = "sampled"
@@ -181,6 +186,46 @@ class EvalConfig:
 
 
 @dataclass
+class MCTSConfig:
+    """MCTS as a data engine (SPEC §2) with self-evaluation C(s) (SPEC §1)."""
+
+    task: str = "synthetic"
+    """Prompts come from this task's training split."""
+    n_prompts: int = 64
+    n_shards: int = 2
+    trees_per_batch: int = 8
+    """Trees searched together (one generate call per simulation); the unit of resume."""
+    b1: int = 4
+    """Children sampled at the root."""
+    b2: int = 2
+    """Children sampled at deeper nodes."""
+    max_children: int = 4
+    depth_limit: int = 4
+    """At depth_limit − 1 one action completes the solution."""
+    simulations: int = 3
+    """K: simulations per committed step (the tree is reused after committing)."""
+    c_puct: float = 1.0
+    prior_lambda: float = 1.25
+    gamma: float = 1.0
+    outcome_reward: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_step_tokens: int = 48
+    max_completion_tokens: int = 160
+    generate_batch_size: int = 64
+    self_eval_batch_size: int = 32
+    self_eval_hint: bool = False
+    """Reference-code option: show the gold solution in the evaluation prompt."""
+    self_eval_depth_scaled: bool = False
+    """Reference-code option: v = C / max(depth − 3, 1)."""
+    rejected: RejectedChoice = RejectedChoice.lowest_q
+    drop_wrong_trees: bool = False
+    """Keep only pairs from trees whose committed answer is correct."""
+    add_gold_step: bool = False
+    """Add the gold next step as a candidate where the prefix follows the gold solution."""
+
+
+@dataclass
 class ReportConfig:
     """The experiment report (markdown + PNG plots)."""
 
@@ -193,6 +238,8 @@ class JobConfig:
 
     task: str | None = None
     model: str | None = None
+    shard: int | None = None
+    iteration: int | None = None
 
 
 @dataclass
@@ -207,6 +254,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mcts: MCTSConfig = field(default_factory=MCTSConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     job: JobConfig = field(default_factory=JobConfig)
 
@@ -216,6 +264,7 @@ STAGE_SECTIONS: dict[str, tuple] = {
     "data": (),
     "sft": ("model", "sft"),
     "evaluate": ("model", "eval"),
+    "mcts": ("model", "mcts"),
     "report": ("eval", "report"),
 }
 """The sections each stage's output depends on: a change elsewhere does not rerun it."""
@@ -277,8 +326,19 @@ def load(
 
 
 def from_dict(data: dict, source: str) -> DictConfig:
-    """Validate a plain mapping (Snakemake's ``config``) against the schema."""
-    cfg = merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data), source)
+    """Validate a plain mapping (Snakemake's ``config``) against the schema.
+
+    Top-level keys with dots (``snakemake --config sft.learning_rate=3e-5``) are
+    applied as dotted overrides after the nested keys.
+    """
+    nested = {k: v for k, v in data.items() if "." not in k}
+    cfg = merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(nested), source)
+    for key, value in data.items():
+        if "." in key:
+            try:
+                OmegaConf.update(cfg, key, value, merge=True)
+            except OmegaConfBaseException as err:
+                raise _explain(err, f"{source} (--config {key}=...)") from err
     check(cfg)
     return cfg
 
@@ -286,12 +346,11 @@ def from_dict(data: dict, source: str) -> DictConfig:
 def check(cfg: DictConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     tasks = cfg.data.tasks
-    for name in list(cfg.eval.tasks) + [cfg.sft.task]:
-        if name not in tasks:
-            raise ConfigError(
-                f"key 'eval.tasks'/'sft.task': task {name!r} is not in data.tasks "
-                f"(expected one of {sorted(tasks)})"
-            )
+    for key, names in (("eval.tasks", list(cfg.eval.tasks)), ("sft.task", [cfg.sft.task]),
+                       ("mcts.task", [cfg.mcts.task])):
+        for name in names:
+            if name not in tasks:
+                raise ConfigError(f"key '{key}': task {name!r} is not in data.tasks (expected one of {sorted(tasks)})")
     for name, task in tasks.items():
         if task.source == TaskSource.jsonl and not task.heldout_path:
             raise ConfigError(f"key 'data.tasks.{name}.heldout_path': required for source jsonl")
@@ -302,6 +361,12 @@ def check(cfg: DictConfig) -> None:
     for key in ("batch_size", "k", "n_bootstrap", "max_new_tokens"):
         if cfg.eval[key] < 1:
             raise ConfigError(f"key 'eval.{key}': expected an integer >= 1, got {cfg.eval[key]}")
+    m = cfg.mcts
+    for key in ("n_prompts", "n_shards", "trees_per_batch", "b1", "b2", "max_children", "depth_limit", "simulations"):
+        if m[key] < 1:
+            raise ConfigError(f"key 'mcts.{key}': expected an integer >= 1, got {m[key]}")
+    if m.depth_limit < 2:
+        raise ConfigError(f"key 'mcts.depth_limit': expected >= 2 (one step, then a completion), got {m.depth_limit}")
     if cfg.sft.batch_size < 1:
         raise ConfigError(f"key 'sft.batch_size': expected an integer >= 1, got {cfg.sft.batch_size}")
     for tag in cfg.eval.models:

@@ -29,6 +29,22 @@ def model_dir(cfg, tag: str) -> Path | None:
     raise ValueError(f"unknown model tag {tag!r} (expected 'base' or 'sft')")
 
 
+def policy_dir(cfg, k: int) -> Path:
+    """policy_k's from_pretrained dir: policy_0 is the SFT model (SPEC §3)."""
+    if k == 0:
+        return sft_dir(cfg) / "model"
+    return run_dir(cfg) / f"iter{k}" / "dpo" / "model"
+
+
+def mcts_dir(cfg, k: int) -> Path:
+    """``results/<experiment>/iter<k>/mcts/``: shards/<i>/ and merged/ (trees.jsonl, pairs.jsonl)."""
+    return run_dir(cfg) / f"iter{k}" / "mcts"
+
+
+def mcts_shard_dir(cfg, k: int, shard: int) -> Path:
+    return mcts_dir(cfg, k) / "shards" / str(shard)
+
+
 def eval_dir(cfg, model: str, task: str) -> Path:
     """``results/<experiment>/eval/<model>/<task>/``: predictions.jsonl, metrics.json."""
     return run_dir(cfg) / "eval" / model / task

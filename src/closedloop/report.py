@@ -77,6 +77,24 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def mcts_section(cfg) -> str:
+    """Pairs, pairs per tree, committed-path accuracy and the α distribution of iteration 1."""
+    stats_path = paths.mcts_dir(cfg, 1) / "merged" / "stats.json"
+    if not stats_path.exists():
+        return ""
+    st = json.loads(stats_path.read_text())
+    a = st["alpha"]
+    hist = ", ".join(f"{k}: {v}" for k, v in a.get("histogram", {}).items())
+    return f"""
+## MCTS data engine (iteration 1, policy = SFT)
+
+{st['trees']} trees, {st['pairs']} step-level pairs ({st['pairs_per_tree']:.2f} per tree); committed
+solutions correct in {100 * st['committed_accuracy']:.1f}% of trees.
+α = min(N_l / (N_w + N_l), 0.5): mean {a.get('mean', float('nan')):.3f}, median {a.get('median', float('nan')):.3f};
+histogram {hist}.
+"""
+
+
 def render(cfg, metrics, log) -> str:
     sources = "\n".join(
         f"- `{tag}/{task}`: model `{m['model'].get('path') or m['model'].get('source')}`, "
@@ -98,7 +116,7 @@ Held-out accuracy (%) with {int(100 * cfg.eval.ci_level)}% bootstrap intervals.
 Final logged training loss: {final_loss}.
 
 ![SFT loss](plots/sft_loss.png)
-
+{mcts_section(cfg)}
 ## Where each score came from
 
 {sources}
@@ -117,6 +135,9 @@ def main(cfg) -> None:
     inputs = {f"eval/{tag}/{task}": paths.eval_dir(cfg, tag, task) / "metrics.json" for tag, task in metrics}
     if log:
         inputs["sft_log"] = log_path
+    mcts_stats = paths.mcts_dir(cfg, 1) / "merged" / "stats.json"
+    if mcts_stats.exists():
+        inputs["mcts_stats"] = mcts_stats
     view = cl_config.stage_view(cfg, "report")
     artifacts.write_sidecars(paths.run_dir(cfg), "report", view, inputs, started, cfg.seed, prefix="report.")
     with artifacts.atomic_file(paths.report_file(cfg)) as fh:

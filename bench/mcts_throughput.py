@@ -1,0 +1,83 @@
+"""MCTS collection throughput vs plain batched sampling (issue 3 goal: ratio >= 0.9).
+
+Measures, in one run with one model: policy tokens generated per second during MCTS
+collection (wall time of the whole search: generation, self-evaluation, tree work),
+and tokens per second of plain batched sampling of the same number of tokens with the
+same model and batch size (the collection's mean rows per generate call). Prints both
+and their ratio.
+
+    python bench/mcts_throughput.py [--model DIR] [--prompts 16] [key=value mcts overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from closedloop import config, models, prompts, synthetic
+from closedloop.mcts import Searcher
+
+
+class CountingSearcher(Searcher):
+    """A Searcher that also counts generate calls and rows, for the matched baseline."""
+
+    calls = rows = 0
+
+    def _sample(self, requests, trees, rows, complete):
+        self.calls += 1
+        self.rows += sum(b for _, _, b in requests)
+        return super()._sample(requests, trees, rows, complete)
+
+
+def plain_sampling(model, tokenizer, prompt_texts, batch_size, n_tokens, temperature):
+    """Sample until ``n_tokens`` tokens exist, ``batch_size`` rows a call; returns (tokens, seconds)."""
+    per_row = 48
+    done, start, i = 0, time.perf_counter(), 0
+    tokenizer.padding_side = "left"
+    while done < n_tokens:
+        batch = [prompt_texts[(i + j) % len(prompt_texts)] for j in range(batch_size)]
+        i += batch_size
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            model.generate(**enc, do_sample=True, temperature=temperature, max_new_tokens=per_row,
+                           min_new_tokens=per_row, pad_token_id=tokenizer.pad_token_id)
+        done += batch_size * per_row
+    return done, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="policy dir (default: results/default/sft/model, else base)")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = config.load([], [f"mcts.{o}" for o in args.overrides])
+    from pathlib import Path
+
+    source = args.model or ("results/default/sft/model" if Path("results/default/sft/model").is_dir()
+                            else models.base_source(cfg.model))
+    model, tokenizer = models.load_dir(source, cfg.model)
+    rows = synthetic.generate("bench", args.prompts, 2, 4, 20, 9)
+    torch.manual_seed(0)
+    searcher = CountingSearcher(model, tokenizer, cfg.mcts, source)
+    start = time.perf_counter()
+    for b in range(0, len(rows), cfg.mcts.trees_per_batch):
+        searcher.search(rows[b:b + cfg.mcts.trees_per_batch])
+    mcts_seconds = time.perf_counter() - start
+    mcts_rate = searcher.policy_tokens / mcts_seconds
+    batch = max(1, round(searcher.rows / searcher.calls))
+    texts = [prompts.chat_prompt(tokenizer, r) for r in rows]
+    plain_tokens, plain_seconds = plain_sampling(model, tokenizer, texts, batch, searcher.policy_tokens,
+                                                 cfg.mcts.temperature)
+    plain_rate = plain_tokens / plain_seconds
+    print(f"model: {source}; {args.prompts} prompts; torch threads {torch.get_num_threads()}")
+    print(f"mcts collection : {searcher.policy_tokens} policy tokens in {mcts_seconds:.1f} s = {mcts_rate:.1f} tok/s "
+          f"({searcher.calls} generate calls, {batch} rows/call on average)")
+    print(f"plain sampling  : {plain_tokens} tokens in {plain_seconds:.1f} s = {plain_rate:.1f} tok/s (batch {batch})")
+    print(f"ratio (mcts / plain): {mcts_rate / plain_rate:.3f}   goal >= 0.9")
+
+
+if __name__ == "__main__":
+    main()
