@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from omegaconf import OmegaConf
@@ -53,7 +54,13 @@ def resolve(args) -> OmegaConf:
     return cl_config.load(args.config, args.overrides)
 
 
+def _exit_on_sigterm(signum, frame):
+    """Turn SIGTERM (Snakemake, Slurm) into SystemExit so temporary artifacts are removed."""
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]

@@ -130,7 +130,7 @@ class TaskConfig:
 
 def _default_tasks() -> dict[str, TaskConfig]:
     return {
-        "synthetic": TaskConfig(source=TaskSource.synthetic, n_train=512, n_heldout=200),
+        "synthetic": TaskConfig(source=TaskSource.synthetic, n_train=256, n_heldout=200),
         "arc_challenge": TaskConfig(source=TaskSource.arc_challenge, n_heldout=200),
         "sciq": TaskConfig(source=TaskSource.sciq, n_heldout=200),
         "csqa": TaskConfig(source=TaskSource.csqa, n_heldout=200),
@@ -177,7 +177,7 @@ class EvalConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     batch_size: int = 16
-    max_new_tokens: int = 192
+    max_new_tokens: int = 160
     """Budget for step-by-step (numeric) tasks."""
     mc_max_new_tokens: int = 24
     """Budget for multiple-choice tasks."""

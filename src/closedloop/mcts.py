@@ -224,11 +224,18 @@ def pairs_from_record(record: dict, row: dict, tokenizer, mcfg, seed: int) -> li
     out = []
     for pair in preference_pairs(tree, record["committed"], rejected, rng):
         prompt = prompts.chat_prompt(tokenizer, row) + "".join(s + "\n" for s in tree.steps(pair["parent"]))
-        out.append({"prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"],
+        # a step that does not end the solution keeps its newline, so training on it (SPEC §3)
+        # teaches "this line, then more lines", not "this line, then stop"
+        chosen, rejected = (tree[pair[f"{side}_id"]] for side in ("chosen", "rejected"))
+        out.append({"prompt": prompt, "chosen": _as_step(chosen), "rejected": _as_step(rejected),
                     "q_chosen": pair["q_chosen"], "q_rejected": pair["q_rejected"],
                     "n_chosen": pair["n_chosen"], "n_rejected": pair["n_rejected"], "alpha": pair["alpha"],
                     "depth": pair["depth"], "tree_id": record["tree_id"], "policy": record["policy"]})
     return out
+
+
+def _as_step(node) -> str:
+    return node.text if node.terminal else node.text + "\n"
 
 
 def _node(data: dict):
