@@ -29,17 +29,20 @@ def tiny(smoke_cfg):
 
 def test_self_evaluation_is_the_softmax_over_the_option_tokens(tiny):
     model, tok = tiny
-    items = [("Ava has 3 apples. She finds 2 more. How many?", ["Ava finds 2 more, so 3 + 2 = 5."], None),
-             ("Q?", ["step one", "step two is longer than the first"], ["gold"])]
-    got = selfeval.self_evaluate(model, tok, items, batch_size=2)
+    contexts = ["<|im_start|>user\nAva has 3 apples. She finds 2 more.<|im_end|>\n<|im_start|>assistant\n"
+                "Ava finds 2 more, so 3 + 2 = 5.\n", "Q?\nstep one\nstep two is longer than the first\n"]
+    hints = [None, ["gold"]]
+    got = selfeval.self_evaluate(model, tok, contexts, hints, batch_size=2)
     a_id, b_id = tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")
-    for (q, steps, hint), c in zip(items, got, strict=True):
-        ids = tok(selfeval.eval_prompt(tok, q, steps, hint), return_tensors="pt", add_special_tokens=False)
+    for ctx, hint, c in zip(contexts, hints, got, strict=True):
+        prompt = ctx + selfeval.eval_suffix(tok, hint)
+        assert prompt.endswith("<|im_start|>assistant\nThe newest step is (")
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             logits = model(**ids).logits[0, -1]
         manual = torch.exp(logits[a_id]) / (torch.exp(logits[a_id]) + torch.exp(logits[b_id]))
         assert c == pytest.approx(float(manual), abs=1e-5)
-    assert "Reference solution:\ngold" in selfeval.eval_prompt(tok, "Q?", ["s"], ["gold"])
+    assert "Reference solution:\ngold" in selfeval.eval_suffix(tok, ["gold"])
 
 
 def test_prior_log_probs_come_from_the_generation_logits(tiny):
@@ -140,3 +143,19 @@ def test_killed_shard_resumes_to_the_same_trees(smoke_cfg, tmp_path):
     resumed = artifacts.read_jsonl(paths.mcts_dir(smoke_cfg, 1) / "merged" / "trees.jsonl")
     assert [t["tree_id"] for t in resumed] == [t["tree_id"] for t in expected]  # no duplicates, same order
     assert resumed == expected
+
+
+def test_confidence_from_the_generation_cache_equals_a_fresh_read(tiny):
+    """C(s) read by continuing generate's KV cache equals C from the full prompt's token ids."""
+    model, tok = tiny
+    torch.manual_seed(3)
+    contexts = ["<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n",
+                "<|im_start|>user\nA much longer question, padded on the left in the batch.<|im_end|>\n"
+                "<|im_start|>assistant\nFirst step.\n"]
+    samples = mcts.sample_continuations(model, tok, contexts, max_new_tokens=10, one_line=True,
+                                        temperature=1.0, top_p=1.0, score=True)
+    suffix = tok(selfeval.eval_suffix(tok), add_special_tokens=False)["input_ids"]
+    fresh = selfeval.confidence_from_ids(
+        model, tok, [tok(c, add_special_tokens=False)["input_ids"] + list(s.token_ids) + suffix
+                     for c, s in zip(contexts, samples, strict=True)])
+    assert [s.confidence for s in samples] == pytest.approx(fresh, abs=1e-4)

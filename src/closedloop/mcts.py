@@ -74,32 +74,43 @@ class Sample:
     n_tokens: int
     ended: bool  # the policy ended the solution (EOS) rather than a line
     token_ids: tuple[int, ...] = ()
+    confidence: float | None = None  # C(s) of the step, when scored from the generation's KV cache
 
 
 def sample_continuations(model, tokenizer, prompts_: list[str], *, max_new_tokens: int, one_line: bool,
-                         temperature: float, top_p: float) -> list[Sample]:
-    """One sampled continuation per prompt, with its summed log-prob under the policy."""
+                         temperature: float, top_p: float, score: bool = False) -> list[Sample]:
+    """One sampled continuation per prompt, with its summed log-prob under the policy and,
+    with ``score``, its self-evaluation C(s) read by continuing the same KV cache."""
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts_, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     prompt_len = enc["input_ids"].shape[1]
     recorder = LogprobRecorder()
     stops = StoppingCriteriaList([LineStop(tokenizer, prompt_len)] if one_line else [])
     with torch.inference_mode():
-        seq = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             logits_processor=LogitsProcessorList([recorder]), stopping_criteria=stops)
+                             logits_processor=LogitsProcessorList([recorder]), stopping_criteria=stops,
+                             return_dict_in_generate=True)
+    seq = out.sequences
     new = seq[:, prompt_len:]
     logprobs = recorder.finish(seq)
     ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    samples = []
+    samples, kept = [], []
     for row in range(new.shape[0]):
         tokens = new[row].tolist()
         cut = next((j for j, t in enumerate(tokens) if t in ends), len(tokens))
-        text = tokenizer.decode(tokens[:cut], skip_special_tokens=True)
-        hit_eos = cut < len(tokens) and "\n" not in text.strip("\n")
+        text = tokenizer.decode(tokens[:cut], skip_special_tokens=True).lstrip("\n")
+        # a line ends in a newline; a row that stopped without one hit EOS: the solution is over
+        hit_eos = cut < len(tokens) and (not one_line or "\n" not in text)
         if one_line:
-            text = text.lstrip("\n").split("\n", 1)[0]
+            text = text.split("\n", 1)[0]
+        kept.append(cut)
         samples.append(Sample(text.strip(), float(logprobs[row, :cut].sum()), cut, hit_eos, tuple(tokens[:cut])))
+    if score:
+        confidences = selfeval.continue_confidence(model, tokenizer, seq, out.past_key_values,
+                                                   enc["attention_mask"], torch.tensor(kept, device=seq.device))
+        for sample, c in zip(samples, confidences, strict=True):
+            sample.confidence = c
     return samples
 
 
@@ -121,7 +132,8 @@ class Searcher:
             out += sample_continuations(
                 self.model, self.tokenizer, texts[start:start + size],
                 max_new_tokens=self.m.max_completion_tokens if complete else self.m.max_step_tokens,
-                one_line=not complete, temperature=self.m.temperature, top_p=self.m.top_p)
+                one_line=not complete, temperature=self.m.temperature, top_p=self.m.top_p,
+                score=not self.m.self_eval_hint)
         self.policy_tokens += sum(s.n_tokens for s in out)
         return out
 
@@ -139,7 +151,7 @@ class Searcher:
                     pending.append((i, n, trees[i].steps(n), next(samples), complete))
             if self.m.add_gold_step and not complete:
                 pending += self._gold_candidates(trees, rows, requests)
-        items, scored = [], []
+        scored = []
         for i, n, steps, sample, complete in pending:
             if not sample.text:
                 continue
@@ -148,19 +160,32 @@ class Searcher:
             if terminal:
                 solution = "\n".join(steps + [sample.text])
                 correct = answers.is_correct(answers.extract(solution, rows[i]), rows[i])
-            hint = rows[i].get("solution_steps") if self.m.self_eval_hint else None
-            items.append((rows[i]["question"], steps + [sample.text], hint))
-            scored.append((i, n, sample, terminal, correct))
-        confidences = selfeval.self_evaluate(self.model, self.tokenizer, items, self.m.self_eval_batch_size)
+            scored.append((i, n, steps, sample, terminal, correct))
+        self._fill_confidence(scored, rows)
         by_leaf: dict[tuple[int, int], list[Candidate]] = {}
-        for (i, n, sample, terminal, correct), c in zip(scored, confidences, strict=True):
+        for i, n, _, sample, terminal, correct in scored:
             prior = length_normalised_prior(sample.sum_logprob, sample.n_tokens, self.m.prior_lambda)
-            by_leaf.setdefault((i, n), []).append(Candidate(sample.text, prior, c, terminal, correct, sample.n_tokens))
+            by_leaf.setdefault((i, n), []).append(
+                Candidate(sample.text, prior, sample.confidence, terminal, correct, sample.n_tokens))
         for i, n in leaves:
             added = trees[i].add_children(n, by_leaf.get((i, n), []), self.m.max_children,
                                           self.m.outcome_reward, self.m.self_eval_depth_scaled)
             if not added and not trees[i][n].children:
                 trees[i][n].terminal, trees[i][n].correct = True, False  # a dead end: nothing usable sampled
+
+    def _fill_confidence(self, scored, rows) -> None:
+        """C(s) from the full evaluation prompt for candidates not scored during generation
+        (the hinted prompt, the gold step)."""
+        missing = [(i, steps, sample, terminal) for i, _, steps, sample, terminal, _ in scored
+                   if sample.confidence is None]
+        if not missing:
+            return
+        contexts = [self.prefix(rows[i], steps) + sample.text + ("" if terminal else "\n")
+                    for i, steps, sample, terminal in missing]
+        hints = [rows[i].get("solution_steps") if self.m.self_eval_hint else None for i, *_ in missing]
+        values = selfeval.self_evaluate(self.model, self.tokenizer, contexts, hints, self.m.self_eval_batch_size)
+        for (_, _, sample, _), c in zip(missing, values, strict=True):
+            sample.confidence = c
 
     def _gold_candidates(self, trees, rows, requests):
         """The gold next step as an extra candidate where the prefix follows the gold solution."""
