@@ -15,6 +15,7 @@ include: "rules/data.smk"
 include: "rules/sft.smk"
 include: "rules/evaluate.smk"
 include: "rules/mcts.smk"
+include: "rules/dpo.smk"
 include: "rules/report.smk"
 
 

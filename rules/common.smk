@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from closedloop import config as cl_config
+from closedloop import dpo as cl_dpo
 from closedloop import paths
 
 CFG = cl_config.from_dict(config, source=" + ".join(map(str, workflow.configfiles)) or "snakemake config")
@@ -19,27 +20,50 @@ LOGS = paths.run_dir(CFG) / "logs"
 
 wildcard_constraints:
     task="|".join(CFG.data.tasks),
-    model="base|sft",
+    model=r"base|sft|(ablations/[a-z_]+/)?iter\d+",
+    loop=r"(ablations/[a-z_]+/)?",
     k=r"\d+",
     shard=r"\d+",
 
 
-def view_json(stage, tasks=()):
+def view_json(stage, tasks=(), iteration=None):
     """The config sections a job depends on: a change elsewhere does not rerun it."""
-    return json.dumps(cl_config.stage_view(CFG, stage, list(tasks)), sort_keys=True)
+    return json.dumps(cl_config.stage_view(CFG, stage, list(tasks), iteration), sort_keys=True)
 
 
-def policy_artifact(k):
-    """The artifact dir that holds policy_k (SPEC §3: policy_0 is the SFT model)."""
-    return str(paths.sft_dir(CFG) if k == 0 else paths.policy_dir(CFG, k).parent)
+def iterations():
+    return range(1, CFG.loop.iterations + 1)
+
+
+def policy_artifact(loop, k):
+    """The artifact dir holding policy_k of the loop with prefix ``loop`` (policy_0 = SFT)."""
+    if k == 0:
+        return str(paths.sft_dir(CFG))
+    return str(paths.dpo_dir(CFG, k, paths.variant_of_prefix(loop)))
+
+
+def reference_artifact(loop, k):
+    """The DPO reference of iteration k: the SFT model (SPEC §3) or policy_{k-1}."""
+    return policy_artifact(loop, 0 if CFG.dpo.reference.value == "sft" else k - 1)
+
+
+def model_artifact(tag):
+    """The artifact dir an evaluation of model ``tag`` reads; none for the base model."""
+    if tag == "base":
+        return []
+    if tag == "sft":
+        return [str(paths.sft_dir(CFG))]
+    variant, k = paths.parse_tag(tag)
+    return [str(paths.dpo_dir(CFG, k, variant))]
 
 
 def mcts_targets():
-    return [str(paths.mcts_dir(CFG, 1) / "merged")]
+    """Merged MCTS data of every closed-loop iteration (reported)."""
+    return [str(paths.mcts_dir(CFG, k) / "merged") for k in iterations()]
 
 
 def eval_dirs():
-    return [str(paths.eval_dir(CFG, m, t)) for m in CFG.eval.models for t in CFG.eval.tasks]
+    return [str(paths.eval_dir(CFG, m, t)) for m in paths.eval_model_tags(CFG) for t in CFG.eval.tasks]
 
 
 def data_tasks():

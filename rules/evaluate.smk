@@ -1,7 +1,7 @@
 rule evaluate:
     input:
         data=str(paths.data_dir(CFG, "{task}")),
-        model=lambda w: [] if w.model == "base" else [str(paths.sft_dir(CFG))],
+        model=lambda w: model_artifact(w.model),
     output:
         directory(str(paths.eval_dir(CFG, "{model}", "{task}"))),
     params:

@@ -1,33 +1,38 @@
+# MCTS collection (SPEC §2) for iteration k of a loop: "{loop}" is "" for the closed loop
+# and "ablations/<variant>/" for an ablation that searches with its own policy.
 rule mcts:
     input:
         data=str(paths.data_dir(CFG, CFG.mcts.task)),
-        policy=lambda w: policy_artifact(int(w.k) - 1),
+        policy=lambda w: policy_artifact(w.loop, int(w.k) - 1),
     output:
-        directory(str(paths.mcts_shard_dir(CFG, "{k}", "{shard}"))),
+        directory(str(paths.mcts_shard_dir(CFG, "{k}", "{shard}", "{loop}"))),
     params:
         cfg=view_json("mcts", [CFG.mcts.task]),
+        variant=lambda w: paths.variant_of_prefix(w.loop),
     threads: 8  # capped at --cores by Snakemake
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
-        str(LOGS / "iter{k}" / "mcts" / "shard{shard}.log"),
+        str(LOGS / "{loop}iter{k}" / "mcts" / "shard{shard}.log"),
     benchmark:
-        str(LOGS / "iter{k}" / "mcts" / "shard{shard}.benchmark.tsv")
+        str(LOGS / "{loop}iter{k}" / "mcts" / "shard{shard}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage mcts --config-yaml {params.cfg:q}"
-        " job.iteration={wildcards.k} job.shard={wildcards.shard} 2>&1 | tee {log}"
+        " job.iteration={wildcards.k} job.shard={wildcards.shard} job.variant={params.variant} 2>&1 | tee {log}"
 
 
 rule mcts_merge:
     input:
-        lambda w: [str(paths.mcts_shard_dir(CFG, w.k, s)) for s in range(CFG.mcts.n_shards)],
+        lambda w: [str(paths.mcts_shard_dir(CFG, w.k, s, paths.variant_of_prefix(w.loop))) for s in range(CFG.mcts.n_shards)],
     output:
-        directory(str(paths.mcts_dir(CFG, "{k}") / "merged")),
+        directory(str(paths.mcts_dir(CFG, "{k}", "{loop}") / "merged")),
     params:
         cfg=view_json("mcts", [CFG.mcts.task]),
+        variant=lambda w: paths.variant_of_prefix(w.loop),
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
-        str(LOGS / "iter{k}" / "mcts" / "merge.log"),
+        str(LOGS / "{loop}iter{k}" / "mcts" / "merge.log"),
     shell:
-        "closedloop run-stage mcts-merge --config-yaml {params.cfg:q} job.iteration={wildcards.k} 2>&1 | tee {log}"
+        "closedloop run-stage mcts-merge --config-yaml {params.cfg:q} job.iteration={wildcards.k}"
+        " job.variant={params.variant} 2>&1 | tee {log}"

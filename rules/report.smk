@@ -9,9 +9,14 @@ rule report:
             caption="../workflow/report/accuracy.rst",
             category="Evaluation",
         ),
+        iterations=report(
+            str(paths.plots_dir(CFG) / "iterations.png"),
+            caption="../workflow/report/iterations.rst",
+            category="Evaluation",
+        ),
         loss=report(
-            str(paths.plots_dir(CFG) / "sft_loss.png"),
-            caption="../workflow/report/sft_loss.rst",
+            str(paths.plots_dir(CFG) / "training_loss.png"),
+            caption="../workflow/report/training_loss.rst",
             category="Training",
         ),
     params:

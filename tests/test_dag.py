@@ -28,26 +28,34 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(repo_copy):
     assert first.returncode == 0, first.stderr[-3000:]
     run = repo_copy / "results" / "smoke"
     for rel in ["report.md", "report.provenance.json", "report.config.yaml", "plots/accuracy.png",
-                "plots/sft_loss.png", "sft/model/model.safetensors", "sft/train_log.csv",
+                "sft/model/model.safetensors", "sft/train_log.csv",
                 "eval/base/synthetic/metrics.json", "eval/sft/arc_challenge/metrics.json",
-                "iter1/mcts/merged/pairs.jsonl", "iter1/mcts/shards/1/trees.jsonl"]:
+                "iter1/mcts/merged/pairs.jsonl", "iter1/mcts/shards/1/trees.jsonl",
+                "iter2/dpo/model/model.safetensors", "iter2/dpo/train_log.csv",
+                "eval/iter2/synthetic/metrics.json", "plots/iterations.png", "plots/training_loss.png"]:
         assert (run / rel).is_file(), rel
-    for png in ("accuracy.png", "sft_loss.png"):
+    for png in ("accuracy.png", "iterations.png", "training_loss.png"):
         assert (run / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     report = (run / "report.md").read_text()
-    assert "| synthetic | 12 |" in report and "| arc_challenge | 12 |" in report
-    assert "## MCTS data engine" in report and "4 trees" in report
+    assert "n per task: 12 / 12" in report and "| iter2 | " in report
+    assert "## MCTS data" in report and "| iter2 |" in report and "| synthetic | closedloop |" in report
+
+    # iteration 2's DPO config changed: exactly the iteration-2 jobs are planned again
+    iter2 = snakemake(repo_copy, "-n", "--config", "dpo={per_iteration: {2: {beta: 0.2}}}")
+    assert iter2.returncode == 0, iter2.stderr[-2000:]
+    assert planned_jobs(iter2.stdout) == {"dpo": 1, "evaluate": 2, "report": 1, "all": 1}
+    assert "output: results/smoke/iter2/dpo" in iter2.stdout and "results/smoke/iter1/dpo\n" not in iter2.stdout
     assert (repo_copy / "data.dvc").is_file() and "outs:" in (repo_copy / "data.dvc").read_text()
 
     second = snakemake(repo_copy)
     assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
 
-    # one changed setting reruns only what it invalidates: SFT, what it feeds (evals of the SFT model,
-    # MCTS with the SFT policy) and the report; never the data or the base-model evals
+    # one changed setting reruns only what it invalidates: SFT and everything downstream of it (its
+    # evals, both loop iterations, the report); never the data or the base-model evals
     changed = snakemake(repo_copy, "-n", "--config", "sft={learning_rate: 0.001}")
     assert changed.returncode == 0, changed.stderr[-2000:]
-    assert planned_jobs(changed.stdout) == {"sft": 1, "evaluate": 2, "mcts": 2, "mcts_merge": 1, "report": 1,
-                                            "all": 1}
+    assert planned_jobs(changed.stdout) == {"sft": 1, "evaluate": 6, "mcts": 4, "mcts_merge": 2, "dpo": 2,
+                                            "report": 1, "all": 1}
     assert "output: results/smoke/eval/base" not in changed.stdout
 
     html = snakemake(repo_copy, "--report", "report.html")

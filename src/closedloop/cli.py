@@ -25,6 +25,8 @@ STAGES = {  # stage name -> "module:function" taking the resolved config
     "evaluate": "evaluate:main",
     "mcts": "mcts:main",
     "mcts-merge": "mcts:merge",
+    "instance": "instance:main",
+    "dpo": "dpo:main",
     "report": "report:main",
 }
 

@@ -52,6 +52,11 @@ class RejectedChoice(str, Enum):
     random = "random"  # reference code: a random non-best sibling
 
 
+class Reference(str, Enum):
+    sft = "sft"  # SPEC §3: the SFT model (paper and code)
+    previous = "previous"  # option: policy_{k-1}
+
+
 class Decoding(str, Enum):
     greedy = "greedy"
     sampled = "sampled"
@@ -226,6 +231,47 @@ class MCTSConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Conservative DPO on step-level pairs (SPEC §3), one run per iteration."""
+
+    beta: float = 0.1
+    use_alpha: bool = True
+    """Per-pair label smoothing α from the search; false trains plain DPO (α = 0)."""
+    reference: Reference = Reference.sft
+    learning_rate: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.05
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    logging_steps: int = 1
+    precompute_ref: bool = True
+    """Compute the reference log-probs once before training (no reference forward per step)."""
+    per_iteration: dict[str, Any] = field(default_factory=dict)
+    """Settings for single iterations, keyed by iteration, e.g. ``{2: {beta: 0.2}}``; a change
+    here reruns only that iteration and what follows it."""
+
+
+ABLATIONS = ("instance_online", "offline_mcts", "plain_dpo")
+
+
+@dataclass
+class LoopConfig:
+    """The closed loop policy_k → MCTS → cDPO → policy_{k+1} (SPEC §3) and its ablations."""
+
+    iterations: int = 2
+    ablations: list[str] = field(default_factory=list)
+    """Any of instance_online (sampled full solutions, correct vs incorrect, α = 0),
+    offline_mcts (pairs collected once with the SFT policy, reused every iteration),
+    plain_dpo (the closed loop with α = 0)."""
+    instance_samples: int = 4
+    """Full solutions sampled per prompt by the instance_online ablation."""
+
+
+@dataclass
 class ReportConfig:
     """The experiment report (markdown + PNG plots)."""
 
@@ -240,6 +286,8 @@ class JobConfig:
     model: str | None = None
     shard: int | None = None
     iteration: int | None = None
+    variant: str = "closedloop"
+    """closedloop or one of the loop ablations."""
 
 
 @dataclass
@@ -255,6 +303,8 @@ class ExperimentConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mcts: MCTSConfig = field(default_factory=MCTSConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     job: JobConfig = field(default_factory=JobConfig)
 
@@ -265,7 +315,9 @@ STAGE_SECTIONS: dict[str, tuple] = {
     "sft": ("model", "sft"),
     "evaluate": ("model", "eval"),
     "mcts": ("model", "mcts"),
-    "report": ("eval", "report"),
+    "dpo": ("model", "dpo"),
+    "instance": ("model", "mcts", "loop"),
+    "report": ("eval", "loop", "report"),
 }
 """The sections each stage's output depends on: a change elsewhere does not rerun it."""
 
@@ -292,8 +344,20 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+def _string_iteration_keys(layer: Any) -> Any:
+    """YAML reads ``per_iteration: {2: ...}`` with an int key, Snakemake's --config with a
+    str key; the schema keys iterations by string."""
+    if isinstance(layer, DictConfig):
+        layer = OmegaConf.to_container(layer)
+    if isinstance(layer, dict) and isinstance(layer.get("dpo"), dict) \
+            and isinstance(layer["dpo"].get("per_iteration"), dict):
+        layer["dpo"]["per_iteration"] = {str(k): v for k, v in layer["dpo"]["per_iteration"].items()}
+    return layer
+
+
 def merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
     """Merge ``layer`` into the structured ``base``, explaining any mismatch."""
+    layer = _string_iteration_keys(layer)
     try:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as err:
@@ -372,9 +436,33 @@ def check(cfg: DictConfig) -> None:
     for tag in cfg.eval.models:
         if tag not in ("base", "sft"):
             raise ConfigError(f"key 'eval.models': unknown model tag {tag!r} (expected 'base' or 'sft')")
+    for name in cfg.loop.ablations:
+        if name not in ABLATIONS:
+            raise ConfigError(f"key 'loop.ablations': unknown ablation {name!r} (expected any of {list(ABLATIONS)})")
+    for k in cfg.dpo.per_iteration or {}:
+        if not str(k).isdigit():
+            raise ConfigError(f"key 'dpo.per_iteration.{k}': expected an iteration number")
+        dpo_for(cfg, int(k))  # raises on a bad key or type
+    if cfg.loop.iterations < 0:
+        raise ConfigError(f"key 'loop.iterations': expected an integer >= 0, got {cfg.loop.iterations}")
 
 
-def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = ()) -> dict:
+def dpo_for(cfg: DictConfig, k: int) -> DictConfig:
+    """The DPO settings of iteration ``k``: ``dpo`` with ``dpo.per_iteration[k]`` merged in."""
+    base = OmegaConf.masked_copy(cfg.dpo, [key for key in cfg.dpo if key != "per_iteration"])
+    merged = merge(OmegaConf.structured(DPOConfig), base, "dpo")
+    override = cfg.dpo.per_iteration.get(str(k)) if cfg.dpo.per_iteration else None
+    if override:
+        try:
+            merged = OmegaConf.merge(merged, override)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", "") or ""
+            raise ConfigError(f"key 'dpo.per_iteration.{k}.{key}': {str(err).splitlines()[0]}") from err
+    merged.per_iteration = {}
+    return merged
+
+
+def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: int | None = None) -> dict:
     """The part of ``cfg`` that determines one ``stage`` job's outputs, as a plain dict.
 
     Only these sections (plus the catalogue entries of ``tasks``) go to the job, so a
@@ -386,6 +474,8 @@ def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = ()) -> dict:
     view = {k: full[k] for k in SHARED_KEYS + STAGE_SECTIONS[stage]}
     if tasks:
         view["data"] = {"tasks": {t: full["data"]["tasks"][t] for t in tasks}}
+    if stage == "dpo" and iteration is not None:
+        view["dpo"] = OmegaConf.to_container(dpo_for(cfg, iteration), enum_to_str=True)
     return view
 
 

@@ -280,20 +280,21 @@ def batch_seed(cfg, iteration: int, shard: int, batch: int) -> int:
 
 
 def main(cfg) -> None:
-    """Search shard ``cfg.job.shard`` of iteration ``cfg.job.iteration`` with policy_{k−1}."""
-    shard, k = cfg.job.shard, cfg.job.iteration or 1
+    """Search shard ``job.shard`` of iteration ``job.iteration`` of loop ``job.variant``
+    with that loop's policy_{k−1}."""
+    shard, k, variant = cfg.job.shard, cfg.job.iteration or 1, cfg.job.variant
     if shard is None or not 0 <= shard < cfg.mcts.n_shards:
         raise cl_config.ConfigError(f"key 'job.shard': expected 0..{cfg.mcts.n_shards - 1}, got {shard}")
-    policy_dir = paths.policy_dir(cfg, k - 1)
+    policy_dir = paths.policy_dir(cfg, k - 1, variant)
     view = cl_config.stage_view(cfg, "mcts", [cfg.mcts.task])
-    work = paths.mcts_dir(cfg, k) / ".work" / f"shard{shard}-{cl_config.config_hash(view)[:12]}"
+    work = paths.mcts_dir(cfg, k, variant) / ".work" / f"shard{shard}-{cl_config.config_hash(view)[:12]}"
     work.mkdir(parents=True, exist_ok=True)
     model, tokenizer = models.load_dir(policy_dir, cfg.model)
     searcher = Searcher(model, tokenizer, cfg.mcts, str(policy_dir))
     rows = shard_rows(cfg, shard)
     size = cfg.mcts.trees_per_batch
     batches = range(0, len(rows), size)
-    for b, start in enumerate(tqdm(batches, desc=f"mcts iter{k} shard{shard}", unit="batch")):
+    for b, start in enumerate(tqdm(batches, desc=f"mcts {paths.model_tag(k, variant)} shard{shard}", unit="batch")):
         done = work / f"batch{b:05d}.jsonl"
         if done.exists():
             continue  # resumed: this batch was searched before the job stopped
@@ -306,7 +307,8 @@ def main(cfg) -> None:
     records = [rec for b in range(len(batches)) for rec in artifacts.read_jsonl(work / f"batch{b:05d}.jsonl")]
     by_id = {r["id"]: r for r in rows}
     inputs = {"data": paths.data_dir(cfg, cfg.mcts.task), "policy": policy_dir}
-    with artifacts.artifact_dir(paths.mcts_shard_dir(cfg, k, shard), "mcts", view, inputs, cfg.seed) as out:
+    out_dir = paths.mcts_shard_dir(cfg, k, shard, variant)
+    with artifacts.artifact_dir(out_dir, "mcts", view, inputs, cfg.seed) as out:
         with open(out / "trees.jsonl", "w") as fh:
             artifacts.write_jsonl(fh, records)
         with open(out / "pairs.jsonl", "w") as fh:
@@ -316,7 +318,7 @@ def main(cfg) -> None:
         (out / "stats.json").write_text(json.dumps(shard_stats(records, out / "pairs.jsonl",
                                                                searcher.policy_tokens), indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    print(f"mcts: iter{k} shard{shard}: {len(records)} trees -> {paths.mcts_shard_dir(cfg, k, shard)}")
+    print(f"mcts: {paths.model_tag(k, variant)} shard{shard}: {len(records)} trees -> {out_dir}")
 
 
 def keep_tree(record: dict, mcfg) -> bool:
@@ -330,12 +332,13 @@ def shard_stats(records: list[dict], pairs_path: Path, policy_tokens: int) -> di
 
 
 def merge(cfg) -> None:
-    """Concatenate the shards of iteration ``cfg.job.iteration`` (stage ``mcts-merge``)."""
-    k = cfg.job.iteration or 1
-    shards = [paths.mcts_shard_dir(cfg, k, s) for s in range(cfg.mcts.n_shards)]
+    """Concatenate the shards of one iteration of one loop variant (stage ``mcts-merge``)."""
+    k, variant = cfg.job.iteration or 1, cfg.job.variant
+    shards = [paths.mcts_shard_dir(cfg, k, s, variant) for s in range(cfg.mcts.n_shards)]
     view = cl_config.stage_view(cfg, "mcts", [cfg.mcts.task])
     inputs = {f"shard{s}": d for s, d in enumerate(shards)}
-    with artifacts.artifact_dir(paths.mcts_dir(cfg, k) / "merged", "mcts-merge", view, inputs, cfg.seed) as out:
+    with artifacts.artifact_dir(paths.mcts_dir(cfg, k, variant) / "merged", "mcts-merge", view, inputs,
+                                cfg.seed) as out:
         for name in ("trees.jsonl", "pairs.jsonl"):
             with open(out / name, "w") as fh:
                 for d in shards:
@@ -347,7 +350,7 @@ def merge(cfg) -> None:
                  "committed_accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
                  "alpha": _describe([p["alpha"] for p in pairs])}
         (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"mcts-merge: iter{k}: {stats['trees']} trees, {stats['pairs']} pairs")
+    print(f"mcts-merge: {paths.model_tag(k, variant)}: {stats['trees']} trees, {stats['pairs']} pairs")
 
 
 ALPHA_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)

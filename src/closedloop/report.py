@@ -1,5 +1,6 @@
-"""Stage ``report``: ``results/<experiment>/report.md`` plus PNG plots (accuracy with
-CIs per task and model; the SFT loss curve), each plot marked for ``snakemake --report``."""
+"""Stage ``report``: ``results/<experiment>/report.md`` plus PNG plots, each plot marked
+for ``snakemake --report``: held-out accuracy with CIs per model and task, accuracy per
+closed-loop iteration (and per ablation) for every task, training losses, MCTS data."""
 
 from __future__ import annotations
 
@@ -13,17 +14,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from closedloop import artifacts, paths  # noqa: E402
-from closedloop import config as cl_config
+from closedloop import config as cl_config  # noqa: E402
 
-PLOTS = ("accuracy.png", "sft_loss.png")
+PLOTS = ("accuracy.png", "iterations.png", "training_loss.png")
 
 
 def collect(cfg) -> dict[tuple[str, str], dict]:
-    """metrics.json of every (model, task) the experiment evaluates."""
-    return {
-        (tag, task): json.loads((paths.eval_dir(cfg, tag, task) / "metrics.json").read_text())
-        for tag in cfg.eval.models for task in cfg.eval.tasks
-    }
+    """metrics.json of every (model tag, task) the experiment evaluates."""
+    return {(tag, task): json.loads((paths.eval_dir(cfg, tag, task) / "metrics.json").read_text())
+            for tag in paths.eval_model_tags(cfg) for task in cfg.eval.tasks}
 
 
 def cell(m: dict) -> str:
@@ -31,42 +30,96 @@ def cell(m: dict) -> str:
 
 
 def accuracy_table(cfg, metrics) -> str:
-    tags = list(cfg.eval.models)
-    lines = ["| task | n | " + " | ".join(tags) + " |", "|---|---|" + "---|" * len(tags)]
+    tasks = list(cfg.eval.tasks)
+    n = " / ".join(str(metrics[(paths.eval_model_tags(cfg)[0], t)]["n"]) for t in tasks)
+    lines = [f"| model | {' | '.join(tasks)} |", "|---|" + "---|" * len(tasks)]
+    for tag in paths.eval_model_tags(cfg):
+        lines.append(f"| {tag} | " + " | ".join(cell(metrics[(tag, t)]) for t in tasks) + " |")
+    return f"n per task: {n}\n\n" + "\n".join(lines)
+
+
+def iteration_series(cfg, metrics, variant: str, task: str) -> list[tuple[int, dict]]:
+    """(k, metrics) for k = 0 (the SFT policy) .. N of one loop variant."""
+    series = [(0, metrics[("sft", task)])] if ("sft", task) in metrics else []
+    return series + [(k, metrics[(paths.model_tag(k, variant), task)]) for k in range(1, cfg.loop.iterations + 1)]
+
+
+def iteration_table(cfg, metrics) -> str:
+    ks = range(0, cfg.loop.iterations + 1)
+    lines = ["| task | loop | " + " | ".join("SFT" if k == 0 else f"iter {k}" for k in ks) + " |",
+             "|---|---|" + "---|" * len(ks)]
     for task in cfg.eval.tasks:
-        n = metrics[(tags[0], task)]["n"]
-        lines.append(f"| {task} | {n} | " + " | ".join(cell(metrics[(t, task)]) for t in tags) + " |")
+        for variant in paths.loop_variants(cfg):
+            lines.append(f"| {task} | {variant} | "
+                         + " | ".join(cell(m) for _, m in iteration_series(cfg, metrics, variant, task)) + " |")
     return "\n".join(lines)
 
 
+def _errorbars(ms: list[dict]) -> list[list[float]]:
+    return [[100 * (m["accuracy"] - m["ci_low"]) for m in ms], [100 * (m["ci_high"] - m["accuracy"]) for m in ms]]
+
+
 def plot_accuracy(cfg, metrics, path: Path) -> None:
-    tags, task_names = list(cfg.eval.models), list(cfg.eval.tasks)
+    tags, tasks = paths.eval_model_tags(cfg), list(cfg.eval.tasks)
     width = 0.8 / len(tags)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(task_names), 3.6))
+    fig, ax = plt.subplots(figsize=(2 + 1.8 * len(tasks), 3.8))
     for i, tag in enumerate(tags):
-        ms = [metrics[(tag, t)] for t in task_names]
-        acc = [100 * m["accuracy"] for m in ms]
-        err = [[100 * (m["accuracy"] - m["ci_low"]) for m in ms], [100 * (m["ci_high"] - m["accuracy"]) for m in ms]]
-        xs = [j + (i - (len(tags) - 1) / 2) * width for j in range(len(task_names))]
-        ax.bar(xs, acc, width, yerr=err, capsize=3, label=tag)
-    ax.set_xticks(range(len(task_names)), task_names)
+        ms = [metrics[(tag, t)] for t in tasks]
+        xs = [j + (i - (len(tags) - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, [100 * m["accuracy"] for m in ms], width, yerr=_errorbars(ms), capsize=2, label=tag)
+    ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (%), 95% bootstrap CI")
     ax.set_ylim(0, 100)
-    ax.legend()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_iterations(cfg, metrics, path: Path) -> None:
+    tasks = list(cfg.eval.tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for variant in paths.loop_variants(cfg):
+            series = iteration_series(cfg, metrics, variant, task)
+            ms = [m for _, m in series]
+            ax.errorbar([k for k, _ in series], [100 * m["accuracy"] for m in ms], yerr=_errorbars(ms),
+                        marker="o", capsize=3, label=variant)
+        ax.set_title(task)
+        ax.set_xlabel("iteration (0 = SFT)")
+        ax.set_xticks(range(cfg.loop.iterations + 1))
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
 
 def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
     with open(path) as fh:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
 
 
-def plot_loss(log: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker=".")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("SFT loss")
+def training_logs(cfg) -> dict[str, list[dict]]:
+    logs = {"sft": read_log(paths.sft_dir(cfg) / "train_log.csv")}
+    for variant in paths.loop_variants(cfg):
+        for k in range(1, cfg.loop.iterations + 1):
+            logs[f"dpo {paths.model_tag(k, variant)}"] = read_log(paths.dpo_dir(cfg, k, variant) / "train_log.csv")
+    return {name: log for name, log in logs.items() if log}
+
+
+def plot_losses(logs: dict[str, list[dict]], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for name, log in logs.items():
+        ax = axes[0] if name == "sft" else axes[1]
+        ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker=".", label=name)
+    axes[0].set_title("SFT")
+    axes[1].set_title("cDPO per iteration")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
@@ -77,32 +130,36 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def mcts_section(cfg) -> str:
-    """Pairs, pairs per tree, committed-path accuracy and the α distribution of iteration 1."""
-    stats_path = paths.mcts_dir(cfg, 1) / "merged" / "stats.json"
-    if not stats_path.exists():
+def mcts_stats(cfg) -> dict[int, dict]:
+    out = {}
+    for k in range(1, cfg.loop.iterations + 1):
+        path = paths.mcts_dir(cfg, k) / "merged" / "stats.json"
+        if path.exists():
+            out[k] = json.loads(path.read_text())
+    return out
+
+
+def mcts_section(stats: dict[int, dict]) -> str:
+    if not stats:
         return ""
-    st = json.loads(stats_path.read_text())
-    a = st["alpha"]
-    hist = ", ".join(f"{k}: {v}" for k, v in a.get("histogram", {}).items())
-    return f"""
-## MCTS data engine (iteration 1, policy = SFT)
-
-{st['trees']} trees, {st['pairs']} step-level pairs ({st['pairs_per_tree']:.2f} per tree); committed
-solutions correct in {100 * st['committed_accuracy']:.1f}% of trees.
-α = min(N_l / (N_w + N_l), 0.5): mean {a.get('mean', float('nan')):.3f}, median {a.get('median', float('nan')):.3f};
-histogram {hist}.
-"""
+    lines = ["| iteration | trees | pairs | pairs/tree | committed correct | α mean | α median | α histogram |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k, st in stats.items():
+        a = st["alpha"]
+        hist = ", ".join(f"{b}: {c}" for b, c in a.get("histogram", {}).items())
+        lines.append(f"| {k} | {st['trees']} | {st['pairs']} | {st['pairs_per_tree']:.2f} | "
+                     f"{100 * st['committed_accuracy']:.1f}% | {a.get('mean', float('nan')):.3f} | "
+                     f"{a.get('median', float('nan')):.3f} | {hist} |")
+    return "\n## MCTS data (closed loop; iteration k searches with policy_{k-1})\n\n" + "\n".join(lines) + "\n"
 
 
-def render(cfg, metrics, log) -> str:
+def render(cfg, metrics, logs, stats) -> str:
     sources = "\n".join(
         f"- `{tag}/{task}`: model `{m['model'].get('path') or m['model'].get('source')}`, "
         f"data sha256 `{m['data']['sha256'][:12]}`, {m['decoding']} k={m['k']}, "
         f"{m['generated_tokens']} generated tokens, seed {m['seed']}"
-        for (tag, task), m in metrics.items()
-    )
-    final_loss = f"{log[-1]['loss']:.3f} at step {int(log[-1]['step'])}" if log else "n/a"
+        for (tag, task), m in metrics.items())
+    final = ", ".join(f"{name} {log[-1]['loss']:.3f} (step {int(log[-1]['step'])})" for name, log in logs.items())
     return f"""# {cfg.report.title}: `{cfg.experiment}`
 
 Held-out accuracy (%) with {int(100 * cfg.eval.ci_level)}% bootstrap intervals.
@@ -111,12 +168,18 @@ Held-out accuracy (%) with {int(100 * cfg.eval.ci_level)}% bootstrap intervals.
 
 ![accuracy](plots/accuracy.png)
 
-## SFT
+## Accuracy per iteration (policy_k → MCTS → cDPO → policy_k+1)
 
-Final logged training loss: {final_loss}.
+{iteration_table(cfg, metrics)}
 
-![SFT loss](plots/sft_loss.png)
-{mcts_section(cfg)}
+![iterations](plots/iterations.png)
+
+## Training
+
+Final logged losses: {final or 'n/a'}.
+
+![training loss](plots/training_loss.png)
+{mcts_section(stats)}
 ## Where each score came from
 
 {sources}
@@ -124,22 +187,17 @@ Final logged training loss: {final_loss}.
 
 
 def main(cfg) -> None:
-    """Write the report of ``cfg.experiment`` from its metrics and training log."""
-    metrics = collect(cfg)
-    log_path = paths.sft_dir(cfg) / "train_log.csv"
-    log = read_log(log_path) if log_path.exists() else []
+    """Write the report of ``cfg.experiment`` from its metrics, training logs and MCTS stats."""
+    metrics, logs, stats = collect(cfg), training_logs(cfg), mcts_stats(cfg)
     plots = paths.plots_dir(cfg)
     started = artifacts.now()
     plot_accuracy(cfg, metrics, plots / "accuracy.png")
-    plot_loss(log, plots / "sft_loss.png")
+    plot_iterations(cfg, metrics, plots / "iterations.png")
+    plot_losses(logs, plots / "training_loss.png")
     inputs = {f"eval/{tag}/{task}": paths.eval_dir(cfg, tag, task) / "metrics.json" for tag, task in metrics}
-    if log:
-        inputs["sft_log"] = log_path
-    mcts_stats = paths.mcts_dir(cfg, 1) / "merged" / "stats.json"
-    if mcts_stats.exists():
-        inputs["mcts_stats"] = mcts_stats
+    inputs.update({f"mcts/iter{k}": paths.mcts_dir(cfg, k) / "merged" / "stats.json" for k in stats})
     view = cl_config.stage_view(cfg, "report")
     artifacts.write_sidecars(paths.run_dir(cfg), "report", view, inputs, started, cfg.seed, prefix="report.")
     with artifacts.atomic_file(paths.report_file(cfg)) as fh:
-        fh.write(render(cfg, metrics, log))
+        fh.write(render(cfg, metrics, logs, stats))
     print(f"report: {paths.report_file(cfg).resolve()}")
