@@ -103,3 +103,19 @@ def test_prompts_use_the_chat_template(smoke_cfg):
     assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
     assert "(A) p\n(B) q" in text
     assert prompts.sft_example(row)["completion"][0]["content"] == "The answer is (B)."
+
+
+@pytest.mark.parametrize("decoding", ["self_consistency", "beam_self_eval"])
+def test_search_decodings_score_one_answer_per_question(smoke_cfg, decoding):
+    build_data(smoke_cfg, "synthetic")
+    smoke_cfg.eval.decoding = config.Decoding(decoding)
+    smoke_cfg.eval.k, smoke_cfg.eval.beam_k, smoke_cfg.eval.beam_n, smoke_cfg.eval.beam_max_steps = 3, 2, 2, 2
+    smoke_cfg.eval.beam_step_tokens = 8
+    smoke_cfg.job.model, smoke_cfg.job.task = "base", "synthetic"
+    evaluate.main(smoke_cfg)
+    out = paths.eval_dir(smoke_cfg, "base", "synthetic")
+    preds = artifacts.read_jsonl(out / "predictions.jsonl")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(preds) == 12 and all(len(p["completions"]) == 1 for p in preds)
+    assert metrics["decoding"] == decoding and metrics["generated_tokens"] > 0
+    assert ("beam" in metrics) == (decoding == "beam_self_eval")

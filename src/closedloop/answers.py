@@ -104,3 +104,11 @@ def is_correct(prediction: str | None, row: dict) -> bool:
     if row.get("choices"):
         return prediction is not None and prediction == row["answer"]
     return numeric_match(prediction, row["answer"])
+
+
+def canonical(prediction: str | None) -> str | None:
+    """A key under which equal answers compare equal ("1,234" and "1234.0"; LaTeX forms)."""
+    if prediction is None:
+        return None
+    number = parse_number(prediction)
+    return str(number) if number is not None else _normalise_latex(prediction)

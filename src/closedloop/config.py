@@ -59,7 +59,9 @@ class Reference(str, Enum):
 
 class Decoding(str, Enum):
     greedy = "greedy"
-    sampled = "sampled"
+    sampled = "sampled"  # sampled@k: mean accuracy of k samples, and pass@k
+    self_consistency = "self_consistency"  # majority vote over k samples
+    beam_self_eval = "beam_self_eval"  # SPEC §1 self-evaluation guided beam search
 
 
 @dataclass
@@ -188,6 +190,17 @@ class EvalConfig:
     """Budget for multiple-choice tasks."""
     n_bootstrap: int = 1000
     ci_level: float = 0.95
+    beam_k: int = 3
+    """Beams per question (SPEC §1; paper 5)."""
+    beam_n: int = 4
+    """Candidate steps per beam (paper 16 with Codex, 2 with Llama-2)."""
+    beam_lambda: float = 0.5
+    beam_tau: float = 1.0
+    beam_tau_decay: float = 0.5
+    beam_max_steps: int = 8
+    beam_temperature: float = 0.7
+    """γ, the sampling temperature of candidate steps (paper 0.4–0.8)."""
+    beam_step_tokens: int = 48
 
 
 @dataclass

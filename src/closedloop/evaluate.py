@@ -1,8 +1,10 @@
 """Stage ``evaluate``: decode a model on a held-out split and score it (SPEC §7).
 
-Decoding: ``greedy`` (one completion) or ``sampled`` (``k`` completions at the
-configured temperature: accuracy is the mean per-sample correctness, ``pass_at_k``
-whether any sample is right). Writes ``predictions.jsonl`` and ``metrics.json`` with
+Decoding: ``greedy`` (one completion); ``sampled`` (``k`` completions at the configured
+temperature: accuracy is the mean per-sample correctness, ``pass_at_k`` whether any
+sample is right); ``self_consistency`` (majority vote over ``k`` samples);
+``beam_self_eval`` (SPEC §1 self-evaluation guided beam search, :mod:`closedloop.beam`).
+Generated tokens are counted for every decoding, so budgets can be matched. Writes ``predictions.jsonl`` and ``metrics.json`` with
 accuracy, n and a bootstrap CI, and the model and data artifacts it used.
 """
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from transformers import set_seed
 
-from closedloop import answers, artifacts, generation, models, paths, prompts, stats
+from closedloop import answers, artifacts, beam, generation, models, paths, prompts, stats
 from closedloop import config as cl_config
 
 
@@ -43,6 +45,29 @@ def score(rows: list[dict], completions: list[list[str]]) -> tuple[list[dict], n
     return records, np.array(acc), np.array(any_ok)
 
 
+def decode(model, tokenizer, rows: list[dict], ev, seed: int, desc: str) -> tuple[list[list[str]], int]:
+    """Completions per row under ``eval.decoding``, and the number of tokens generated."""
+    mode = ev.decoding.value
+    mc = bool(rows) and bool(rows[0].get("choices"))
+    if mode == "beam_self_eval":
+        texts, n_tokens = beam.beam_search(
+            model, tokenizer, rows, k=ev.beam_k, n=ev.beam_n, lam=ev.beam_lambda, tau=ev.beam_tau,
+            tau_decay=ev.beam_tau_decay, max_steps=1 if mc else ev.beam_max_steps,
+            temperature=ev.beam_temperature, max_step_tokens=ev.beam_step_tokens,
+            batch_size=ev.batch_size * ev.beam_n, seed=seed)
+        return [[t] for t in texts], n_tokens
+    sampling = mode in ("sampled", "self_consistency")
+    completions, n_tokens = generation.generate(
+        model, tokenizer, [prompts.chat_prompt(tokenizer, r) for r in rows],
+        max_new_tokens=ev.mc_max_new_tokens if mc else ev.max_new_tokens,
+        batch_size=ev.batch_size, do_sample=sampling, temperature=ev.temperature, top_p=ev.top_p,
+        num_return_sequences=ev.k if sampling else 1, stop_at_answer=not mc, desc=desc,
+    )
+    if mode == "self_consistency":
+        completions = [[beam.majority_vote(c, r)] for c, r in zip(completions, rows, strict=True)]
+    return completions, n_tokens
+
+
 def main(cfg) -> None:
     """Evaluate model ``cfg.job.model`` on task ``cfg.job.task``'s held-out split."""
     tag, task = cfg.job.model, cfg.job.task
@@ -54,20 +79,18 @@ def main(cfg) -> None:
     model, tokenizer = models.load_dir(source, cfg.model)
     set_seed(cfg.seed)
     ev = cfg.eval
+    completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"evaluate {tag}/{task}")
     sampled = ev.decoding.value == "sampled"
-    mc = bool(rows) and bool(rows[0].get("choices"))
-    completions, n_tokens = generation.generate(
-        model, tokenizer, [prompts.chat_prompt(tokenizer, r) for r in rows],
-        max_new_tokens=ev.mc_max_new_tokens if mc else ev.max_new_tokens,
-        batch_size=ev.batch_size, do_sample=sampled, temperature=ev.temperature, top_p=ev.top_p,
-        num_return_sequences=ev.k if sampled else 1, stop_at_answer=not mc, desc=f"evaluate {tag}/{task}",
-    )
     records, acc, any_ok = score(rows, completions)
     metrics = {"task": task, "model": model_info, "decoding": ev.decoding.value,
-               "k": ev.k if sampled else 1, "temperature": ev.temperature if sampled else 0.0,
+               "k": ev.k if ev.decoding.value in ("sampled", "self_consistency") else 1,
+               "temperature": 0.0 if ev.decoding.value == "greedy" else ev.temperature,
                "seed": cfg.seed, "generated_tokens": n_tokens,
                "data": {"path": str(data), "sha256": artifacts.content_hash(data / "heldout.jsonl")},
                **stats.summarise(acc, ev.n_bootstrap, ev.ci_level, cfg.seed)}
+    if ev.decoding.value == "beam_self_eval":
+        metrics["beam"] = {key: ev[f"beam_{key}"] for key in ("k", "n", "lambda", "tau", "tau_decay", "max_steps",
+                                                               "temperature", "step_tokens")}
     if sampled:
         metrics["pass_at_k"] = stats.summarise(any_ok, ev.n_bootstrap, ev.ci_level, cfg.seed)
     view = cl_config.stage_view(cfg, "evaluate", [task])
