@@ -3,8 +3,10 @@
 Measures, in one run with one model: policy tokens generated per second during MCTS
 collection (wall time of the whole search: generation, self-evaluation, tree work),
 and tokens per second of plain batched sampling of the same number of tokens with the
-same model and batch size (the collection's mean rows per generate call). Prints both
-and their ratio.
+same model and batch size (the collection's mean rows per generate call), 48 tokens a
+row. Prints both and their ratio; also a second baseline, plain sampling of one-line
+steps from the same prompts (no tree, no self-evaluation), which separates the cost of
+short line-by-line generation from the cost of the search itself.
 
     python bench/mcts_throughput.py [--model DIR] [--prompts 16] [key=value mcts overrides]
 """
@@ -17,7 +19,7 @@ import time
 import torch
 
 from closedloop import config, models, prompts, synthetic
-from closedloop.mcts import Searcher
+from closedloop.mcts import Searcher, sample_continuations
 
 
 class CountingSearcher(Searcher):
@@ -47,6 +49,18 @@ def plain_sampling(model, tokenizer, prompt_texts, batch_size, n_tokens, tempera
     return done, time.perf_counter() - start
 
 
+def line_sampling(model, tokenizer, prompt_texts, batch_size, n_tokens, temperature, max_step_tokens):
+    """Sample one-line steps (same stop rule as MCTS) until ``n_tokens`` tokens exist."""
+    done, start, i = 0, time.perf_counter(), 0
+    while done < n_tokens:
+        batch = [prompt_texts[(i + j) % len(prompt_texts)] for j in range(batch_size)]
+        i += batch_size
+        samples = sample_continuations(model, tokenizer, batch, max_new_tokens=max_step_tokens, one_line=True,
+                                       temperature=temperature, top_p=1.0)
+        done += sum(s.n_tokens for s in samples)
+    return done, time.perf_counter() - start
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="policy dir (default: results/default/sft/model, else base)")
@@ -72,11 +86,17 @@ def main():
     plain_tokens, plain_seconds = plain_sampling(model, tokenizer, texts, batch, searcher.policy_tokens,
                                                  cfg.mcts.temperature)
     plain_rate = plain_tokens / plain_seconds
+    line_tokens, line_seconds = line_sampling(model, tokenizer, texts, batch, searcher.policy_tokens,
+                                              cfg.mcts.temperature, cfg.mcts.max_step_tokens)
+    line_rate = line_tokens / line_seconds
     print(f"model: {source}; {args.prompts} prompts; torch threads {torch.get_num_threads()}")
     print(f"mcts collection : {searcher.policy_tokens} policy tokens in {mcts_seconds:.1f} s = {mcts_rate:.1f} tok/s "
           f"({searcher.calls} generate calls, {batch} rows/call on average)")
     print(f"plain sampling  : {plain_tokens} tokens in {plain_seconds:.1f} s = {plain_rate:.1f} tok/s (batch {batch})")
+    print(f"line sampling   : {line_tokens} tokens in {line_seconds:.1f} s = {line_rate:.1f} tok/s (batch {batch}, "
+          f"one line a row, no search)")
     print(f"ratio (mcts / plain): {mcts_rate / plain_rate:.3f}   goal >= 0.9")
+    print(f"ratio (mcts / line sampling): {mcts_rate / line_rate:.3f}   (the search's own overhead)")
 
 
 if __name__ == "__main__":

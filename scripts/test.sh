@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ruff check src tests bench
+ruff check src tests bench scripts
 python -m pytest -q "$@"
