@@ -109,11 +109,8 @@ def main(cfg) -> None:
             callbacks=[CsvLogCallback(out / "train_log.csv")], peft_config=peft_config,
         )
         trainer.train()
-        final = trainer.model
-        if cfg.model.lora.enabled:
-            final = final.merge_and_unload()
-        final.save_pretrained(out / "model", safe_serialization=True)
-        tokenizer.save_pretrained(out / "model")
+        lora = cfg.model.lora
+        models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
         (out / "stats.json").write_text(json.dumps(
             {"pairs": len(rows), "steps": trainer.state.global_step, "alpha": with_alpha,
              "mean_alpha": sum(r.get("alpha", 0.0) for r in rows) / len(rows) if with_alpha else 0.0},

@@ -174,3 +174,12 @@ def add_lora(model, lcfg):
         r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
         target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM",
     ))
+
+
+def save_policy(model, tokenizer, directory: Path, merge_lora: bool) -> None:
+    """Save a trained policy as a plain ``from_pretrained`` dir (safetensors), merging a
+    PEFT LoRA adapter into the weights first when asked."""
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

@@ -8,6 +8,7 @@ by default) and ``train_log.csv`` (step, loss, lr).
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import torch
@@ -87,16 +88,7 @@ def main(cfg) -> None:
             processing_class=tokenizer, callbacks=[CsvLogCallback(out / "train_log.csv")],
         )
         trainer.train()
-        final = trainer.model
-        if cfg.model.lora.enabled and cfg.model.lora.merge_after_training:
-            final = final.merge_and_unload()
-        final.save_pretrained(out / "model", safe_serialization=True)
-        tokenizer.save_pretrained(out / "model")
-        _drop(out / "trainer")
+        lora = cfg.model.lora
+        models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
+        shutil.rmtree(out / "trainer", ignore_errors=True)
     print(f"sft: {len(dataset)} examples, {trainer.state.global_step} steps -> {paths.sft_dir(cfg)}")
-
-
-def _drop(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
