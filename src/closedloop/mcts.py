@@ -28,7 +28,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from closedloop import answers, artifacts, models, paths, prompts, selfeval
 from closedloop import config as cl_config
 from closedloop.generation import FINAL_ANSWER
-from closedloop.tree import Candidate, Tree, length_normalised_prior, preference_pairs
+from closedloop.tree import Candidate, Node, Tree, length_normalised_prior, preference_pairs
 
 
 class LogprobRecorder(LogitsProcessor):
@@ -243,7 +243,7 @@ def tree_record(tree: Tree, committed: list[int], row: dict, tree_id: str, polic
 def pairs_from_record(record: dict, row: dict, tokenizer, mcfg, seed: int) -> list[dict]:
     """Preference pairs of one tree record, with the prompt the policy saw."""
     tree = Tree()
-    tree.nodes = [_node(n) for n in record["nodes"]]
+    tree.nodes = [Node(**n) for n in record["nodes"]]
     rng = random.Random(f"{seed}:{record['tree_id']}")
     rejected = str(getattr(mcfg.rejected, "value", mcfg.rejected))
     out = []
@@ -261,12 +261,6 @@ def pairs_from_record(record: dict, row: dict, tokenizer, mcfg, seed: int) -> li
 
 def _as_step(node) -> str:
     return node.text if node.terminal else node.text + "\n"
-
-
-def _node(data: dict):
-    from closedloop.tree import Node
-
-    return Node(**data)
 
 
 def shard_rows(cfg, shard: int) -> list[dict]:
