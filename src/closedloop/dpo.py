@@ -20,7 +20,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from transformers import set_seed
 
@@ -64,7 +63,7 @@ def training_args(cfg, d, output_dir: Path):
         per_device_train_batch_size=d.batch_size, gradient_accumulation_steps=d.grad_accum,
         max_length=d.max_length, logging_steps=d.logging_steps, logging_first_step=True,
         precompute_ref_log_probs=d.precompute_ref, save_strategy="no", report_to="none",
-        seed=cfg.seed, data_seed=cfg.seed, bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        seed=cfg.seed, data_seed=cfg.seed, bf16=models.bf16_training(),
         fp16=False,
     )
 
@@ -91,13 +90,8 @@ def main(cfg) -> None:
     policy_in, ref_in = paths.policy_dir(cfg, k - 1, variant), reference_dir(cfg, d, k, variant)
     model, tokenizer = models.load_dir(policy_in, cfg.model)
     ref_model, _ = models.load_dir(ref_in, cfg.model)
-    peft_config = None
-    if cfg.model.lora.enabled:
-        from peft import LoraConfig
-
-        lora = cfg.model.lora
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    lora = cfg.model.lora
+    peft_config = models.lora_config(lora) if lora.enabled else None
     view = cl_config.stage_view(cfg, "dpo", iteration=k)
     view["job"] = {"iteration": k, "variant": variant, "pairs": str(source), "alpha": with_alpha}
     inputs = {"pairs": source, "policy": policy_in, "reference": ref_in}
@@ -109,7 +103,6 @@ def main(cfg) -> None:
             callbacks=[CsvLogCallback(out / "train_log.csv")], peft_config=peft_config,
         )
         trainer.train()
-        lora = cfg.model.lora
         models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
         (out / "stats.json").write_text(json.dumps(
             {"pairs": len(rows), "steps": trainer.state.global_step, "alpha": with_alpha,

@@ -4,8 +4,9 @@ Decoding: ``greedy`` (one completion); ``sampled`` (``k`` completions at the con
 temperature: accuracy is the mean per-sample correctness, ``pass_at_k`` whether any
 sample is right); ``self_consistency`` (majority vote over ``k`` samples);
 ``beam_self_eval`` (SPEC §1 self-evaluation guided beam search, :mod:`closedloop.beam`).
-Generated tokens are counted for every decoding, so budgets can be matched. Writes ``predictions.jsonl`` and ``metrics.json`` with
-accuracy, n and a bootstrap CI, and the model and data artifacts it used.
+Generated tokens are counted for every decoding, so budgets can be matched. Writes
+``predictions.jsonl`` and ``metrics.json`` with accuracy, n and a bootstrap CI, and the
+model and data artifacts it used.
 """
 
 from __future__ import annotations

@@ -166,14 +166,24 @@ def load_base(mcfg):
     return load_dir(base_source(mcfg), mcfg)
 
 
-def add_lora(model, lcfg):
-    """Wrap ``model`` with a PEFT LoRA adapter (SFT/DPO option)."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(lcfg):
+    """PEFT's LoraConfig from our ``model.lora`` settings (SFT and DPO option)."""
+    from peft import LoraConfig
 
-    return get_peft_model(model, LoraConfig(
-        r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-        target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM",
-    ))
+    return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                      target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM")
+
+
+def add_lora(model, lcfg):
+    """Wrap ``model`` with a PEFT LoRA adapter."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lcfg))
+
+
+def bf16_training() -> bool:
+    """Mixed-precision bf16 training only where a GPU supports it (never on CPU)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def save_policy(model, tokenizer, directory: Path, merge_lora: bool) -> None:

@@ -11,7 +11,6 @@ import csv
 import shutil
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 
@@ -37,7 +36,6 @@ def training_args(cfg, output_dir: Path):
     from trl import SFTConfig as TrlSFTConfig
 
     s = cfg.sft
-    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return TrlSFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=s.epochs,
@@ -56,7 +54,7 @@ def training_args(cfg, output_dir: Path):
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=use_bf16,
+        bf16=models.bf16_training(),
         fp16=False,
     )
 
