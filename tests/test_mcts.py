@@ -159,3 +159,29 @@ def test_confidence_from_the_generation_cache_equals_a_fresh_read(tiny):
         model, tok, [tok(c, add_special_tokens=False)["input_ids"] + list(s.token_ids) + suffix
                      for c, s in zip(contexts, samples, strict=True)])
     assert [s.confidence for s in samples] == pytest.approx(fresh, abs=1e-4)
+
+
+def test_question_cache_gives_the_same_priors_and_confidence_as_a_fresh_read(tiny):
+    """Sampling from a tree's cached question (ragged suffixes, padding between the cached
+    part and the suffix) scores every row exactly as a full forward pass would."""
+    model, tok = tiny
+    questions = ["<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n",
+                 "<|im_start|>user\nA much longer question, padded on the left.<|im_end|>\n<|im_start|>assistant\n"]
+    cache = mcts.QuestionCache(model, tok, questions)
+    contexts = [questions[0], questions[1] + "First step.\nSecond step is longer.\n", questions[0] + "Go.\n"]
+    trees = [0, 1, 0]
+    torch.manual_seed(5)
+    samples = mcts.sample_continuations(model, tok, contexts, max_new_tokens=10, one_line=True,
+                                        temperature=1.0, top_p=1.0, score=True, prefix=(cache, trees))
+    suffix = tok(selfeval.eval_suffix(tok), add_special_tokens=False)["input_ids"]
+    for context, sample in zip(contexts, samples, strict=True):
+        p_ids = tok(context, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + list(sample.token_ids)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, len(p_ids) - 1:-1], -1)
+        manual = logp.gather(1, ids[0, len(p_ids):].unsqueeze(1)).sum()
+        assert sample.sum_logprob == pytest.approx(float(manual), abs=1e-3)
+        fresh = selfeval.confidence_from_ids(model, tok, [p_ids + list(sample.token_ids) + suffix])[0]
+        assert sample.confidence == pytest.approx(fresh, abs=1e-4)
+    with pytest.raises(mcts.PrefixMismatch):
+        cache.inputs([1], [questions[0]])  # not tree 1's prompt

@@ -69,6 +69,16 @@ def test_pairs_along_the_committed_path(tree):
     assert (first["n_chosen"], first["n_rejected"], first["alpha"]) == (2, 0, 0.0)
 
 
+def test_q_margin_drops_near_ties(tree):
+    tree.add_children(1, [cand("c", 0.4, 0.9, True, True), cand("d", 0.6, 0.2, True, False)], max_children=4)
+    tree.backup([0, 1])
+    tree.backup([0, 1, 3])
+    # Q gaps: a − b = 1.9 − 0.3 = 1.6 ; c − d = 1.3 − (−1.4) = 2.7
+    assert len(preference_pairs(tree, [0, 1, 3], min_q_margin=1.5)) == 2
+    assert [p["chosen"] for p in preference_pairs(tree, [0, 1, 3], min_q_margin=1.6)] == ["c"]
+    assert preference_pairs(tree, [0, 1, 3], min_q_margin=2.7) == []
+
+
 def test_random_rejection_picks_a_non_best_sibling():
     t = Tree()
     t.add_children(0, [cand(x, 0.5, c) for x, c in (("w", 0.9), ("x", 0.5), ("y", 0.4), ("z", 0.1))], 4)

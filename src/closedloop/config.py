@@ -231,12 +231,16 @@ class MCTSConfig:
     max_step_tokens: int = 48
     max_completion_tokens: int = 160
     generate_batch_size: int = 64
+    reuse_question_cache: bool = True
+    """Prefill each tree's question once and reuse its KV cache in every expansion."""
     self_eval_batch_size: int = 32
     self_eval_hint: bool = False
     """Reference-code option: show the gold solution in the evaluation prompt."""
     self_eval_depth_scaled: bool = False
     """Reference-code option: v = C / max(depth − 3, 1)."""
     rejected: RejectedChoice = RejectedChoice.lowest_q
+    min_q_margin: float = 0.0
+    """Skip pairs whose chosen and rejected Q differ by this much or less (0: exact ties only)."""
     drop_wrong_trees: bool = False
     """Keep only pairs from trees whose committed answer is correct."""
     add_gold_step: bool = False

@@ -8,7 +8,8 @@ generation's own logits via :class:`LogprobRecorder` (no second forward pass), a
 self-evaluation C(s) of every new node is one batched forward pass (``selfeval.py``).
 Completed batches are written to a work dir keyed by the config hash, so a killed shard
 resumes where it stopped with identical results (each batch has its own seed).
-Not done: reusing the shared prefix's KV cache across calls.
+Each batch's question prompts are prefilled once and their KV cache reused by every
+expansion (``prefix_cache.py``), so a generate call prefills only the steps so far.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from closedloop import answers, artifacts, models, paths, prompts, selfeval
 from closedloop import config as cl_config
 from closedloop.generation import FINAL_ANSWER
+from closedloop.prefix_cache import PrefixMismatch, QuestionCache
 from closedloop.tree import Candidate, Node, Tree, length_normalised_prior, preference_pairs
 
 
@@ -78,11 +80,15 @@ class Sample:
 
 
 def sample_continuations(model, tokenizer, prompts_: list[str], *, max_new_tokens: int, one_line: bool,
-                         temperature: float, top_p: float, score: bool = False) -> list[Sample]:
+                         temperature: float, top_p: float, score: bool = False,
+                         prefix: tuple[QuestionCache, list[int]] | None = None) -> list[Sample]:
     """One sampled continuation per prompt, with its summed log-prob under the policy and,
-    with ``score``, its self-evaluation C(s) read by continuing the same KV cache."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts_, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    with ``score``, its self-evaluation C(s) read by continuing the same KV cache.
+
+    With ``prefix`` = (question cache, tree index of each prompt) only the part of each
+    prompt after its tree's cached question is prefilled (:mod:`closedloop.prefix_cache`).
+    """
+    enc = _encode(model, tokenizer, prompts_, prefix)
     prompt_len = enc["input_ids"].shape[1]
     recorder = LogprobRecorder()
     stops = StoppingCriteriaList([LineStop(tokenizer, prompt_len)] if one_line else [])
@@ -114,26 +120,42 @@ def sample_continuations(model, tokenizer, prompts_: list[str], *, max_new_token
     return samples
 
 
+def _encode(model, tokenizer, prompts_: list[str], prefix) -> dict:
+    """generate's inputs: the prompts left padded, or their uncached suffixes after the
+    cached questions (falling back to a full prefill if tokenisation crosses the boundary)."""
+    if prefix is not None:
+        try:
+            input_ids, mask, cache = prefix[0].inputs(prefix[1], prompts_)
+            return {"input_ids": input_ids, "attention_mask": mask, "past_key_values": cache}
+        except PrefixMismatch:
+            pass
+    tokenizer.padding_side = "left"
+    return dict(tokenizer(prompts_, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device))
+
+
 class Searcher:
     """Runs SPEC §2's search for a batch of questions with one policy."""
 
     def __init__(self, model, tokenizer, mcfg, policy: str):
         self.model, self.tokenizer, self.m, self.policy = model, tokenizer, mcfg, policy
         self.policy_tokens = 0
+        self.question_cache: QuestionCache | None = None
 
     def prefix(self, row: dict, steps: list[str]) -> str:
         return prompts.chat_prompt(self.tokenizer, row) + "".join(s + "\n" for s in steps)
 
     def _sample(self, requests: list[tuple[int, int, int]], trees, rows, complete: bool) -> list[Sample]:
         texts = [self.prefix(rows[i], trees[i].steps(n)) for i, n, b in requests for _ in range(b)]
+        tree_of = [i for i, _, b in requests for _ in range(b)]
         out: list[Sample] = []
         size = self.m.generate_batch_size
         for start in range(0, len(texts), size):
+            prefix = (self.question_cache, tree_of[start:start + size]) if self.question_cache else None
             out += sample_continuations(
                 self.model, self.tokenizer, texts[start:start + size],
                 max_new_tokens=self.m.max_completion_tokens if complete else self.m.max_step_tokens,
                 one_line=not complete, temperature=self.m.temperature, top_p=self.m.top_p,
-                score=not self.m.self_eval_hint)
+                score=not self.m.self_eval_hint, prefix=prefix)
         self.policy_tokens += sum(s.n_tokens for s in out)
         return out
 
@@ -212,6 +234,8 @@ class Searcher:
         """Search every row's tree to a terminal committed node; (tree, committed path) each."""
         trees = [Tree() for _ in rows]
         committed = [[0] for _ in rows]
+        self.question_cache = (QuestionCache(self.model, self.tokenizer, [self.prefix(r, []) for r in rows])
+                               if self.m.reuse_question_cache else None)
         active = list(range(len(rows)))
         while active:
             for _ in range(self.m.simulations):
@@ -230,6 +254,7 @@ class Searcher:
                 committed[i].append(trees[i].best_child(node.id))
                 if trees[i][committed[i][-1]].terminal:
                     active.remove(i)
+        self.question_cache = None
         return list(zip(trees, committed, strict=True))
 
 
@@ -247,7 +272,7 @@ def pairs_from_record(record: dict, row: dict, tokenizer, mcfg, seed: int) -> li
     rng = random.Random(f"{seed}:{record['tree_id']}")
     rejected = str(getattr(mcfg.rejected, "value", mcfg.rejected))
     out = []
-    for pair in preference_pairs(tree, record["committed"], rejected, rng):
+    for pair in preference_pairs(tree, record["committed"], rejected, rng, mcfg.min_q_margin):
         prompt = prompts.chat_prompt(tokenizer, row) + "".join(s + "\n" for s in tree.steps(pair["parent"]))
         # a step that does not end the solution keeps its newline, so training on it (SPEC §3)
         # teaches "this line, then more lines", not "this line, then stop"

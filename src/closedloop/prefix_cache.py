@@ -1,0 +1,73 @@
+"""The question's KV cache, computed once per tree and reused by every expansion (SPEC §2,
+efficiency: "reuse the shared prefix's KV cache").
+
+Every node of a tree extends the same chat prompt (system turn + question + assistant
+header); only the steps after it differ. :class:`QuestionCache` runs one forward pass
+over the prompts of a batch of trees (all but each prompt's last token, left padded)
+and keeps that cache. An expansion then hands ``generate`` the cached rows of its trees
+(copied, since generation appends to them) plus only the uncached tokens: the prompt's
+last token and the steps so far. Padding between the cached part and the suffix is
+masked, and generate derives position ids from the full mask, so each row sees exactly
+the sequence it would see without the cache.
+
+transformers supports a pre-filled cache in ``generate`` (prefix caching); building
+per-row caches from a batch cache by row selection is written here because no library
+call does it for ragged suffixes.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class PrefixMismatch(ValueError):
+    """A context does not start with its tree's cached prompt tokens (tokenisation merged
+    across the boundary); the caller falls back to a full prefill."""
+
+
+class QuestionCache:
+    """KV cache of one batch of trees' prompts (each without its last token)."""
+
+    def __init__(self, model, tokenizer, prompts: list[str]):
+        self.model, self.tokenizer = model, tokenizer
+        self.prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        cached = [ids[:-1] for ids in self.prompt_ids]
+        self.width = max(len(ids) for ids in cached)
+        pad = tokenizer.pad_token_id
+        self.input_ids = torch.tensor([[pad] * (self.width - len(ids)) + ids for ids in cached],
+                                      device=model.device)
+        self.mask = torch.tensor([[0] * (self.width - len(ids)) + [1] * len(ids) for ids in cached],
+                                 device=model.device)
+        positions = (self.mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+        with torch.inference_mode():
+            out = model(input_ids=self.input_ids, attention_mask=self.mask, position_ids=positions,
+                        use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+
+    def rows(self, trees: list[int]) -> DynamicCache:
+        """A fresh cache holding the cached prompt of each listed tree, in order."""
+        index = torch.tensor(trees, device=self.input_ids.device)
+        cache = DynamicCache()
+        for layer_idx, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
+        return cache
+
+    def inputs(self, trees: list[int], contexts: list[str]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+        """(input_ids, attention_mask, past_key_values) for ``generate``: each row is its
+        tree's cached prompt, padding, then the uncached suffix of its context."""
+        suffixes = []
+        for tree, context in zip(trees, contexts, strict=True):
+            ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+            cached = self.prompt_ids[tree][:-1]
+            if ids[:len(cached)] != cached or len(ids) <= len(cached):
+                raise PrefixMismatch(f"context of tree {tree} does not extend its cached prompt")
+            suffixes.append(ids[len(cached):])
+        width = max(len(s) for s in suffixes)
+        pad = self.tokenizer.pad_token_id
+        index = torch.tensor(trees, device=self.input_ids.device)
+        suffix_ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=index.device)
+        suffix_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=index.device)
+        input_ids = torch.cat([self.input_ids.index_select(0, index), suffix_ids], dim=1)
+        mask = torch.cat([self.mask.index_select(0, index), suffix_mask], dim=1)
+        return input_ids, mask, self.rows(trees)
