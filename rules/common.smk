@@ -24,6 +24,7 @@ wildcard_constraints:
     loop=r"(ablations/[a-z_]+/)?",
     k=r"\d+",
     shard=r"\d+",
+    decoding="greedy|sampled|self_consistency|beam_self_eval",
 
 
 def view_json(stage, tasks=(), iteration=None):
@@ -66,9 +67,15 @@ def eval_dirs():
     return [str(paths.eval_dir(CFG, m, t)) for m in paths.eval_model_tags(CFG) for t in CFG.eval.tasks]
 
 
+def decoding_dirs():
+    """The matched-budget decoding comparison (empty unless ``decodings.methods`` is set)."""
+    return [str(paths.decoding_eval_dir(CFG, m, t, d.value)) for m in paths.decoding_model_tags(CFG)
+            for t in CFG.decodings.tasks for d in CFG.decodings.methods]
+
+
 def data_tasks():
     """Every task the DAG builds data for: the SFT task and each evaluated task."""
-    needed = list(CFG.eval.tasks)
+    needed = list(dict.fromkeys([*CFG.eval.tasks, *CFG.decodings.tasks]))
     for task in (CFG.sft.task, CFG.mcts.task):
         if task not in needed:
             needed.append(task)

@@ -16,3 +16,24 @@ rule evaluate:
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage evaluate --config-yaml {params.cfg:q}"
         " job.model={wildcards.model} job.task={wildcards.task} 2>&1 | tee {log}"
+
+
+rule evaluate_decoding:
+    input:
+        data=str(paths.data_dir(CFG, "{task}")),
+        model=lambda w: model_artifact(w.model),
+    output:
+        directory(str(paths.decoding_eval_dir(CFG, "{model}", "{task}", "{decoding}"))),
+    params:
+        cfg=lambda w: view_json("evaluate-decoding", [w.task]),
+    threads: 1
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(LOGS / "decodings" / "{model}" / "{task}" / "{decoding}.log"),
+    benchmark:
+        str(LOGS / "decodings" / "{model}" / "{task}" / "{decoding}.benchmark.tsv")
+    shell:
+        "OMP_NUM_THREADS={threads} closedloop run-stage evaluate-decoding --config-yaml {params.cfg:q}"
+        " job.model={wildcards.model} job.task={wildcards.task} job.decoding={wildcards.decoding}"
+        " 2>&1 | tee {log}"

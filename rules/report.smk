@@ -2,6 +2,7 @@ rule report:
     input:
         eval_dirs(),
         mcts_targets(),
+        decoding_dirs(),
     output:
         md=str(paths.report_file(CFG)),
         accuracy=report(

@@ -50,6 +50,13 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(repo_copy):
     second = snakemake(repo_copy)
     assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
 
+    # the decoding comparison (SPEC §1): methods × {sft, last policy} × tasks, then the report
+    decodings = snakemake(repo_copy, "-n", "--config",
+                          "decodings={methods: [greedy, self_consistency, beam_self_eval], n_questions: 4}")
+    assert decodings.returncode == 0, decodings.stderr[-2000:]
+    assert planned_jobs(decodings.stdout) == {"evaluate_decoding": 6, "report": 1, "all": 1}
+    assert "output: results/smoke/decodings/iter2/synthetic/beam_self_eval" in decodings.stdout
+
     # one changed setting reruns only what it invalidates: SFT and everything downstream of it (its
     # evals, both loop iterations, the report); never the data or the base-model evals
     changed = snakemake(repo_copy, "-n", "--config", "sft={learning_rate: 0.001}")

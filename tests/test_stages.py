@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from closedloop import artifacts, config, data, evaluate, models, paths, prompts, sft
+from closedloop import artifacts, config, data, evaluate, models, paths, prompts, report, sft
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +119,28 @@ def test_search_decodings_score_one_answer_per_question(smoke_cfg, decoding):
     assert len(preds) == 12 and all(len(p["completions"]) == 1 for p in preds)
     assert metrics["decoding"] == decoding and metrics["generated_tokens"] > 0
     assert ("beam" in metrics) == (decoding == "beam_self_eval")
+
+
+def test_decoding_comparison_runs_each_method_on_the_same_questions(smoke_cfg):
+    """evaluate-decoding: one dir per (model, task, decoding), the first n questions,
+    generated tokens counted; the report lists each with its budget."""
+    build_data(smoke_cfg, "synthetic")
+    smoke_cfg.decodings.methods = [config.Decoding(d) for d in ("greedy", "self_consistency", "beam_self_eval")]
+    smoke_cfg.decodings.models, smoke_cfg.decodings.n_questions = ["base"], 5
+    smoke_cfg.eval.k, smoke_cfg.eval.beam_k, smoke_cfg.eval.beam_n, smoke_cfg.eval.beam_max_steps = 4, 2, 2, 2
+    smoke_cfg.eval.beam_step_tokens = 8
+    smoke_cfg.job.model, smoke_cfg.job.task = "base", "synthetic"
+    for decoding in ("greedy", "self_consistency", "beam_self_eval"):
+        smoke_cfg.job.decoding = decoding
+        evaluate.main_decoding(smoke_cfg)
+    found = report.decoding_metrics(smoke_cfg)
+    assert sorted(d for _, _, d in found) == ["beam_self_eval", "greedy", "self_consistency"]
+    for (_, _, decoding), m in found.items():
+        assert m["n"] == 5 and m["decoding"] == decoding and m["generated_tokens"] > 0
+        assert m["generated_tokens_per_question"] == pytest.approx(m["generated_tokens"] / 5)
+    assert found[("base", "synthetic", "self_consistency")]["k"] == 4
+    section = report.decoding_section(smoke_cfg, found)
+    assert "| base | synthetic | beam_self_eval |" in section and "beams 2 × candidates 2" in section
+    smoke_cfg.job.decoding = "sampled"
+    with pytest.raises(config.ConfigError, match="job.decoding"):
+        evaluate.main_decoding(smoke_cfg)

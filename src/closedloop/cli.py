@@ -23,6 +23,7 @@ STAGES = {  # stage name -> "module:function" taking the resolved config
     "data": "data:main",
     "sft": "sft:main",
     "evaluate": "evaluate:main",
+    "evaluate-decoding": "evaluate:main_decoding",
     "mcts": "mcts:main",
     "mcts-merge": "mcts:merge",
     "instance": "instance:main",

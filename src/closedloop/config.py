@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -289,6 +290,22 @@ class LoopConfig:
 
 
 @dataclass
+class DecodingsConfig:
+    """Decodings compared side by side on the same questions, with generated tokens counted
+    (SPEC §1: greedy vs self-consistency vs self-evaluation guided beam search). Budgets
+    are matched through ``eval.k`` (samples per question) and ``eval.beam_k``·``eval.beam_n``
+    (candidate rows per step)."""
+
+    methods: list[Decoding] = field(default_factory=list)
+    """Empty: no comparison. E.g. [greedy, self_consistency, beam_self_eval]."""
+    models: list[str] = field(default_factory=lambda: ["sft", "last"])
+    """Model tags; ``last`` is the closed loop's final policy."""
+    tasks: list[str] = field(default_factory=lambda: ["synthetic"])
+    n_questions: int = 100
+    """The first n held-out questions of each task (0: all)."""
+
+
+@dataclass
 class ReportConfig:
     """The experiment report (markdown + PNG plots)."""
 
@@ -305,6 +322,8 @@ class JobConfig:
     iteration: int | None = None
     variant: str = "closedloop"
     """closedloop or one of the loop ablations."""
+    decoding: str | None = None
+    """For ``evaluate-decoding``: which of ``decodings.methods`` this job runs."""
 
 
 @dataclass
@@ -322,6 +341,7 @@ class ExperimentConfig:
     mcts: MCTSConfig = field(default_factory=MCTSConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    decodings: DecodingsConfig = field(default_factory=DecodingsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     job: JobConfig = field(default_factory=JobConfig)
 
@@ -331,10 +351,11 @@ STAGE_SECTIONS: dict[str, tuple] = {
     "data": (),
     "sft": ("model", "sft"),
     "evaluate": ("model", "eval"),
+    "evaluate-decoding": ("model", "eval", "decodings"),
     "mcts": ("model", "mcts"),
     "dpo": ("model", "dpo"),
     "instance": ("model", "mcts", "loop"),
-    "report": ("eval", "loop", "report"),
+    "report": ("eval", "loop", "decodings", "report"),
 }
 """The sections each stage's output depends on: a change elsewhere does not rerun it."""
 
@@ -462,6 +483,16 @@ def check(cfg: DictConfig) -> None:
         dpo_for(cfg, int(k))  # raises on a bad key or type
     if cfg.loop.iterations < 0:
         raise ConfigError(f"key 'loop.iterations': expected an integer >= 0, got {cfg.loop.iterations}")
+    for name in cfg.decodings.tasks:
+        if name not in tasks:
+            raise ConfigError(f"key 'decodings.tasks': task {name!r} is not in data.tasks "
+                              f"(expected one of {sorted(tasks)})")
+    for tag in cfg.decodings.models:
+        if tag not in ("base", "sft", "last") and not re.fullmatch(r"iter\d+", tag):
+            raise ConfigError(f"key 'decodings.models': unknown model tag {tag!r} "
+                              "(expected base, sft, last or iter<k>)")
+    if cfg.decodings.n_questions < 0:
+        raise ConfigError(f"key 'decodings.n_questions': expected an integer >= 0, got {cfg.decodings.n_questions}")
 
 
 def dpo_for(cfg: DictConfig, k: int) -> DictConfig:

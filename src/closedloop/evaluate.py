@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 from transformers import set_seed
 
 from closedloop import answers, artifacts, beam, generation, models, paths, prompts, stats
@@ -74,33 +75,56 @@ def main(cfg) -> None:
     tag, task = cfg.job.model, cfg.job.task
     if tag is None or task is None:
         raise cl_config.ConfigError("evaluate: keys 'job.model' and 'job.task' are required")
+    rows = artifacts.read_jsonl(paths.data_dir(cfg, task) / "heldout.jsonl")
+    evaluate(cfg, tag, task, cfg.eval, rows, paths.eval_dir(cfg, tag, task),
+             cl_config.stage_view(cfg, "evaluate", [task]), "evaluate")
+
+
+def main_decoding(cfg) -> None:
+    """Stage ``evaluate-decoding``: one decoding of ``decodings.methods`` on the first
+    ``decodings.n_questions`` held-out questions, for the matched-budget comparison
+    (SPEC §1); the generated tokens are counted in metrics.json."""
+    tag, task, decoding = cfg.job.model, cfg.job.task, cfg.job.decoding
+    if tag is None or task is None or decoding is None:
+        raise cl_config.ConfigError("evaluate-decoding: keys 'job.model', 'job.task', 'job.decoding' are required")
+    methods = [str(getattr(d, "value", d)) for d in cfg.decodings.methods]
+    if decoding not in methods:
+        raise cl_config.ConfigError(f"key 'job.decoding': expected one of decodings.methods {methods}, "
+                                    f"got {decoding!r}")
+    rows = artifacts.read_jsonl(paths.data_dir(cfg, task) / "heldout.jsonl")
+    rows = rows[: cfg.decodings.n_questions] if cfg.decodings.n_questions else rows
+    ev = OmegaConf.merge(cfg.eval, {"decoding": decoding})
+    evaluate(cfg, tag, task, ev, rows, paths.decoding_eval_dir(cfg, tag, task, decoding),
+             cl_config.stage_view(cfg, "evaluate-decoding", [task]), "evaluate-decoding")
+
+
+def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view: dict, stage: str) -> None:
+    """Decode ``rows`` with model ``tag`` under ``ev`` and write predictions + metrics to ``out_dir``."""
     data = paths.data_dir(cfg, task)
-    rows = artifacts.read_jsonl(data / "heldout.jsonl")
     source, model_info = model_record(cfg, tag)
     model, tokenizer = models.load_dir(source, cfg.model)
     set_seed(cfg.seed)
-    ev = cfg.eval
-    completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"evaluate {tag}/{task}")
-    sampled = ev.decoding.value == "sampled"
+    completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"{stage} {tag}/{task}")
+    decoding = ev.decoding.value
     records, acc, any_ok = score(rows, completions)
-    metrics = {"task": task, "model": model_info, "decoding": ev.decoding.value,
-               "k": ev.k if ev.decoding.value in ("sampled", "self_consistency") else 1,
-               "temperature": 0.0 if ev.decoding.value == "greedy" else ev.temperature,
+    metrics = {"task": task, "model": model_info, "decoding": decoding,
+               "k": ev.k if decoding in ("sampled", "self_consistency") else 1,
+               "temperature": 0.0 if decoding == "greedy" else ev.temperature,
                "seed": cfg.seed, "generated_tokens": n_tokens,
+               "generated_tokens_per_question": n_tokens / max(len(rows), 1),
                "data": {"path": str(data), "sha256": artifacts.content_hash(data / "heldout.jsonl")},
                **stats.summarise(acc, ev.n_bootstrap, ev.ci_level, cfg.seed)}
-    if ev.decoding.value == "beam_self_eval":
+    if decoding == "beam_self_eval":
         metrics["beam"] = {key: ev[f"beam_{key}"] for key in ("k", "n", "lambda", "tau", "tau_decay", "max_steps",
                                                                "temperature", "step_tokens")}
-    if sampled:
+    if decoding == "sampled":
         metrics["pass_at_k"] = stats.summarise(any_ok, ev.n_bootstrap, ev.ci_level, cfg.seed)
-    view = cl_config.stage_view(cfg, "evaluate", [task])
     inputs = {"data": data}
     if paths.model_dir(cfg, tag) is not None:
         inputs["model"] = Path(source)
-    with artifacts.artifact_dir(paths.eval_dir(cfg, tag, task), "evaluate", view, inputs, cfg.seed) as out:
+    with artifacts.artifact_dir(out_dir, stage, view, inputs, cfg.seed) as out:
         with open(out / "predictions.jsonl", "w") as fh:
             artifacts.write_jsonl(fh, records)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"evaluate: {tag}/{task}: accuracy {metrics['accuracy']:.3f} "
-          f"[{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] n={metrics['n']}")
+    print(f"{stage}: {tag}/{task} {decoding}: accuracy {metrics['accuracy']:.3f} "
+          f"[{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] n={metrics['n']}, {n_tokens} generated tokens")

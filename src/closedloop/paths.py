@@ -97,6 +97,18 @@ def eval_dir(cfg, model: str, task: str) -> Path:
     return run_dir(cfg) / "eval" / model / task
 
 
+def decoding_eval_dir(cfg, model: str, task: str, decoding: str) -> Path:
+    """``results/<experiment>/decodings/<model tag>/<task>/<decoding>/``: one side of the
+    matched-budget comparison of decodings."""
+    return run_dir(cfg) / "decodings" / model / task / decoding
+
+
+def decoding_model_tags(cfg) -> list[str]:
+    """``decodings.models`` with ``last`` resolved to the closed loop's final policy."""
+    last = model_tag(cfg.loop.iterations) if cfg.loop.iterations else "sft"
+    return list(dict.fromkeys(last if tag == "last" else tag for tag in cfg.decodings.models))
+
+
 def report_file(cfg) -> Path:
     return run_dir(cfg) / "report.md"
 

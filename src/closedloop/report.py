@@ -153,7 +153,30 @@ def mcts_section(stats: dict[int, dict]) -> str:
     return "\n## MCTS data (closed loop; iteration k searches with policy_{k-1})\n\n" + "\n".join(lines) + "\n"
 
 
-def render(cfg, metrics, logs, stats) -> str:
+def decoding_metrics(cfg) -> dict[tuple[str, str, str], dict]:
+    """(model tag, task, decoding) -> metrics of the matched-budget decoding comparison."""
+    return {(tag, task, d.value): json.loads((paths.decoding_eval_dir(cfg, tag, task, d.value)
+                                              / "metrics.json").read_text())
+            for tag in paths.decoding_model_tags(cfg) for task in cfg.decodings.tasks for d in cfg.decodings.methods}
+
+
+def decoding_section(cfg, metrics: dict[tuple[str, str, str], dict]) -> str:
+    """Accuracy of each decoding with the tokens it generated (SPEC §1 comparison)."""
+    if not metrics:
+        return ""
+    lines = ["| model | task | decoding | accuracy (%) | generated tokens | tokens / question | budget |",
+             "|---|---|---|---|---|---|---|"]
+    for (tag, task, decoding), m in metrics.items():
+        budget = (f"k={m['k']}" if decoding in ("sampled", "self_consistency") else
+                  f"beams {m['beam']['k']} × candidates {m['beam']['n']}" if decoding == "beam_self_eval" else "1")
+        lines.append(f"| {tag} | {task} | {decoding} | {cell(m)} | {m['generated_tokens']} | "
+                     f"{m['generated_tokens_per_question']:.1f} | {budget} |")
+    n = cfg.decodings.n_questions or "all"
+    return (f"\n## Decodings at matched generated-token budgets (first {n} held-out questions)\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def render(cfg, metrics, logs, stats, decodings=None) -> str:
     sources = "\n".join(
         f"- `{tag}/{task}`: model `{m['model'].get('path') or m['model'].get('source')}`, "
         f"data sha256 `{m['data']['sha256'][:12]}`, {m['decoding']} k={m['k']}, "
@@ -179,7 +202,7 @@ Held-out accuracy (%) with {int(100 * cfg.eval.ci_level)}% bootstrap intervals.
 Final logged losses: {final or 'n/a'}.
 
 ![training loss](plots/training_loss.png)
-{mcts_section(stats)}
+{mcts_section(stats)}{decoding_section(cfg, decodings or {})}
 ## Where each score came from
 
 {sources}
@@ -189,6 +212,7 @@ Final logged losses: {final or 'n/a'}.
 def main(cfg) -> None:
     """Write the report of ``cfg.experiment`` from its metrics, training logs and MCTS stats."""
     metrics, logs, stats = collect(cfg), training_logs(cfg), mcts_stats(cfg)
+    decodings = decoding_metrics(cfg)
     plots = paths.plots_dir(cfg)
     started = artifacts.now()
     plot_accuracy(cfg, metrics, plots / "accuracy.png")
@@ -196,8 +220,10 @@ def main(cfg) -> None:
     plot_losses(logs, plots / "training_loss.png")
     inputs = {f"eval/{tag}/{task}": paths.eval_dir(cfg, tag, task) / "metrics.json" for tag, task in metrics}
     inputs.update({f"mcts/iter{k}": paths.mcts_dir(cfg, k) / "merged" / "stats.json" for k in stats})
+    inputs.update({f"decodings/{tag}/{task}/{d}": paths.decoding_eval_dir(cfg, tag, task, d) / "metrics.json"
+                   for tag, task, d in decodings})
     view = cl_config.stage_view(cfg, "report")
     artifacts.write_sidecars(paths.run_dir(cfg), "report", view, inputs, started, cfg.seed, prefix="report.")
     with artifacts.atomic_file(paths.report_file(cfg)) as fh:
-        fh.write(render(cfg, metrics, logs, stats))
+        fh.write(render(cfg, metrics, logs, stats, decodings))
     print(f"report: {paths.report_file(cfg).resolve()}")
