@@ -8,7 +8,7 @@ E_t = P^λ · C^(1−λ). A chain's score is the running product of its step sco
 normalised by the number of steps (the geometric mean). From the k·n candidates of a
 question, k are kept, sampled without replacement with probability ∝ exp(E/τ); τ decays
 τ ← α·τ per step, and τ = 0 keeps the top k. All beams of all questions expand in one
-``generate`` call per step.
+``generate`` call per step, each question's prompt prefilled once for all its rows.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from closedloop import answers, prompts
 from closedloop.generation import FINAL_ANSWER
 from closedloop.mcts import sample_continuations
+from closedloop.prefix_cache import QuestionCache
 
 
 def step_score(sum_logprob: float, n_tokens: int, confidence: float, lam: float) -> float:
@@ -70,11 +71,14 @@ def beam_search(model, tokenizer, rows: list[dict], *, k: int, n: int, lam: floa
             break
         contexts = [prompts.chat_prompt(tokenizer, rows[q]) + "".join(s + "\n" for s in b.steps)
                     for q, b in live for _ in range(n)]
+        questions = [q for q, _ in live for _ in range(n)]
         samples = []
         for start in range(0, len(contexts), batch_size):
             samples += sample_continuations(model, tokenizer, contexts[start:start + batch_size],
                                             max_new_tokens=max_step_tokens, one_line=True,
-                                            temperature=temperature, top_p=1.0, score=True)
+                                            temperature=temperature, top_p=1.0, score=True,
+                                            prefix=_question_cache(model, tokenizer, rows,
+                                                                   questions[start:start + batch_size]))
         generated += sum(s.n_tokens for s in samples)
         candidates: dict[int, list[Beam]] = {q: [b for b in qb if b.done] for q, qb in enumerate(beams)}
         for (q, beam), group in zip(live, (samples[i:i + n] for i in range(0, len(samples), n)), strict=True):
@@ -92,6 +96,14 @@ def beam_search(model, tokenizer, rows: list[dict], *, k: int, n: int, lam: floa
         tau *= tau_decay
     best = [max(qb, key=lambda b: (b.done, b.score)) for qb in beams]
     return ["\n".join(b.steps) for b in best], generated
+
+
+def _question_cache(model, tokenizer, rows: list[dict], questions: list[int]) -> tuple[QuestionCache, list[int]]:
+    """The prompts of the questions in one generate batch, prefilled once for all their
+    beams and candidates (:mod:`closedloop.prefix_cache`)."""
+    unique = list(dict.fromkeys(questions))
+    cache = QuestionCache(model, tokenizer, [prompts.chat_prompt(tokenizer, rows[q]) for q in unique])
+    return cache, [unique.index(q) for q in questions]
 
 
 def majority_vote(completions: list[str], row: dict) -> str:
