@@ -127,8 +127,8 @@ def test_decoding_comparison_runs_each_method_on_the_same_questions(smoke_cfg):
     build_data(smoke_cfg, "synthetic")
     smoke_cfg.decodings.methods = [config.Decoding(d) for d in ("greedy", "self_consistency", "beam_self_eval")]
     smoke_cfg.decodings.models, smoke_cfg.decodings.n_questions = ["base"], 5
-    smoke_cfg.eval.k, smoke_cfg.eval.beam_k, smoke_cfg.eval.beam_n, smoke_cfg.eval.beam_max_steps = 4, 2, 2, 2
-    smoke_cfg.eval.beam_step_tokens = 8
+    smoke_cfg.decodings.samples, smoke_cfg.decodings.beam_k, smoke_cfg.decodings.beam_n = 4, 2, 2
+    smoke_cfg.eval.beam_max_steps, smoke_cfg.eval.beam_step_tokens = 2, 8
     smoke_cfg.job.model, smoke_cfg.job.task = "base", "synthetic"
     for decoding in ("greedy", "self_consistency", "beam_self_eval"):
         smoke_cfg.job.decoding = decoding

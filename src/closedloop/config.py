@@ -293,8 +293,8 @@ class LoopConfig:
 class DecodingsConfig:
     """Decodings compared side by side on the same questions, with generated tokens counted
     (SPEC §1: greedy vs self-consistency vs self-evaluation guided beam search). Budgets
-    are matched through ``eval.k`` (samples per question) and ``eval.beam_k``·``eval.beam_n``
-    (candidate rows per step)."""
+    are matched through ``samples`` (per question) and ``beam_k``·``beam_n`` (candidate
+    rows per step); the other settings come from ``eval``."""
 
     methods: list[Decoding] = field(default_factory=list)
     """Empty: no comparison. E.g. [greedy, self_consistency, beam_self_eval]."""
@@ -303,6 +303,10 @@ class DecodingsConfig:
     tasks: list[str] = field(default_factory=lambda: ["synthetic"])
     n_questions: int = 100
     """The first n held-out questions of each task (0: all)."""
+    samples: int = 4
+    """k for sampled / self_consistency."""
+    beam_k: int = 2
+    beam_n: int = 2
 
 
 @dataclass

@@ -93,7 +93,8 @@ def main_decoding(cfg) -> None:
                                     f"got {decoding!r}")
     rows = artifacts.read_jsonl(paths.data_dir(cfg, task) / "heldout.jsonl")
     rows = rows[: cfg.decodings.n_questions] if cfg.decodings.n_questions else rows
-    ev = OmegaConf.merge(cfg.eval, {"decoding": decoding})
+    d = cfg.decodings
+    ev = OmegaConf.merge(cfg.eval, {"decoding": decoding, "k": d.samples, "beam_k": d.beam_k, "beam_n": d.beam_n})
     evaluate(cfg, tag, task, ev, rows, paths.decoding_eval_dir(cfg, tag, task, decoding),
              cl_config.stage_view(cfg, "evaluate-decoding", [task]), "evaluate-decoding")
 
