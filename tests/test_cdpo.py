@@ -125,6 +125,30 @@ def test_one_real_training_step_moves_the_policy(models_, tmp_path):
     assert any("alpha" in entry for entry in ours.state.log_history)
 
 
+def test_lora_training_step_moves_only_the_adapters_and_merges(models_, tmp_path):
+    """cDPO with PEFT LoRA (``model.lora.enabled``): the adapters train, the base weights do
+    not, and the merged policy saves as a plain model dir."""
+    from closedloop import config
+
+    policy, ref, tok = models_
+    lora = config.load([], ["model.lora.target_modules=[q_proj,v_proj]"]).model.lora
+    rows = [dict(p, alpha=a) for p, a in zip(PAIRS, [0.2, 0.0, 0.5, 0.1], strict=True)]
+    trainer = ConservativeDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+                                     args=args(tmp_path, max_steps=1, learning_rate=1e-2),
+                                     train_dataset=Dataset.from_list(rows), processing_class=tok,
+                                     peft_config=models.lora_config(lora))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    out = trainer.train()
+    after = trainer.model.state_dict()
+    moved = {k for k, v in after.items() if not torch.equal(before[k], v)}
+    assert out.global_step == 1 and moved and all("lora_" in k for k in moved)
+    models.save_policy(trainer.model, tok, tmp_path / "model", merge_lora=True)
+    merged, _ = models.load_dir(tmp_path / "model", config.load([], ["model.kind=tiny"]).model)
+    assert not any("lora" in k for k in merged.state_dict())
+    base_q = policy.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(merged.state_dict()["model.layers.0.self_attn.q_proj.weight"], base_q)
+
+
 def test_unsupported_loss_settings_are_refused(models_, tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         make(ConservativeDPOTrainer, models_, tmp_path, alphas=[0.0] * 4, loss_type=["ipo"])
