@@ -168,8 +168,9 @@ def test_question_cache_gives_the_same_priors_and_confidence_as_a_fresh_read(tin
     questions = ["<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n",
                  "<|im_start|>user\nA much longer question, padded on the left.<|im_end|>\n<|im_start|>assistant\n"]
     cache = mcts.QuestionCache(model, tok, questions)
-    contexts = [questions[0], questions[1] + "First step.\nSecond step is longer.\n", questions[0] + "Go.\n"]
-    trees = [0, 1, 0]
+    steps = questions[1] + "First step.\nSecond step is longer.\n"
+    contexts = [questions[0], steps, questions[0] + "Go.\n", steps]  # two samples share one prefill
+    trees = [0, 1, 0, 1]
     torch.manual_seed(5)
     samples = mcts.sample_continuations(model, tok, contexts, max_new_tokens=10, one_line=True,
                                         temperature=1.0, top_p=1.0, score=True, prefix=(cache, trees))

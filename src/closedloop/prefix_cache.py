@@ -6,7 +6,8 @@ header); only the steps after it differ. :class:`QuestionCache` runs one forward
 over the prompts of a batch of trees (all but each prompt's last token, left padded)
 and keeps that cache. An expansion then hands ``generate`` the cached rows of its trees
 (copied, since generation appends to them) plus only the uncached tokens: the prompt's
-last token and the steps so far. Padding between the cached part and the suffix is
+last token and the steps so far, prefilled once per distinct context however many
+samples are drawn from it. Padding between the cached part and the suffix is
 masked, and generate derives position ids from the full mask, so each row sees exactly
 the sequence it would see without the cache.
 
@@ -55,7 +56,9 @@ class QuestionCache:
 
     def inputs(self, trees: list[int], contexts: list[str]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
         """(input_ids, attention_mask, past_key_values) for ``generate``: each row is its
-        tree's cached prompt, padding, then the uncached suffix of its context."""
+        tree's cached prompt, padding, then the suffix of its context. Rows with the same
+        context (the b samples of one leaf) share one prefill of all but the suffix's last
+        token, so ``generate`` itself reads one token per row before sampling."""
         suffixes = []
         for tree, context in zip(trees, contexts, strict=True):
             ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
@@ -63,11 +66,22 @@ class QuestionCache:
             if ids[:len(cached)] != cached or len(ids) <= len(cached):
                 raise PrefixMismatch(f"context of tree {tree} does not extend its cached prompt")
             suffixes.append(ids[len(cached):])
+        keys = [(tree, tuple(s)) for tree, s in zip(trees, suffixes, strict=True)]
+        unique = {key: i for i, key in enumerate(dict.fromkeys(keys))}
         width = max(len(s) for s in suffixes)
-        pad = self.tokenizer.pad_token_id
-        index = torch.tensor(trees, device=self.input_ids.device)
-        suffix_ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=index.device)
-        suffix_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=index.device)
-        input_ids = torch.cat([self.input_ids.index_select(0, index), suffix_ids], dim=1)
-        mask = torch.cat([self.mask.index_select(0, index), suffix_mask], dim=1)
-        return input_ids, mask, self.rows(trees)
+        pad, device = self.tokenizer.pad_token_id, self.input_ids.device
+        suffix_ids = torch.tensor([[pad] * (width - len(s)) + list(s) for _, s in unique], device=device)
+        suffix_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for _, s in unique], device=device)
+        owners = torch.tensor([tree for tree, _ in unique], device=device)
+        input_ids = torch.cat([self.input_ids.index_select(0, owners), suffix_ids], dim=1)
+        mask = torch.cat([self.mask.index_select(0, owners), suffix_mask], dim=1)
+        cache = self.rows(owners.tolist())
+        if width > 1:
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                self.model(input_ids=suffix_ids[:, :-1], attention_mask=mask[:, :-1],
+                           position_ids=positions[:, self.width:-1], past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+        rows = torch.tensor([unique[key] for key in keys], device=device)
+        cache.batch_select_indices(rows)
+        return input_ids.index_select(0, rows), mask.index_select(0, rows), cache
