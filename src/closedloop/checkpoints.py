@@ -70,6 +70,11 @@ def train(trainer, trainer_dir: Path, stage: str):
 
 
 def finish(work: Path) -> None:
+    """Remove the work dir once every rank is done with it (the artifact is in place)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     if is_main_process():
         shutil.rmtree(work, ignore_errors=True)
 

@@ -216,6 +216,8 @@ def executor_parameters(res: dict, name: str, slurm: DictConfig) -> dict:
     for key in ("partition", "account", "constraint", "qos"):
         if res.get(key):
             params[f"slurm_{key}"] = res[key]
+    if res["tasks_per_node"] > 1:
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing ends the others
     if res.get("extra"):
         params["slurm_additional_parameters"] = dict(res["extra"])
     return {k: v for k, v in params.items() if v is not None}
@@ -252,6 +254,10 @@ class StageJob(submitit.helpers.Checkpointable):
             os.environ["OMP_NUM_THREADS"] = cpus
             torch.set_num_threads(int(cpus))
         if env.num_tasks > 1:
+            import torch
+
+            if not torch.cuda.is_available():
+                os.environ["ACCELERATE_USE_CPU"] = "true"  # the HF Trainer only goes distributed (gloo) on CPU with it
             dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
             print(f"closedloop: rank {dist.rank}/{dist.world_size} (local {dist.local_rank}) "
                   f"master {dist.master_addr}:{dist.master_port}", flush=True)
@@ -289,9 +295,9 @@ def submit_and_wait(stage: str, target: str, todo: list[DictConfig], slurm: Dict
     else:  # MCTS shards: one Slurm array, one element per shard
         jobs = executor.map_array(call, todo)
     ids = ", ".join(j.job_id for j in jobs)
-    print(f"closedloop: {stage}: submitted Slurm job {ids} ({name}, {len(todo)} task(s), "
-          f"{res['tasks_per_node']} rank(s), gpus/node {res.get('gpus_per_node') or 0}); logs in {jobs[0].paths.folder}",
-          flush=True)
+    shape = f"array of {len(todo)}, " if len(todo) > 1 else ""
+    print(f"closedloop: {stage}: submitted Slurm job {ids} ({name}, {shape}{res['tasks_per_node']} rank(s), "
+          f"{res.get('gpus_per_node') or 0} GPU(s) per node); logs in {jobs[0].paths.folder}", flush=True)
     try:
         wait(jobs, slurm.poll_seconds)
     except BaseException:  # SIGTERM/SIGINT from Snakemake or the user: do not leave the job running
@@ -301,15 +307,19 @@ def submit_and_wait(stage: str, target: str, todo: list[DictConfig], slurm: Dict
         raise
     failed = 0
     for job in jobs:
-        try:
-            job.results()
-        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError):
+        bad = [t for t in _tasks(job) if t.exception() is not None]
+        if bad:
             failed += 1
-            print(failure_message(stage, job, slurm.stderr_tail_lines), file=sys.stderr, flush=True)
+            job.cancel(check=False)  # a rank that failed leaves the others waiting in a collective
+            print(failure_message(stage, job, bad[0], slurm.stderr_tail_lines), file=sys.stderr, flush=True)
             continue
-        print(f"closedloop: {stage}: Slurm job {job.job_id} completed; log {job.paths.stdout}", flush=True)
-        _echo_tail(job.paths.stdout, 3)
+        print(f"closedloop: {stage}: Slurm job {job.job_id} completed; log {_tasks(job)[0].paths.stdout}", flush=True)
+        _echo_tail(_tasks(job)[0].paths.stdout, 3)
     return 1 if failed else 0
+
+
+def _tasks(job) -> list:
+    return [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
 
 
 def wait(jobs, poll_seconds: float) -> None:
@@ -321,12 +331,15 @@ def wait(jobs, poll_seconds: float) -> None:
             time.sleep(poll_seconds)
 
 
-def failure_message(stage: str, job, tail_lines: int) -> str:
-    """State, log paths and the tail of the job's stderr, for Snakemake's output."""
+def failure_message(stage: str, job, task, tail_lines: int) -> str:
+    """What happened, the log paths and the tail of the failed task's stderr, for Snakemake's output."""
     state = job.watcher.get_state(job.job_id, mode="force")
-    lines = [f"closedloop: {stage}: Slurm job {job.job_id} failed (state {state}).",
-             f"  stderr: {job.paths.stderr}", f"  stdout: {job.paths.stdout}"]
-    tail = _tail(job.paths.stderr, tail_lines)
+    what = ("the stage raised an exception" if isinstance(task.exception(), submitit.core.utils.FailedJobError)
+            else "the job ended without a result")
+    where = f" in task {task.task_id}" if job.num_tasks > 1 else ""
+    lines = [f"closedloop: {stage}: Slurm job {job.job_id} failed: {what}{where} (Slurm state {state}).",
+             f"  stderr: {task.paths.stderr}", f"  stdout: {task.paths.stdout}"]
+    tail = _tail(task.paths.stderr, tail_lines)
     lines.append(f"  last {tail_lines} lines of stderr:" if tail else "  (stderr is empty)")
     lines += ["    " + line for line in tail]
     return "\n".join(lines)
