@@ -62,6 +62,9 @@ def enable(args, steps: int | None = None):
 def train(trainer, trainer_dir: Path, stage: str):
     """``trainer.train()``, resumed from the latest complete checkpoint when there is one."""
     ckpt = latest(trainer_dir)
+    if trainer.args.world_size > 1:
+        print(f"{stage}: rank {trainer.args.process_index} of world size {trainer.args.world_size} "
+              f"({trainer.args.parallel_mode.value}, {trainer.accelerator.state.backend})", flush=True)
     if ckpt is not None:
         print(f"{stage}: resuming from {ckpt} (global step {step_of(ckpt)})", flush=True)
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -186,7 +187,8 @@ def job_name(stage: str, cfg: DictConfig, prefix: str) -> str:
 def resources(stage: str, slurm: DictConfig) -> dict:
     """``slurm.defaults`` with ``slurm.resources.<stage>`` merged over it, as a plain dict."""
     merged = OmegaConf.to_container(slurm.defaults)
-    for key, value in OmegaConf.to_container(slurm.resources.get(stage, {})).items():
+    own = slurm.resources.get(stage)
+    for key, value in (OmegaConf.to_container(own) if own is not None else {}).items():
         if key == "extra":
             merged["extra"] = {**merged.get("extra", {}), **value}
         elif value is not None:
@@ -300,6 +302,12 @@ def submit_and_wait(stage: str, target: str, todo: list[DictConfig], slurm: Dict
           f"{res.get('gpus_per_node') or 0} GPU(s) per node); logs in {jobs[0].paths.folder}", flush=True)
     try:
         wait(jobs, slurm.poll_seconds)
+    except CannotStart as err:
+        for job in jobs:
+            job.cancel(check=False)
+        print(f"closedloop: {stage}: {err}; cancelled Slurm job {ids}. Fix its resources "
+              f"(slurm.resources.{stage} / slurm.defaults in $CLOSEDLOOP_LAUNCH_CONFIG)", file=sys.stderr, flush=True)
+        return 1
     except BaseException:  # SIGTERM/SIGINT from Snakemake or the user: do not leave the job running
         for job in jobs:
             job.cancel(check=False)
@@ -307,11 +315,12 @@ def submit_and_wait(stage: str, target: str, todo: list[DictConfig], slurm: Dict
         raise
     failed = 0
     for job in jobs:
-        bad = [t for t in _tasks(job) if t.exception() is not None]
+        errors = [(t, t.exception()) for t in _tasks(job)]
+        bad = [(t, e) for t, e in errors if e is not None]
         if bad:
             failed += 1
             job.cancel(check=False)  # a rank that failed leaves the others waiting in a collective
-            print(failure_message(stage, job, bad[0], slurm.stderr_tail_lines), file=sys.stderr, flush=True)
+            print(failure_message(stage, job, *bad[0], slurm.stderr_tail_lines), file=sys.stderr, flush=True)
             continue
         print(f"closedloop: {stage}: Slurm job {job.job_id} completed; log {_tasks(job)[0].paths.stdout}", flush=True)
         _echo_tail(_tasks(job)[0].paths.stdout, 3)
@@ -322,19 +331,45 @@ def _tasks(job) -> list:
     return [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
 
 
+NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
+                "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed")
+"""squeue reasons of a pending job that will not start without a change to the job or the cluster."""
+
+
+class CannotStart(RuntimeError):
+    """A submitted job is pending for a reason that waiting does not fix."""
+
+
 def wait(jobs, poll_seconds: float) -> None:
-    """Block until every job has finished (any final Slurm state, cancelled included)."""
+    """Block until every job has finished (any final Slurm state, cancelled included); raise
+    :class:`CannotStart` when one is pending for a reason in :data:`NEVER_STARTS`."""
     pending = list(jobs)
     while pending:
         pending = [j for j in pending if not j.done(force_check=True)]
         if pending:
+            hopeless = _never_starting([j.job_id for j in pending])
+            if hopeless:
+                raise CannotStart(hopeless)
             time.sleep(poll_seconds)
 
 
-def failure_message(stage: str, job, task, tail_lines: int) -> str:
+def _never_starting(job_ids: list[str]) -> str | None:
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "PENDING" and parts[2] in NEVER_STARTS:
+            return f"Slurm job {parts[0]} cannot start (pending, reason {parts[2]}: see `scontrol show job {parts[0]}`)"
+    return None
+
+
+def failure_message(stage: str, job, task, error: Exception, tail_lines: int) -> str:
     """What happened, the log paths and the tail of the failed task's stderr, for Snakemake's output."""
     state = job.watcher.get_state(job.job_id, mode="force")
-    what = ("the stage raised an exception" if isinstance(task.exception(), submitit.core.utils.FailedJobError)
+    what = ("the stage raised an exception" if isinstance(error, submitit.core.utils.FailedJobError)
             else "the job ended without a result")
     where = f" in task {task.task_id}" if job.num_tasks > 1 else ""
     lines = [f"closedloop: {stage}: Slurm job {job.job_id} failed: {what}{where} (Slurm state {state}).",
