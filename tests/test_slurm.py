@@ -123,7 +123,7 @@ def test_smoke_dag_through_the_slurm_profile_equals_the_local_run(slurm, smoke_l
         rel = provenance.parent.relative_to(local_run)
         assert artifacts.content_hash(slurm_run / rel) == artifacts.content_hash(local_run / rel), rel
         compared += 1
-    assert compared >= 18  # sft, 8 evals, 2x(2 shards + merged), 2 dpo
+    assert compared == 17  # sft, 8 evals, 2 x (2 shards + merged), 2 dpo
     assert (slurm_run / "report.md").read_text() == (local_run / "report.md").read_text()
 
 
