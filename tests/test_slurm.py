@@ -226,3 +226,20 @@ def test_two_ranks_train_with_gloo_ddp(slurm, tmp_path):
     sft = tmp_path / "results" / "smoke" / "sft"
     assert (sft / "model" / "model.safetensors").is_file()
     assert [p.name for p in sft.parent.iterdir() if p.name.startswith(".sft")] == []
+
+
+def test_jobs_that_cannot_run_fail_at_once(slurm, tmp_path):
+    """sbatch refusing the job, or Slurm accepting one it will never start: a clear error, no wait."""
+    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
+    for prefix, resources, expected in (
+        ("clrefused", "{cpus_per_task: 1, mem_gb: 4096}", "sbatch refused job clrefused-sft"),
+        ("clnever", f"{{cpus_per_task: {cpus + 1}, mem_gb: 1}}", "cannot start (pending, reason PartitionConfig"),
+    ):
+        env = env_with([launch_file(tmp_path, prefix, f"  defaults: {resources}\n")])
+        t0 = time.time()
+        out = subprocess.run([sys.executable, "-m", "closedloop", "run-stage", "sft", "--config",
+                              str(ROOT / "configs" / "smoke.yaml"), f"results_dir={tmp_path / 'results'}"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and expected in out.stderr, out.stderr[-2000:]
+        assert "slurm.resources.sft / slurm.defaults" in out.stderr and time.time() - t0 < 60
+    assert not subprocess.run(["squeue", "-h", "-n", "clnever-sft"], capture_output=True, text=True).stdout.strip()

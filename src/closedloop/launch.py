@@ -292,10 +292,15 @@ def submit_and_wait(stage: str, target: str, todo: list[DictConfig], slurm: Dict
     name = names[0]  # an array's elements share the name (mcts: the iteration); the shard is the array index
     executor.update_parameters(**executor_parameters(res, name, slurm))
     call = StageJob(target, os.getcwd())
-    if len(todo) == 1:
-        jobs = [executor.submit(call, todo[0])]
-    else:  # MCTS shards: one Slurm array, one element per shard
-        jobs = executor.map_array(call, todo)
+    try:
+        if len(todo) == 1:
+            jobs = [executor.submit(call, todo[0])]
+        else:  # MCTS shards: one Slurm array, one element per shard
+            jobs = executor.map_array(call, todo)
+    except submitit.core.utils.FailedJobError as err:  # sbatch said no
+        print(f"closedloop: {stage}: sbatch refused job {name} with resources {res}:\n{err}\nFix them under "
+              f"slurm.resources.{stage} / slurm.defaults (files in ${ENV_FILES})", file=sys.stderr, flush=True)
+        return 1
     ids = ", ".join(j.job_id for j in jobs)
     shape = f"array of {len(todo)}, " if len(todo) > 1 else ""
     print(f"closedloop: {stage}: submitted Slurm job {ids} ({name}, {shape}{res['tasks_per_node']} rank(s), "
