@@ -102,7 +102,12 @@ def test_smoke_dag_through_the_slurm_profile_equals_the_local_run(slurm, smoke_l
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "Using profile slurm" in run.stderr and "closedloop: sft: submitted Slurm job" in run.stdout + run.stderr
 
-    rows = sacct_rows(since, "cltest")
+    deadline = time.time() + 60
+    while True:  # slurmdbd may record the last job's end a moment after its result file appeared
+        rows = sacct_rows(since, "cltest")
+        if all(r["state"] not in ("RUNNING", "COMPLETING", "PENDING") for r in rows) or time.time() > deadline:
+            break
+        time.sleep(1)
     print("\n".join("|".join(r.values()) for r in rows))
     names = sorted(r["name"] for r in rows)
     evals = [f"cltest-evaluate-{m}-{t}" for m in ("base", "sft", "iter1", "iter2") for t in ("synthetic", "arc_challenge")]
@@ -169,8 +174,13 @@ def test_requeued_training_resumes_from_its_checkpoint(slurm, tmp_path):
     assert logged == list(range(1, steps + 1))
     assert (out / "model" / "model.safetensors").is_file()
     assert not list(out.parent.glob(".sft.tmp-*")) and not list(out.parent.glob(".work/sft-*"))
-    states = subprocess.run(["sacct", "-j", job, "-X", "-n", "-D", "-o", "State"], capture_output=True,
-                            text=True).stdout.split()
+    deadline = time.time() + 60
+    while True:  # the CLI sees the result file before slurmdbd has recorded the job's end
+        states = subprocess.run(["sacct", "-j", job, "-X", "-n", "-D", "-o", "State"], capture_output=True,
+                                text=True).stdout.split()
+        if states[-1:] == ["COMPLETED"] or time.time() > deadline:
+            break
+        time.sleep(1)
     assert "REQUEUED" in states and states[-1] == "COMPLETED", states
 
 
