@@ -34,7 +34,7 @@ from closedloop import paths
 ENV_FILES = "CLOSEDLOOP_LAUNCH_CONFIG"
 ENV_LAUNCHER = "CLOSEDLOOP_LAUNCHER"
 PROFILE_FILE = "closedloop.yaml"
-HEAVY = ("sft", "dpo", "mcts", "evaluate", "instance")
+HEAVY = ("sft", "dpo", "mcts", "evaluate", "evaluate-decoding", "instance")
 """Stages that go to Slurm under the slurm launcher; the others (data, mcts-merge, report) stay local."""
 TRAINING = ("sft", "dpo")
 """Stages that may run several ranks (torch.distributed through the HF Trainer)."""
@@ -73,7 +73,7 @@ class SlurmConfig:
 
     defaults: SlurmResources = field(default_factory=_default_resources)
     resources: dict[str, SlurmResources] = field(default_factory=dict)
-    """Per stage (sft, dpo, mcts, evaluate, instance), merged over ``defaults``."""
+    """Per stage (sft, dpo, mcts, evaluate, evaluate-decoding, instance), merged over ``defaults``."""
     job_name_prefix: str = "cl"
     log_dir: str | None = None
     """submitit's folder (one subdir per job); default ``<results_dir>/<experiment>/logs/slurm``."""
@@ -179,8 +179,10 @@ def job_name(stage: str, cfg: DictConfig, prefix: str) -> str:
     if stage in ("mcts", "dpo", "instance"):
         variant = job.variant if stage != "instance" else "instance_online"
         parts.append(paths.model_tag(job.iteration or 1, variant).replace("/", "-"))
-    elif stage == "evaluate":
+    elif stage.startswith("evaluate"):
         parts += [str(job.model).replace("/", "-"), str(job.task)]
+        if job.get("decoding"):  # evaluate-decoding (the decoding comparison on main)
+            parts.append(str(job.decoding))
     return "-".join(parts)
 
 
