@@ -6,9 +6,13 @@ from pathlib import Path
 
 from closedloop import config as cl_config
 from closedloop import dpo as cl_dpo
+from closedloop import launch as cl_launch
 from closedloop import paths
 
 CFG = cl_config.from_dict(config, source=" + ".join(map(str, workflow.configfiles)) or "snakemake config")
+# Where heavy stages run (local, or Slurm via submitit): the active profile's closedloop.yaml, passed to the
+# rules' CLI calls through the environment, never through params (switching launcher reruns nothing).
+LAUNCH = cl_launch.export_for_snakemake(sys.argv)
 envvars:
     "PATH",
 

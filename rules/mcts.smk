@@ -1,11 +1,12 @@
 # MCTS collection (SPEC §2) for iteration k of a loop: "{loop}" is "" for the closed loop
-# and "ablations/<variant>/" for an ablation that searches with its own policy.
+# and "ablations/<variant>/" for an ablation that searches with its own policy. One job
+# searches every shard of the iteration: in turn here, or as one Slurm array (launch.py).
 rule mcts:
     input:
         data=str(paths.data_dir(CFG, CFG.mcts.task)),
         policy=lambda w: policy_artifact(w.loop, int(w.k) - 1),
     output:
-        directory(str(paths.mcts_shard_dir(CFG, "{k}", "{shard}", "{loop}"))),
+        [directory(str(paths.mcts_shard_dir(CFG, "{k}", s, "{loop}"))) for s in range(CFG.mcts.n_shards)],
     params:
         cfg=view_json("mcts", [CFG.mcts.task]),
         variant=lambda w: paths.variant_of_prefix(w.loop),
@@ -13,12 +14,12 @@ rule mcts:
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
-        str(LOGS / "{loop}iter{k}" / "mcts" / "shard{shard}.log"),
+        str(LOGS / "{loop}iter{k}" / "mcts" / "shards.log"),
     benchmark:
-        str(LOGS / "{loop}iter{k}" / "mcts" / "shard{shard}.benchmark.tsv")
+        str(LOGS / "{loop}iter{k}" / "mcts" / "shards.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage mcts --config-yaml {params.cfg:q}"
-        " job.iteration={wildcards.k} job.shard={wildcards.shard} job.variant={params.variant} 2>&1 | tee {log}"
+        " job.iteration={wildcards.k} job.variant={params.variant} 2>&1 | tee {log}"
 
 
 rule mcts_merge:

@@ -6,4 +6,20 @@ bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check src tests bench scripts
+# A real single-node Slurm for tests/test_slurm.py: started here when we may (root + apt-get) and stopped
+# by PID on exit, also when tests fail; a Slurm that already answers is used and left alone;
+# CLOSEDLOOP_SLURM=off skips it (the Slurm tests then skip, saying why).
+if [ "${CLOSEDLOOP_SLURM:-auto}" != off ]; then
+  if sinfo -h >/dev/null 2>&1; then
+    echo "test.sh: using the Slurm that is already running (not stopped afterwards)"
+    export CLOSEDLOOP_REQUIRE_SLURM=1
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    trap 'bash scripts/slurm/down.sh' EXIT
+    trap 'exit 130' INT TERM
+    SLURM_CI_CPUS=${SLURM_CI_CPUS:-4} bash scripts/slurm/up.sh
+    export CLOSEDLOOP_REQUIRE_SLURM=1
+  else
+    echo "test.sh: not root or no apt-get: no local Slurm, the Slurm tests will be skipped" >&2
+  fi
+fi
 python -m pytest -q "$@"

@@ -23,8 +23,8 @@ def planned_jobs(output: str) -> dict[str, int]:
     return {m[0]: int(m[1]) for m in re.findall(r"(\w+)\s+(\d+)", table.group(1))} if table else {}
 
 
-def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(repo_copy):
-    first = snakemake(repo_copy)
+def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(smoke_local_run):
+    repo_copy, first = smoke_local_run  # the first run (shared with tests/test_slurm.py)
     assert first.returncode == 0, first.stderr[-3000:]
     run = repo_copy / "results" / "smoke"
     for rel in ["report.md", "report.provenance.json", "report.config.yaml", "plots/accuracy.png",
@@ -61,7 +61,7 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(repo_copy):
     # evals, both loop iterations, the report); never the data or the base-model evals
     changed = snakemake(repo_copy, "-n", "--config", "sft={learning_rate: 0.001}")
     assert changed.returncode == 0, changed.stderr[-2000:]
-    assert planned_jobs(changed.stdout) == {"sft": 1, "evaluate": 6, "mcts": 4, "mcts_merge": 2, "dpo": 2,
+    assert planned_jobs(changed.stdout) == {"sft": 1, "evaluate": 6, "mcts": 2, "mcts_merge": 2, "dpo": 2,
                                             "report": 1, "all": 1}
     assert "output: results/smoke/eval/base" not in changed.stdout
 

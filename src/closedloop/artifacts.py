@@ -122,12 +122,20 @@ def _replace(tmp: Path, final: Path) -> None:
 
 @contextlib.contextmanager
 def artifact_dir(final: Path, stage: str, view: dict, inputs: dict[str, Path], seed: int) -> Iterator[Path]:
-    """Yield a temporary directory; on success add config + provenance and rename it to ``final``."""
+    """Yield a temporary directory; on success add config + provenance and rename it to ``final``.
+
+    On a rank other than 0 of a distributed job the directory is thrown away instead."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     started = now()
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{int(time.time())}")
     tmp.mkdir()
+    if int(os.environ.get("RANK", "0")) != 0:  # torch.distributed: only rank 0 publishes the artifact
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
         yield tmp
         write_sidecars(tmp, stage, view, inputs, started, seed)

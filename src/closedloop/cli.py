@@ -3,21 +3,22 @@
     closedloop run-stage sft --config configs/smoke.yaml sft.max_steps=3
     closedloop show-config --config configs/default.yaml eval.k=8
 
-Snakemake rules call ``run-stage`` with ``--config-yaml`` (the resolved view of the
+``run-stage`` runs the stage in this process, or submits it to Slurm and waits for it when
+the launch settings (``launch.py``: ``$CLOSEDLOOP_LAUNCH_CONFIG``, the ``slurm`` profile)
+say so. Snakemake rules call ``run-stage`` with ``--config-yaml`` (the resolved view of the
 config that the job depends on) and ``job.*`` overrides taken from wildcards.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import signal
 import sys
 
 from omegaconf import OmegaConf
 
 from closedloop import config as cl_config
-from closedloop import paths
+from closedloop import launch, paths
 
 STAGES = {  # stage name -> "module:function" taking the resolved config
     "data": "data:main",
@@ -78,14 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-config":
         print(paths.report_file(cfg).resolve() if args.report_path else OmegaConf.to_yaml(cfg), end="\n" * args.report_path)
         return 0
-    module, function = STAGES[args.stage].split(":")
-    run = getattr(importlib.import_module(f"closedloop.{module}"), function)
-    try:
-        run(cfg)
+    try:  # here, or as a Slurm job when the launch settings say so (launch.py)
+        return launch.run_stage(args.stage, STAGES[args.stage], cfg)
     except cl_config.ConfigError as err:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import set_seed
 
-from closedloop import artifacts, models, paths
+from closedloop import artifacts, checkpoints, models, paths
 from closedloop import config as cl_config
 from closedloop.sft import CsvLogCallback
 
@@ -96,17 +96,21 @@ def main(cfg) -> None:
     view["job"] = {"iteration": k, "variant": variant, "pairs": str(source), "alpha": with_alpha}
     inputs = {"pairs": source, "policy": policy_in, "reference": ref_in}
     out_dir = paths.dpo_dir(cfg, k, variant)
+    work = checkpoints.work_dir(out_dir, view)  # survives a requeue: checkpoints, running log
+    resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
     with artifacts.artifact_dir(out_dir, "dpo", view, inputs, cfg.seed) as out:
         trainer = ConservativeDPOTrainer(
-            model=model, ref_model=ref_model, args=training_args(cfg, d, out / "trainer"),
+            model=model, ref_model=ref_model, args=checkpoints.enable(training_args(cfg, d, work / "trainer")),
             train_dataset=preference_dataset(rows, with_alpha), processing_class=tokenizer,
-            callbacks=[CsvLogCallback(out / "train_log.csv")], peft_config=peft_config,
+            callbacks=[CsvLogCallback(work / "train_log.csv", resume_step)], peft_config=peft_config,
         )
-        trainer.train()
-        models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
-        (out / "stats.json").write_text(json.dumps(
-            {"pairs": len(rows), "steps": trainer.state.global_step, "alpha": with_alpha,
-             "mean_alpha": sum(r.get("alpha", 0.0) for r in rows) / len(rows) if with_alpha else 0.0},
-            indent=2) + "\n")
-        shutil.rmtree(out / "trainer", ignore_errors=True)
+        checkpoints.train(trainer, work / "trainer", "dpo")
+        if checkpoints.is_main_process():
+            models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
+            shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
+            (out / "stats.json").write_text(json.dumps(
+                {"pairs": len(rows), "steps": trainer.state.global_step, "alpha": with_alpha,
+                 "mean_alpha": sum(r.get("alpha", 0.0) for r in rows) / len(rows) if with_alpha else 0.0},
+                indent=2) + "\n")
+    checkpoints.finish(work)
     print(f"dpo: {paths.model_tag(k, variant)}: {len(rows)} pairs, {trainer.state.global_step} steps -> {out_dir}")

@@ -7,29 +7,15 @@ by default) and ``train_log.csv`` (step, loss, lr).
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 
-from closedloop import artifacts, models, paths, prompts
+from closedloop import artifacts, checkpoints, models, paths, prompts
 from closedloop import config as cl_config
-
-
-class CsvLogCallback(TrainerCallback):
-    """Append (step, loss, lr) to a CSV each time the Trainer logs a training loss."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "w", newline="") as fh:
-            csv.writer(fh).writerow(["step", "loss", "lr"])
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            with open(self.path, "a", newline="") as fh:
-                csv.writer(fh).writerow([state.global_step, logs["loss"], logs.get("learning_rate", "")])
+from closedloop.checkpoints import CsvLogCallback  # noqa: F401  (re-exported: dpo and others import it from here)
 
 
 def training_args(cfg, output_dir: Path):
@@ -80,13 +66,17 @@ def main(cfg) -> None:
         model = models.add_lora(model, cfg.model.lora)
     view = cl_config.stage_view(cfg, "sft", [cfg.sft.task])
     data = paths.data_dir(cfg, cfg.sft.task)
+    work = checkpoints.work_dir(paths.sft_dir(cfg), view)  # survives a requeue: checkpoints, running log
+    resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
     with artifacts.artifact_dir(paths.sft_dir(cfg), "sft", view, {"data": data}, cfg.seed) as out:
         trainer = SFTTrainer(
-            model=model, args=training_args(cfg, out / "trainer"), train_dataset=dataset,
-            processing_class=tokenizer, callbacks=[CsvLogCallback(out / "train_log.csv")],
+            model=model, args=checkpoints.enable(training_args(cfg, work / "trainer")), train_dataset=dataset,
+            processing_class=tokenizer, callbacks=[CsvLogCallback(work / "train_log.csv", resume_step)],
         )
-        trainer.train()
+        checkpoints.train(trainer, work / "trainer", "sft")
         lora = cfg.model.lora
-        models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
-        shutil.rmtree(out / "trainer", ignore_errors=True)
+        if checkpoints.is_main_process():
+            models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
+            shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
+    checkpoints.finish(work)
     print(f"sft: {len(dataset)} examples, {trainer.state.global_step} steps -> {paths.sft_dir(cfg)}")

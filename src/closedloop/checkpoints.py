@@ -1,0 +1,110 @@
+"""Resumable training for sft/dpo: HF Trainer checkpoints in a work dir keyed by the config.
+
+The work dir (``<artifact parent>/.work/<name>-<config hash>/``) outlives a killed,
+preempted or requeued job, so the next run of the same stage with the same config view
+resumes from the latest complete ``checkpoint-<step>`` there; it is removed once the
+artifact is in place. How often to save comes from the launch settings
+(``checkpoint_steps``, :mod:`closedloop.launch`), not from the experiment config, because it
+does not change what is trained.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from closedloop import config as cl_config
+
+STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint: its presence marks a complete checkpoint
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torch.distributed job (or a single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def work_dir(final: Path, view: dict) -> Path:
+    """Where a stage producing ``final`` keeps its checkpoints and running train log."""
+    final = Path(final)
+    return final.parent / ".work" / f"{final.name}-{cl_config.config_hash(view)[:12]}"
+
+
+def latest(trainer_dir: Path) -> Path | None:
+    """The complete ``checkpoint-<step>`` with the highest step, or None."""
+    found = []
+    for path in Path(trainer_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and (path / STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+def enable(args, steps: int | None = None):
+    """Turn on periodic checkpointing in a TrainingArguments (keeps the last two); ``steps``
+    defaults to the launch settings' ``checkpoint_steps``."""
+    from closedloop import launch
+
+    steps = launch.checkpoint_steps() if steps is None else steps
+    if steps > 0:
+        args.set_save(strategy="steps", steps=steps, total_limit=2)
+    return args
+
+
+def train(trainer, trainer_dir: Path, stage: str):
+    """``trainer.train()``, resumed from the latest complete checkpoint when there is one."""
+    ckpt = latest(trainer_dir)
+    if trainer.args.world_size > 1:
+        print(f"{stage}: rank {trainer.args.process_index} of world size {trainer.args.world_size} "
+              f"({trainer.args.parallel_mode.value}, {trainer.accelerator.state.backend})", flush=True)
+    if ckpt is not None:
+        print(f"{stage}: resuming from {ckpt} (global step {step_of(ckpt)})", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    print(f"{stage}: trained steps {step_of(ckpt) + 1}..{trainer.state.global_step} in this run", flush=True)
+    return result
+
+
+def finish(work: Path) -> None:
+    """Remove the work dir once every rank is done with it (the artifact is in place)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if is_main_process():
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class CsvLogCallback(TrainerCallback):
+    """Append (step, loss, lr) to a CSV each time the Trainer logs a training loss (rank 0 only).
+
+    ``resume_step``: keep the rows a previous run logged up to that step (the checkpoint it
+    resumes from) and drop the later ones, which this run trains again.
+    """
+
+    HEADER = ["step", "loss", "lr"]
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = Path(path)
+        if not is_main_process():
+            return
+        rows = []
+        if resume_step and self.path.is_file():
+            with open(self.path, newline="") as fh:
+                rows = [r for r in csv.reader(fh)][1:]
+            rows = [r for r in rows if r and int(r[0]) <= resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as fh:
+            csv.writer(fh).writerows([self.HEADER, *rows])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.is_world_process_zero:
+            with open(self.path, "a", newline="") as fh:
+                csv.writer(fh).writerow([state.global_step, logs["loss"], logs.get("learning_rate", "")])

@@ -1,0 +1,41 @@
+"""Resumable training pieces: which checkpoint counts as complete, the running train log."""
+
+from types import SimpleNamespace
+
+from closedloop import checkpoints
+
+
+def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
+    assert checkpoints.latest(tmp_path) is None and checkpoints.step_of(None) == 0
+    for step, complete in ((2, True), (4, True), (6, False), (10, False)):  # 6, 10: killed while saving
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / checkpoints.STATE).write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert checkpoints.latest(tmp_path).name == "checkpoint-4" and checkpoints.step_of(checkpoints.latest(tmp_path)) == 4
+
+
+def test_work_dir_is_keyed_by_the_config_view(tmp_path):
+    a = checkpoints.work_dir(tmp_path / "sft", {"sft": {"learning_rate": 1e-4}})
+    b = checkpoints.work_dir(tmp_path / "sft", {"sft": {"learning_rate": 3e-5}})
+    assert a.parent == tmp_path / ".work" and a.name.startswith("sft-") and a != b
+
+
+def test_train_log_keeps_rows_up_to_the_resumed_step(tmp_path, monkeypatch):
+    log = tmp_path / "train_log.csv"
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    first = checkpoints.CsvLogCallback(log)
+    for step in (1, 2, 3, 4, 5):  # killed after step 5, last checkpoint at step 4
+        state.global_step = step
+        first.on_log(None, state, None, logs={"loss": 1.0 / step, "learning_rate": 0.1})
+    second = checkpoints.CsvLogCallback(log, resume_step=4)
+    for step in (5, 6):
+        state.global_step = step
+        second.on_log(None, state, None, logs={"loss": 0.5, "learning_rate": 0.1})
+    rows = log.read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setenv("RANK", "1")  # another rank of a DDP job neither truncates nor writes
+    checkpoints.CsvLogCallback(log)
+    state.is_world_process_zero = False
+    second.on_log(None, state, None, logs={"loss": 9.0})
+    assert log.read_text().splitlines() == rows

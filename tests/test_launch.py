@@ -1,0 +1,112 @@
+"""Launch settings (local or Slurm through submitit): resources, names, profile lookup, errors.
+No cluster needed; tests/test_slurm.py runs the same code against a real Slurm."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from closedloop import config, launch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "workflow" / "profiles" / "slurm"
+
+
+def settings(tmp_path, text: str):
+    path = tmp_path / "launch.yaml"
+    path.write_text(text)
+    return launch.load_settings([path])
+
+
+def test_profile_settings_load_and_default_to_one_rank_per_gpu_for_training():
+    s = launch.load_settings([PROFILE / "closedloop.yaml"])
+    assert s.launcher == launch.Launcher.slurm and s.checkpoint_steps > 0
+    sft = launch.resources("sft", s.slurm)
+    assert sft["gpus_per_node"] == 1 and sft["tasks_per_node"] == 1 and sft["cpus_per_task"] == 8
+    assert launch.resources("report", s.slurm)["gpus_per_node"] == 0  # not a Slurm stage: defaults only
+
+
+def test_stage_resources_merge_over_defaults_and_map_to_submitit(tmp_path):
+    s = settings(tmp_path, """
+launcher: slurm
+slurm:
+  defaults: {account: lab, partition: gpu, constraint: a100, extra: {reservation: r1}}
+  resources:
+    dpo: {gpus_per_node: 4, mem_gb: 100, partition: big, extra: {exclusive: true}}
+    evaluate: {gpus_per_node: 2}
+""")
+    dpo = launch.resources("dpo", s.slurm)
+    assert dpo["tasks_per_node"] == 4 and dpo["partition"] == "big" and dpo["mem_gb"] == 100
+    params = launch.executor_parameters(dpo, "cl-dpo-iter1", s.slurm)
+    assert params["slurm_account"] == "lab" and params["slurm_partition"] == "big"
+    assert params["slurm_constraint"] == "a100" and params["gpus_per_node"] == 4 and params["tasks_per_node"] == 4
+    assert params["slurm_additional_parameters"] == {"reservation": "r1", "exclusive": True}
+    assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"] and params["name"] == "cl-dpo-iter1"
+    assert launch.resources("evaluate", s.slurm)["tasks_per_node"] == 1  # one process sees both GPUs
+
+
+def test_settings_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"launch.yaml: key 'slurm.defaults.mem_gb'.*converted to Float"):
+        settings(tmp_path, "slurm: {defaults: {mem_gb: lots}}")
+    with pytest.raises(config.ConfigError, match=r"key 'slurm.resources.report': not a stage that runs on Slurm"):
+        settings(tmp_path, "slurm: {resources: {report: {gpus_per_node: 1}}}")
+    with pytest.raises(config.ConfigError, match=r"launch.yaml: key 'launcher'"):
+        settings(tmp_path, "launcher: pbs")
+    s = settings(tmp_path, "slurm: {resources: {mcts: {tasks_per_node: 2}}}")
+    with pytest.raises(config.ConfigError, match=r"'slurm.resources.mcts.tasks_per_node': mcts runs one rank"):
+        launch.resources("mcts", s.slurm)
+
+
+def test_environment_selects_files_in_order_and_the_launcher(tmp_path):
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("slurm: {defaults: {account: mylab}}\n")
+    env = {launch.ENV_FILES: f"{PROFILE / 'closedloop.yaml'}{os.pathsep}{lab}"}
+    s = launch.settings(env)
+    assert s.launcher == "slurm" and s.slurm.defaults.account == "mylab" and s.slurm.resources.sft.gpus_per_node == 1
+    assert launch.settings({**env, launch.ENV_LAUNCHER: "local"}).launcher == "local"
+    assert launch.settings({}).launcher == "local"
+
+
+def test_snakemake_profile_is_found_the_way_snakemake_finds_it(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    found = launch.profile_settings_file(["snakemake", "--profile", "slurm", "--cores", "2"], {})
+    assert found is not None and found.resolve() == (PROFILE / "closedloop.yaml").resolve()
+    found = launch.profile_settings_file(["snakemake", "--profile=workflow/profiles/slurm"], {})
+    assert found is not None and found.resolve() == (PROFILE / "closedloop.yaml").resolve()
+    assert launch.profile_settings_file(["snakemake", "--cores", "2"], {}) is None
+    env = {}
+    s = launch.export_for_snakemake(["snakemake", "--profile", "slurm"], env)
+    assert s.launcher == "slurm" and env[launch.ENV_FILES] == str((PROFILE / "closedloop.yaml").resolve())
+
+
+def test_mcts_call_without_a_shard_is_one_unit_per_shard_and_names_are_stable(smoke_cfg):
+    smoke_cfg.job.iteration = 2
+    units = launch.units("mcts", smoke_cfg)
+    assert [u.job.shard for u in units] == list(range(smoke_cfg.mcts.n_shards)) and smoke_cfg.job.shard is None
+    assert launch.job_name("mcts", units[0], "cl") == "cl-mcts-iter2"
+    smoke_cfg.job.variant = "plain_dpo"
+    assert launch.job_name("dpo", smoke_cfg, "cl") == "cl-dpo-ablations-plain_dpo-iter2"
+    smoke_cfg.job.model, smoke_cfg.job.task = "iter1", "synthetic"
+    assert launch.job_name("evaluate", smoke_cfg, "cl") == "cl-evaluate-iter1-synthetic"
+
+
+def test_launch_settings_are_not_in_any_stage_view(smoke_cfg):
+    for stage in config.STAGE_SECTIONS:
+        view = config.stage_view(smoke_cfg, stage)
+        assert not {"launcher", "slurm", "checkpoint_steps"} & set(view)
+    assert "launcher" not in OmegaConf.to_container(smoke_cfg)
+
+
+@pytest.mark.slow
+def test_switching_to_the_slurm_profile_reruns_nothing(smoke_local_run):
+    """The launcher is not a param: after a local run, `--profile slurm` has nothing to do (dry run)."""
+    repo, first = smoke_local_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--profile", "slurm", "-n", "--configfile",
+                          "configs/smoke.yaml"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Using profile slurm" in out.stderr and "Nothing to be done" in out.stdout + out.stderr
