@@ -6,8 +6,8 @@ The model is always transformers' ``LlavaForConditionalGeneration`` with its
 (``vlm.model.kind: hf``, configs/paper/vdpo_llava7b.yaml) and, by default, a small LLaVA
 built from config offline (``kind: tiny``): a CLIP-style ViT vision tower on 64×64 easy-VQA
 images (patch 8 → 64 image tokens), LLaVA's two-layer projector, and a tiny Llama text
-backbone with SmolLM2's tokenizer (``text_backbone: embedded`` puts SmolLM2-135M's weights
-there instead). Every stage output is a ``from_pretrained`` dir (safetensors + processor).
+backbone with a word-level tokenizer over the task's vocabulary (``text_backbone: embedded``
+puts SmolLM2-135M's weights and tokenizer there instead). Every stage output is a ``from_pretrained`` dir (safetensors + processor).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from closedloop import config as cl_config
 from closedloop import models
 
 IMAGE_TOKEN = "<image>"
+BUILD_VERSION = 2
+"""Part of the tiny model's cache key: bump when :func:`_build_tiny` changes."""
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
 TRAINED = ("sft", "dpo", "vdpo")
@@ -47,7 +49,9 @@ def stage_view(cfg, stage: str, model: str | None = None) -> dict:
         raise cl_config.ConfigError(f"unknown V-DPO stage {stage!r} (expected one of {sorted(SECTIONS)})")
     full = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     sections = SECTIONS[stage]
-    if stage == "pope" and model == "sft":
+    if stage == "vdpo_pairs" and cfg.vlm.pairs.alpha != "score":
+        sections = ("data", "pairs")  # only the α score reads the SFT model
+    elif stage == "pope" and model == "sft":
         sections = SECTIONS["vlm_sft"] + ("pope",)
     elif stage == "vdpo" and model == "dpo":
         sections = SECTIONS["vdpo"]  # γ is ignored (fixed to 1) but the rest of vlm.vdpo applies
@@ -116,22 +120,60 @@ def answer_text(answer: str) -> str:
 
 # ---- the model --------------------------------------------------------------------------
 
+SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
+
+
+def task_corpus() -> list[str]:
+    """Every text the branch's tiny model reads or writes: easy-VQA's questions and answers
+    plus this branch's prompt, description and POPE templates."""
+    import easy_vqa
+
+    texts = [*easy_vqa.get_train_questions()[0], *easy_vqa.get_test_questions()[0], *easy_vqa.get_answers()]
+    texts += [prompt("Describe the image."), "yes. no. there is not. a an the"]
+    texts += [f"Is there a {c} {s} in the image? A {c} {s}." for c in COLORS for s in SHAPES]
+    return texts
+
+
+def word_tokenizer():
+    """A word-level tokenizer over :func:`task_corpus` (lower-cased; ~60 entries).
+
+    Why not SmolLM2's 49k-entry tokenizer for the tiny model: on 2 CPU cores the 49k-way
+    output projection over every position costs ~95% of a training step; the task's
+    vocabulary has a few dozen words. ``text_backbone: embedded`` keeps SmolLM2's tokenizer.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in task_corpus() for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t.lower())})
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL.values(), IMAGE_TOKEN, *words])}
+    backend = Tokenizer(WordLevel(vocab, unk_token=SPECIAL["unk"]))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"],
+                                   pad_token=SPECIAL["pad"], unk_token=SPECIAL["unk"],
+                                   additional_special_tokens=[IMAGE_TOKEN])
+
+
 def _build_tiny(mcfg, out: Path) -> None:
     from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    llm_cfg = OmegaConf.create({"cache_dir": None, "revision": None, "trust_remote_code": False, "dtype": "float32"})
-    smol = models.embedded_dir(llm_cfg)
-    tokenizer = AutoTokenizer.from_pretrained(smol)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    backbone = str(getattr(mcfg.text_backbone, "value", mcfg.text_backbone))
+    if backbone == "embedded":
+        llm_cfg = OmegaConf.create({"cache_dir": None})
+        smol = models.embedded_dir(llm_cfg)
+        tokenizer = AutoTokenizer.from_pretrained(smol)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    else:
+        tokenizer = word_tokenizer()
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     vision = CLIPVisionConfig(image_size=64, patch_size=mcfg.vision_patch_size, hidden_size=mcfg.vision_hidden_size,
                               intermediate_size=4 * mcfg.vision_hidden_size, num_hidden_layers=mcfg.vision_layers,
                               num_attention_heads=mcfg.vision_heads, projection_dim=mcfg.vision_hidden_size)
     specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
-    backbone = str(getattr(mcfg.text_backbone, "value", mcfg.text_backbone))
     if backbone == "embedded":
         text = LlamaConfig.from_pretrained(smol)
         text.vocab_size = len(tokenizer)
@@ -168,7 +210,7 @@ def base_source(mcfg) -> str:
         return mcfg.name_or_path
     fields = {k: str(getattr(v, "value", v)) for k, v in OmegaConf.to_container(mcfg).items()
               if k not in ("kind", "name_or_path", "revision", "trust_remote_code", "dtype")}
-    key = cl_config.config_hash(fields)[:12]
+    key = cl_config.config_hash({**fields, "build": BUILD_VERSION})[:12]
     root = Path(models.cache_root(OmegaConf.create({"cache_dir": None})))
     return str(models._build_once(root / f"tiny-llava-{key}", lambda out: _build_tiny(mcfg, out)))
 
