@@ -328,11 +328,11 @@ class VLMModelConfig:
 class VLMDataConfig:
     """easy-VQA images and questions (package ``easy-vqa``) and the POPE-style held-out set."""
 
-    n_train_images: int = 2000
+    n_train_images: int = 1000
     """Training images (SFT questions and preference pairs come from these)."""
     n_pope_images: int = 300
     """Held-out test images; each gives one yes and one no question per POPE split."""
-    questions_per_image: int = 4
+    questions_per_image: int = 3
     """easy-VQA training questions kept per image (SFT)."""
 
 
@@ -357,8 +357,8 @@ class VLMSFTConfig:
 class VDPOPairsConfig:
     """Response-contrast and image-contrast preference pairs (SPEC §4)."""
 
-    n_response: int = 512
-    n_image: int = 512
+    n_response: int = 384
+    n_image: int = 384
     alpha: str = "none"
     """Per-pair label smoothing: ``none`` (α = 0), ``fixed`` (``fixed_alpha``) or ``score``
     (α = (1 − conf)/2 from the SFT stage's shape/colour classifier as the image-text score)."""
@@ -371,13 +371,13 @@ class VDPOConfig:
 
     gamma: float = 0.75
     beta: float = 0.1
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     epochs: float = 1.0
     max_steps: int = -1
-    batch_size: int = 16
+    batch_size: int = 8
     grad_accum: int = 1
     logging_steps: int = 5
 

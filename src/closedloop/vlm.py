@@ -156,8 +156,14 @@ def word_tokenizer():
 
 
 def _build_tiny(mcfg, out: Path) -> None:
-    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     backbone = str(getattr(mcfg.text_backbone, "value", mcfg.text_backbone))

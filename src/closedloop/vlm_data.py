@@ -57,7 +57,7 @@ def question_facts(question: str, answer: str) -> list[tuple[str, str, bool]]:
     if words[0] == "what":
         kind = "shape" if answer in vlm.SHAPES else "color"
         facts = [(kind, answer, True)]
-        for i, w in enumerate(words):  # "what is the red shape?" / "what color is the circle?"
+        for w in words:  # "what is the red shape?" / "what color is the circle?"
             if w in vlm.COLORS:
                 facts.append(("color", w, True))
             elif w in vlm.SHAPES:
@@ -65,7 +65,7 @@ def question_facts(question: str, answer: str) -> list[tuple[str, str, bool]]:
         return facts
     negated = bool(NEGATION.search(question.lower()))
     present = (answer == "yes") != negated
-    for i, w in enumerate(words):
+    for w in words:
         if w in vlm.COLORS:
             return [("color", w, present)]
         if w in vlm.SHAPES:
