@@ -340,7 +340,7 @@ class VLMDataConfig:
 class VLMSFTConfig:
     """Vision-tower pretraining on easy-VQA shape/colour labels, then TRL SFT on the VQA pairs."""
 
-    vision_pretrain_steps: int = 300
+    vision_pretrain_steps: int = 200
     """Steps of shape + colour classification for the vision tower (0 skips; ``kind: tiny`` only)."""
     vision_learning_rate: float = 1e-3
     epochs: float = 1.0
@@ -357,8 +357,8 @@ class VLMSFTConfig:
 class VDPOPairsConfig:
     """Response-contrast and image-contrast preference pairs (SPEC §4)."""
 
-    n_response: int = 384
-    n_image: int = 384
+    n_response: int = 256
+    n_image: int = 256
     alpha: str = "none"
     """Per-pair label smoothing: ``none`` (α = 0), ``fixed`` (``fixed_alpha``) or ``score``
     (α = (1 − conf)/2 from the SFT stage's shape/colour classifier as the image-text score)."""

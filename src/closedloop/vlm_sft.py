@@ -83,6 +83,7 @@ def pretrain_vision(model, processor, cfg, data: Path, log_path: Path) -> SceneH
                 shape_acc = (shape_logits.argmax(1) == shapes[idx]).float().mean().item()
                 color_acc = (color_logits.argmax(1) == colors[idx]).float().mean().item()
                 log.writerow([step, loss.item(), shape_acc, color_acc])
+                fh.flush()
     return heads
 
 
