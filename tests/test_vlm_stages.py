@@ -90,3 +90,11 @@ def test_vdpo_all_dag(repo_copy):
     assert jobs == {"vlm_data": 1, "vlm_sft": 1, "vdpo_pairs": 1, "vdpo_train": 2, "pope_eval": 3,
                     "vlm_report": 1, "vdpo_all": 1}
     assert "results/vlm_smoke/vlm/vdpo" in out.stdout and "results/vlm_smoke/vlm/dpo" in out.stdout
+
+
+def test_paper_preset_keeps_the_hub_model():
+    cfg = config.load([ROOT / "configs" / "paper" / "vdpo_llava7b.yaml"])
+    assert cfg.vlm.model.kind == config.VLMKind.hf and cfg.vlm.model.name_or_path == "llava-hf/llava-1.5-7b-hf"
+    assert (cfg.vlm.vdpo.gamma, cfg.vlm.vdpo.beta, cfg.vlm.vdpo.learning_rate) == (0.75, 0.1, 1e-6)
+    assert cfg.vlm.vdpo.batch_size * cfg.vlm.vdpo.grad_accum == 64 and cfg.vlm.vdpo.epochs == 4
+    assert not cfg.vlm.model.trust_remote_code
