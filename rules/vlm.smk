@@ -4,10 +4,6 @@
 from closedloop import vlm as cl_vlm
 
 
-def vlm_view(stage, model=None):
-    return json.dumps(cl_vlm.stage_view(CFG, stage, model), sort_keys=True)
-
-
 VLM_LOGS = LOGS / "vlm"
 
 
@@ -15,7 +11,7 @@ rule vlm_data:
     output:
         directory(str(cl_vlm.data_dir(CFG))),
     params:
-        cfg=vlm_view("vlm_data"),
+        cfg=cl_vlm.view_json(CFG, "vlm_data"),
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
@@ -32,7 +28,7 @@ rule vlm_sft:
     output:
         directory(str(cl_vlm.sft_dir(CFG))),
     params:
-        cfg=vlm_view("vlm_sft"),
+        cfg=cl_vlm.view_json(CFG, "vlm_sft"),
     threads: 8  # capped at --cores by Snakemake
     conda:
         "../workflow/envs/closedloop.yaml"
@@ -50,7 +46,7 @@ rule vdpo_pairs:
     output:
         directory(str(cl_vlm.pairs_dir(CFG))),
     params:
-        cfg=vlm_view("vdpo_pairs"),
+        cfg=cl_vlm.view_json(CFG, "vdpo_pairs"),
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
@@ -72,7 +68,7 @@ rule vdpo_train:
     wildcard_constraints:
         variant="dpo|vdpo",
     params:
-        cfg=lambda w: vlm_view("vdpo", w.variant),
+        cfg=lambda w: cl_vlm.view_json(CFG, "vdpo", w.variant),
     threads: 8  # capped at --cores by Snakemake
     conda:
         "../workflow/envs/closedloop.yaml"
@@ -94,7 +90,7 @@ rule pope_eval:
     wildcard_constraints:
         vlm_model="sft|dpo|vdpo",
     params:
-        cfg=lambda w: vlm_view("pope", w.vlm_model),
+        cfg=lambda w: cl_vlm.view_json(CFG, "pope", w.vlm_model),
     threads: 2
     conda:
         "../workflow/envs/closedloop.yaml"
@@ -113,7 +109,7 @@ rule vlm_report:
     output:
         str(cl_vlm.report_file(CFG)),
     params:
-        cfg=vlm_view("vlm_report"),
+        cfg=cl_vlm.view_json(CFG, "vlm_report"),
     conda:
         "../workflow/envs/closedloop.yaml"
     log:

@@ -313,7 +313,8 @@ class VLMModelConfig:
     dtype: DType = DType.float32
     text_backbone: TextBackbone = TextBackbone.tiny
     vision_patch_size: int = 16
-    """16 → 16 image tokens of 16×16 pixels (patch 8: 64 tokens, 4× the cost, no better on shape here)."""
+    """16: 16 image tokens of 16×16 pixels (patch 8: 64 tokens, ~4× the cost; shape accuracy after 200
+    vision steps was no better: 0.5 vs 0.6 on a batch)."""
     vision_hidden_size: int = 128
     vision_layers: int = 3
     vision_heads: int = 4

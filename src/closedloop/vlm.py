@@ -12,6 +12,7 @@ puts SmolLM2-135M's weights and tokenizer there instead). Every stage output is 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -60,6 +61,11 @@ def stage_view(cfg, stage: str, model: str | None = None) -> dict:
     if model is not None:
         view["job"] = {"model": model}
     return view
+
+
+def view_json(cfg, stage: str, model: str | None = None) -> str:
+    """:func:`stage_view` as the canonical JSON a Snakemake rule passes to ``--config-yaml``."""
+    return json.dumps(stage_view(cfg, stage, model), sort_keys=True)
 
 
 # ---- paths -------------------------------------------------------------------------------
