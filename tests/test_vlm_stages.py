@@ -98,3 +98,15 @@ def test_paper_preset_keeps_the_hub_model():
     assert (cfg.vlm.vdpo.gamma, cfg.vlm.vdpo.beta, cfg.vlm.vdpo.learning_rate) == (0.75, 0.1, 1e-6)
     assert cfg.vlm.vdpo.batch_size * cfg.vlm.vdpo.grad_accum == 64 and cfg.vlm.vdpo.epochs == 4
     assert not cfg.vlm.model.trust_remote_code
+
+
+@pytest.mark.parametrize("override,key", [
+    ("vlm.pope.models=[sft,base]", "vlm.pope.models"),
+    ("vlm.pairs.alpha=clip", "vlm.pairs.alpha"),
+    ("vlm.vdpo.gamma=-1", "vlm.vdpo.gamma"),
+    ("vlm.data.n_pope_images=0", "vlm.data.n_pope_images"),
+    ("vlm.model.kind=gpt", "vlm.model.kind"),
+])
+def test_bad_vlm_config_names_the_key(override, key):
+    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
+        config.load([], [override])

@@ -582,6 +582,25 @@ def check(cfg: DictConfig) -> None:
         dpo_for(cfg, int(k))  # raises on a bad key or type
     if cfg.loop.iterations < 0:
         raise ConfigError(f"key 'loop.iterations': expected an integer >= 0, got {cfg.loop.iterations}")
+    check_vlm(cfg.vlm)
+
+
+def check_vlm(v) -> None:
+    """Cross-field checks of the V-DPO branch's section (SPEC §4)."""
+    for tag in v.pope.models:
+        if tag not in ("sft", "dpo", "vdpo"):
+            raise ConfigError(f"key 'vlm.pope.models': unknown model {tag!r} (expected any of ['sft', 'dpo', 'vdpo'])")
+    if v.pairs.alpha not in ("none", "fixed", "score"):
+        raise ConfigError(f"key 'vlm.pairs.alpha': expected 'none', 'fixed' or 'score', got {v.pairs.alpha!r}")
+    if not 0.0 <= v.pairs.fixed_alpha < 0.5:
+        raise ConfigError(f"key 'vlm.pairs.fixed_alpha': expected a number in [0, 0.5), got {v.pairs.fixed_alpha}")
+    if v.vdpo.gamma < 0:
+        raise ConfigError(f"key 'vlm.vdpo.gamma': expected a number >= 0, got {v.vdpo.gamma}")
+    for key in ("n_train_images", "n_pope_images", "questions_per_image"):
+        if v.data[key] < 1:
+            raise ConfigError(f"key 'vlm.data.{key}': expected an integer >= 1, got {v.data[key]}")
+    if v.pairs.n_response + v.pairs.n_image < 1:
+        raise ConfigError("keys 'vlm.pairs.n_response' + 'vlm.pairs.n_image': expected at least one pair")
 
 
 def dpo_for(cfg: DictConfig, k: int) -> DictConfig:
