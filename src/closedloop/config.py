@@ -342,10 +342,10 @@ class VLMDataConfig:
 class VLMSFTConfig:
     """Vision-tower pretraining on easy-VQA shape/colour labels, then TRL SFT on the VQA pairs."""
 
-    vision_pretrain_steps: int = 2000
+    vision_pretrain_steps: int = 800
     """Steps of shape + colour classification for the vision tower (0 skips; ``kind: tiny`` only)."""
     vision_learning_rate: float = 2e-3
-    epochs: float = 2.0
+    epochs: float = 3.0
     max_steps: int = -1
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"

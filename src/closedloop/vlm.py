@@ -5,7 +5,7 @@ The model is always transformers' ``LlavaForConditionalGeneration`` with its
 ``LlavaProcessor``, so the same stage code trains ``llava-hf/llava-1.5-7b-hf`` on a cluster
 (``vlm.model.kind: hf``, configs/paper/vdpo_llava7b.yaml) and, by default, a small LLaVA
 built from config offline (``kind: tiny``): a CLIP-style ViT vision tower on 64×64 easy-VQA
-images (patch 8 → 64 image tokens), LLaVA's two-layer projector, and a tiny Llama text
+images (patch 16 → 16 image tokens), LLaVA's two-layer projector, and a tiny Llama text
 backbone with a word-level tokenizer over the task's vocabulary (``text_backbone: embedded``
 puts SmolLM2-135M's weights and tokenizer there instead). Every stage output is a ``from_pretrained`` dir (safetensors + processor).
 """
