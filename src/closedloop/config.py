@@ -312,6 +312,9 @@ class VLMModelConfig:
     trust_remote_code: bool = False
     dtype: DType = DType.float32
     text_backbone: TextBackbone = TextBackbone.tiny
+    freeze_vision_tower: bool = True
+    """Train the projector and the language model only, in SFT and (V-)DPO, as LLaVA-1.5 does
+    (the tiny tower is first trained on its own in ``vlm_sft``'s vision phase)."""
     vision_patch_size: int = 16
     """16: 16 image tokens of 16×16 pixels (patch 8: 64 tokens, ~4× the cost; shape accuracy after 200
     vision steps was no better: 0.5 vs 0.6 on a batch)."""

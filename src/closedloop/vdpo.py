@@ -70,6 +70,7 @@ def main(cfg) -> None:
         raise cl_config.ConfigError(f"key 'vlm.vdpo.gamma': expected a number >= 0, got {gamma}")
     model, processor = vlm.load(sft, cfg.vlm.model)
     ref_model, _ = vlm.load(sft, cfg.vlm.model)
+    vlm.freeze_vision_tower(model, cfg.vlm.model)
     model.train()
     view = vlm.stage_view(cfg, "vdpo", model=variant)
     view["job"].update({"variant": variant, "gamma": gamma, "alpha": with_alpha})

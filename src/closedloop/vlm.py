@@ -244,6 +244,13 @@ def load(source: str | Path, mcfg):
     return model, processor
 
 
+def freeze_vision_tower(model, mcfg) -> None:
+    """``vlm.model.freeze_vision_tower``: no gradient into the vision tower (LLaVA-1.5 practice)."""
+    if mcfg.freeze_vision_tower:
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+
+
 def save(model, processor, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)

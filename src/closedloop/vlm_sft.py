@@ -8,7 +8,8 @@ Two phases in one stage:
    two linear heads are saved (``heads.safetensors``): ``vdpo_pairs`` can use them as the
    image-text score of SPEC §4's data-dependent α.
 2. TRL's ``SFTTrainer`` on the vision-language prompt/completion rows (images through
-   the ``LlavaProcessor``, loss on the completion only).
+   the ``LlavaProcessor``, loss on the completion only), the vision tower frozen by default
+   (``vlm.model.freeze_vision_tower``, as in LLaVA-1.5).
 
 Output ``results/<experiment>/vlm/sft/``: ``model/`` (from_pretrained dir with processor),
 ``train_log.csv``, ``vision_log.csv``, ``heads.safetensors``.
@@ -125,6 +126,7 @@ def main(cfg) -> None:
         if tiny and cfg.vlm.sft.vision_pretrain_steps > 0:
             heads = pretrain_vision(model, processor, cfg, data, out / "vision_log.csv")
             save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, out / "heads.safetensors")
+        vlm.freeze_vision_tower(model, cfg.vlm.model)
         model.train()
         trainer = SFTTrainer(
             model=model, args=training_args(cfg, out / "trainer"),
