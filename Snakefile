@@ -2,6 +2,7 @@
 # calls the `closedloop` CLI, which runs the stage's main(cfg).
 #   snakemake --cores 2                                   # the embedded default experiment
 #   snakemake --cores 2 --configfile configs/smoke.yaml   # the smoke config (tests)
+#   snakemake --cores 2 vdpo_all                          # the V-DPO branch (SPEC §4)
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -17,6 +18,7 @@ include: "rules/evaluate.smk"
 include: "rules/mcts.smk"
 include: "rules/dpo.smk"
 include: "rules/report.smk"
+include: "rules/vlm.smk"  # V-DPO branch: `snakemake vdpo_all`
 
 
 rule all:

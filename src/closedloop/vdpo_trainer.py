@@ -1,0 +1,95 @@
+"""Vision-guided DPO (V-DPO, SPEC §4) on TRL's DPOTrainer.
+
+Per token, the policy's log-probability is replaced by its classifier-free-guidance form
+
+    log π̃(y|v,x) = γ·log πθ(y|v,x) − (γ−1)·sg(log πθ(y|∅,x)),
+
+∅ = the null image (a zero ``pixel_values`` tensor: the all-mean image after the
+processor's normalisation), sg = stop-gradient. The DPO loss uses log π̃ for the policy
+terms; the reference keeps plain log π_ref(y|v,x). γ = 1 is plain DPO; at γ = 0 the
+policy terms are constants and the loss has no gradient (SPEC §4's caution, tested).
+
+:class:`VisionGuidedDPOTrainer` subclasses :class:`~closedloop.cdpo.ConservativeDPOTrainer`
+(itself TRL's ``DPOTrainer``): TRL builds the batches, runs the policy and reference
+forwards and computes the sigmoid loss; a forward hook on the policy swaps its per-token
+log-probs for the guided ones (one extra no-grad forward with the null image), so the loss
+TRL computes is the V-DPO loss, and a per-pair ``alpha`` column adds SPEC §4's label
+smoothing exactly as cDPO does (SPEC §3: + α·β·h, h from the guided log-probs).
+
+Image-contrast pairs (same x and y, original image v_w vs edited v_l) come in through
+:class:`ImageContrastCollator`: TRL's vision collator repeats each prompt image for the
+chosen and the rejected rows; for a pair with a ``rejected_image`` the rejected row's
+pixels are replaced by the edited image's, for the policy and the reference alike (the
+null-image pass replaces every image by ∅ anyway).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from closedloop.cdpo import ConservativeDPOTrainer
+
+
+class ImageContrastCollator:
+    """TRL's vision preference collator, with the rejected rows' image swapped per pair.
+
+    Examples carry ``images`` ([PIL image]) and ``rejected_images`` ([PIL image] for an
+    image-contrast pair, [] for a response-contrast pair).
+    """
+
+    def __init__(self, collator, processor):
+        self.collator = collator
+        self.processor = processor
+
+    def __call__(self, examples: list[dict]) -> dict:
+        rejected = [e.get("rejected_images") or [] for e in examples]
+        batch = self.collator([{k: v for k, v in e.items() if k != "rejected_images"} for e in examples])
+        swap = [i for i, imgs in enumerate(rejected) if imgs]
+        if swap:
+            pixels = self.processor.image_processor(images=[rejected[i][0] for i in swap],
+                                                    return_tensors="pt")["pixel_values"]
+            values = batch["pixel_values"].clone()
+            values[[len(examples) + i for i in swap]] = pixels.to(values.dtype)
+            batch["pixel_values"] = values
+        return batch
+
+
+class VisionGuidedDPOTrainer(ConservativeDPOTrainer):
+    """TRL DPOTrainer with SPEC §4's vision-guided policy log-probs (γ) and optional per-pair α."""
+
+    def __init__(self, *args, gamma: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.ref_model is None and float(gamma) != 1.0:
+            raise ValueError("VisionGuidedDPOTrainer: pass a ref_model (with γ != 1 the policy's forward hook would "
+                             "also guide a reference computed by the policy itself)")
+        self.gamma = float(gamma)
+        self._policy_module = self.accelerator.unwrap_model(self.model)
+        self._in_null_pass = False
+        self.data_collator = ImageContrastCollator(self.data_collator, self.processing_class)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "rejected_images" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "rejected_images"]
+
+    def _capture_log_probs(self, module, args, kwargs, output):
+        """Forward hook: guide the policy's log-probs (SPEC §4), then let cDPO capture them."""
+        if self._in_null_pass or not kwargs.get("fused_lm_head"):
+            return None
+        if module is self._policy_module and self.gamma != 1.0:
+            null_kwargs = dict(kwargs, pixel_values=torch.zeros_like(kwargs["pixel_values"]))
+            self._in_null_pass = True
+            try:
+                with torch.no_grad():
+                    null_log_probs = module(*args, **null_kwargs).log_probs
+            finally:
+                self._in_null_pass = False
+            output.log_probs = self.gamma * output.log_probs - (self.gamma - 1.0) * null_log_probs.detach()
+        if self._captured is not None:
+            self._captured.append(output.log_probs)
+        return output
+
+
+def guided_log_prob(log_p: torch.Tensor, log_p_null: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The SPEC §4 formula itself: γ·log πθ(y|v,x) − (γ−1)·sg(log πθ(y|∅,x))."""
+    return gamma * log_p - (gamma - 1.0) * log_p_null.detach()

@@ -1,0 +1,256 @@
+"""Shared pieces of the V-DPO branch (SPEC §4): where its artifacts live, the config view
+each of its stages depends on, the prompt format, and the LLaVA model it trains.
+
+The model is always transformers' ``LlavaForConditionalGeneration`` with its
+``LlavaProcessor``, so the same stage code trains ``llava-hf/llava-1.5-7b-hf`` on a cluster
+(``vlm.model.kind: hf``, configs/paper/vdpo_llava7b.yaml) and, by default, a small LLaVA
+built from config offline (``kind: tiny``): a CLIP-style ViT vision tower on 64×64 easy-VQA
+images (patch 16 → 16 image tokens), LLaVA's two-layer projector, and a tiny Llama text
+backbone with a word-level tokenizer over the task's vocabulary (``text_backbone: embedded``
+puts SmolLM2-135M's weights and tokenizer there instead). Every stage output is a ``from_pretrained`` dir (safetensors + processor).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from closedloop import config as cl_config
+from closedloop import models
+
+IMAGE_TOKEN = "<image>"
+BUILD_VERSION = 2
+"""Part of the tiny model's cache key: bump when :func:`_build_tiny` changes."""
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
+TRAINED = ("sft", "dpo", "vdpo")
+"""Model tags of the branch: the SFT model, the plain-DPO ablation (γ = 1) and V-DPO."""
+
+# The vlm subsections each stage's output depends on (besides the shared keys).
+SECTIONS = {
+    "vlm_data": ("data",),
+    "vlm_sft": ("model", "data", "sft"),
+    "vdpo_pairs": ("model", "data", "sft", "pairs"),
+    "vdpo": ("model", "data", "sft", "pairs", "vdpo"),
+    "pope": ("model", "data", "sft", "pairs", "vdpo", "pope"),
+    "vlm_report": ("pope",),
+}
+
+
+def stage_view(cfg, stage: str, model: str | None = None) -> dict:
+    """The part of ``cfg`` one V-DPO-branch job depends on, as a plain dict.
+
+    Narrower than :func:`closedloop.config.stage_view`: a change to ``vlm.vdpo`` does not
+    rerun the data or SFT; POPE of the SFT model does not depend on ``vlm.vdpo`` either.
+    """
+    if stage not in SECTIONS:
+        raise cl_config.ConfigError(f"unknown V-DPO stage {stage!r} (expected one of {sorted(SECTIONS)})")
+    full = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    sections = SECTIONS[stage]
+    if stage == "vdpo_pairs" and cfg.vlm.pairs.alpha != "score":
+        sections = ("data", "pairs")  # only the α score reads the SFT model
+    elif stage == "pope" and model == "sft":
+        sections = SECTIONS["vlm_sft"] + ("pope",)
+    elif stage == "vdpo" and model == "dpo":
+        sections = SECTIONS["vdpo"]  # γ is ignored (fixed to 1) but the rest of vlm.vdpo applies
+    view = {k: full[k] for k in cl_config.SHARED_KEYS}
+    view["vlm"] = {k: full["vlm"][k] for k in sections}
+    if model is not None:
+        view["job"] = {"model": model}
+    return view
+
+
+def view_json(cfg, stage: str, model: str | None = None) -> str:
+    """:func:`stage_view` as the canonical JSON a Snakemake rule passes to ``--config-yaml``."""
+    return json.dumps(stage_view(cfg, stage, model), sort_keys=True)
+
+
+# ---- paths -------------------------------------------------------------------------------
+
+def data_dir(cfg) -> Path:
+    """``data/<experiment>/vlm/``: images/, scenes.jsonl, sft.jsonl, pope.jsonl, stats.json."""
+    return Path(cfg.data_dir) / cfg.experiment / "vlm"
+
+
+def run_dir(cfg) -> Path:
+    return Path(cfg.results_dir) / cfg.experiment / "vlm"
+
+
+def sft_dir(cfg) -> Path:
+    """``results/<experiment>/vlm/sft/``: model/, train_log.csv, vision_log.csv, heads.safetensors."""
+    return run_dir(cfg) / "sft"
+
+
+def pairs_dir(cfg) -> Path:
+    """``results/<experiment>/vlm/pairs/``: pairs.jsonl, edited/ (PNG), stats.json."""
+    return run_dir(cfg) / "pairs"
+
+
+def train_dir(cfg, tag: str) -> Path:
+    """``results/<experiment>/vlm/<dpo|vdpo>/``: model/, train_log.csv, stats.json."""
+    if tag not in ("dpo", "vdpo"):
+        raise cl_config.ConfigError(f"key 'job.variant': expected 'dpo' or 'vdpo', got {tag!r}")
+    return run_dir(cfg) / tag
+
+
+def model_dir(cfg, tag: str) -> Path:
+    if tag not in TRAINED:
+        raise cl_config.ConfigError(f"key 'vlm.pope.models': unknown model {tag!r} (expected one of {list(TRAINED)})")
+    return (sft_dir(cfg) if tag == "sft" else train_dir(cfg, tag)) / "model"
+
+
+def pope_dir(cfg, tag: str) -> Path:
+    """``results/<experiment>/vlm/pope/<tag>/``: predictions.jsonl, metrics.json."""
+    return run_dir(cfg) / "pope" / tag
+
+
+def report_file(cfg) -> Path:
+    return run_dir(cfg) / "report.md"
+
+
+# ---- prompts ----------------------------------------------------------------------------
+
+def prompt(question: str) -> str:
+    """LLaVA-1.5's prompt format (the llava-hf template), used for every model of the branch."""
+    question = question[:1].upper() + question[1:]
+    return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+
+
+def answer_text(answer: str) -> str:
+    """easy-VQA's one-word answer as a short sentence: 'yes' -> ' Yes.'."""
+    return f" {answer[:1].upper()}{answer[1:]}."
+
+
+# ---- the model --------------------------------------------------------------------------
+
+SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
+
+
+def task_corpus() -> list[str]:
+    """Every text the branch's tiny model reads or writes: easy-VQA's questions and answers
+    plus this branch's prompt, description and POPE templates."""
+    import easy_vqa
+
+    texts = [*easy_vqa.get_train_questions()[0], *easy_vqa.get_test_questions()[0], *easy_vqa.get_answers()]
+    texts += [prompt("Describe the image."), "yes. no. there is not. a an the"]
+    texts += [f"Is there a {c} {s} in the image? A {c} {s}." for c in COLORS for s in SHAPES]
+    return texts
+
+
+def word_tokenizer():
+    """A word-level tokenizer over :func:`task_corpus` (lower-cased; ~60 entries).
+
+    Why not SmolLM2's 49k-entry tokenizer for the tiny model: on 2 CPU cores the 49k-way
+    output projection over every position costs ~95% of a training step; the task's
+    vocabulary has a few dozen words. ``text_backbone: embedded`` keeps SmolLM2's tokenizer.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in task_corpus() for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t.lower())})
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL.values(), IMAGE_TOKEN, *words])}
+    backend = Tokenizer(WordLevel(vocab, unk_token=SPECIAL["unk"]))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"],
+                                   pad_token=SPECIAL["pad"], unk_token=SPECIAL["unk"],
+                                   additional_special_tokens=[IMAGE_TOKEN])
+
+
+def _build_tiny(mcfg, out: Path) -> None:
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    backbone = str(getattr(mcfg.text_backbone, "value", mcfg.text_backbone))
+    if backbone == "embedded":
+        llm_cfg = OmegaConf.create({"cache_dir": None})
+        smol = models.embedded_dir(llm_cfg)
+        tokenizer = AutoTokenizer.from_pretrained(smol)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    else:
+        tokenizer = word_tokenizer()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    vision = CLIPVisionConfig(image_size=64, patch_size=mcfg.vision_patch_size, hidden_size=mcfg.vision_hidden_size,
+                              intermediate_size=4 * mcfg.vision_hidden_size, num_hidden_layers=mcfg.vision_layers,
+                              num_attention_heads=mcfg.vision_heads, projection_dim=mcfg.vision_hidden_size)
+    specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    if backbone == "embedded":
+        text = LlamaConfig.from_pretrained(smol)
+        text.vocab_size = len(tokenizer)
+    else:
+        text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=mcfg.text_hidden_size,
+                           intermediate_size=mcfg.text_intermediate_size, num_hidden_layers=mcfg.text_layers,
+                           num_attention_heads=mcfg.text_heads, num_key_value_heads=mcfg.text_kv_heads,
+                           max_position_embeddings=512, tie_word_embeddings=True, **specials)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(
+        IMAGE_TOKEN), vision_feature_layer=-1, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", tie_word_embeddings=text.tie_word_embeddings)
+    torch.manual_seed(mcfg.init_seed)
+    model = LlavaForConditionalGeneration(config)
+    if backbone == "embedded":
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)
+        lm.resize_token_embeddings(len(tokenizer))
+        model.model.language_model.load_state_dict(lm.model.state_dict())
+        model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.suppress_tokens = [config.image_token_id]
+    model.save_pretrained(out, safe_serialization=True)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=mcfg.vision_patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token=IMAGE_TOKEN)
+    processor.save_pretrained(out)
+
+
+def base_source(mcfg) -> str:
+    """The from_pretrained dir (or hub id) of the untrained LLaVA."""
+    kind = str(getattr(mcfg.kind, "value", mcfg.kind))
+    if kind == "hf":
+        return mcfg.name_or_path
+    fields = {k: str(getattr(v, "value", v)) for k, v in OmegaConf.to_container(mcfg).items()
+              if k not in ("kind", "name_or_path", "revision", "trust_remote_code", "dtype")}
+    key = cl_config.config_hash({**fields, "build": BUILD_VERSION})[:12]
+    root = Path(models.cache_root(OmegaConf.create({"cache_dir": None})))
+    return str(models._build_once(root / f"tiny-llava-{key}", lambda out: _build_tiny(mcfg, out)))
+
+
+def load(source: str | Path, mcfg):
+    """(LlavaForConditionalGeneration, LlavaProcessor) from a dir or hub id, in eval mode."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    source = str(source)
+    processor = AutoProcessor.from_pretrained(source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    model = LlavaForConditionalGeneration.from_pretrained(
+        source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
+        dtype=models.DTYPES[str(getattr(mcfg.dtype, "value", mcfg.dtype))])
+    model.eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def freeze_vision_tower(model, mcfg) -> None:
+    """``vlm.model.freeze_vision_tower``: no gradient into the vision tower (LLaVA-1.5 practice)."""
+    if mcfg.freeze_vision_tower:
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+
+
+def save(model, processor, directory: Path) -> None:
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)

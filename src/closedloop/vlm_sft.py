@@ -1,0 +1,141 @@
+"""Stage ``vlm_sft``: supervised fine-tuning of the LLaVA on easy-VQA (SPEC §4's SFT model).
+
+Two phases in one stage:
+
+1. (``kind: tiny`` only) the vision tower, trained from scratch, learns the scene:
+   shape and colour classification from the max over its patch features (the
+   features LLaVA's projector reads), ``vlm.sft.vision_pretrain_steps`` AdamW steps. The
+   two linear heads are saved (``heads.safetensors``): ``vdpo_pairs`` can use them as the
+   image-text score of SPEC §4's data-dependent α.
+2. TRL's ``SFTTrainer`` on the vision-language prompt/completion rows (images through
+   the ``LlavaProcessor``, loss on the completion only), the vision tower frozen by default
+   (``vlm.model.freeze_vision_tower``, as in LLaVA-1.5).
+
+Output ``results/<experiment>/vlm/sft/``: ``model/`` (from_pretrained dir with processor),
+``train_log.csv``, ``vision_log.csv``, ``heads.safetensors``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from datasets import Dataset, Image, List
+from safetensors.torch import save_file
+from transformers import set_seed
+
+from closedloop import artifacts, models, vlm
+from closedloop.sft import CsvLogCallback
+from closedloop.vlm_data import load_rgb
+
+
+class SceneHeads(torch.nn.Module):
+    """Shape and colour logits from the max over the patch features of a CLIP vision tower.
+
+    Max rather than mean pooling: the object covers a few of the patches; with mean pooling
+    a from-scratch tower learnt shape far more slowly (held-out shape accuracy after 400
+    steps, patch 16: max 0.87, mean 0.43, CLS token 0.39)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.shape = torch.nn.Linear(hidden, len(vlm.SHAPES))
+        self.color = torch.nn.Linear(hidden, len(vlm.COLORS))
+
+    def forward(self, vision_tower, pixel_values):
+        features = vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:].max(dim=1).values
+        return self.shape(features), self.color(features)
+
+
+def pixel_values(processor, image_paths: list[Path]) -> torch.Tensor:
+    images = [load_rgb(p) for p in image_paths]
+    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def scene_labels(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor([vlm.SHAPES.index(s["shape"]) for s in scenes]),
+            torch.tensor([vlm.COLORS.index(s["color"]) for s in scenes]))
+
+
+def pretrain_vision(model, processor, cfg, data: Path, log_path: Path) -> SceneHeads:
+    """Phase 1: shape + colour classification for the vision tower (and heads), logged to CSV."""
+    s = cfg.vlm.sft
+    scenes = [r for r in artifacts.read_jsonl(data / "scenes.jsonl") if r["split"] == "train"]
+    pixels = pixel_values(processor, [data / r["image"] for r in scenes])
+    shapes, colors = scene_labels(scenes)
+    tower = model.model.vision_tower
+    heads = SceneHeads(tower.config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    optim = torch.optim.AdamW(params, lr=s.vision_learning_rate)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(s.vision_pretrain_steps, 1))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tower.train()
+    with open(log_path, "w", newline="") as fh:
+        log = csv.writer(fh)
+        log.writerow(["step", "loss", "shape_acc", "color_acc"])
+        for step in range(1, s.vision_pretrain_steps + 1):
+            idx = torch.randint(0, len(scenes), (s.batch_size * 2,), generator=gen)
+            shape_logits, color_logits = heads(tower, pixels[idx])
+            loss = (torch.nn.functional.cross_entropy(shape_logits, shapes[idx])
+                    + torch.nn.functional.cross_entropy(color_logits, colors[idx]))
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            sched.step()
+            if step % s.logging_steps == 0 or step == 1 or step == s.vision_pretrain_steps:
+                shape_acc = (shape_logits.argmax(1) == shapes[idx]).float().mean().item()
+                color_acc = (color_logits.argmax(1) == colors[idx]).float().mean().item()
+                log.writerow([step, loss.item(), shape_acc, color_acc])
+                fh.flush()
+    return heads
+
+
+def sft_dataset(rows: list[dict], data: Path, eos: str) -> Dataset:
+    ds = Dataset.from_list([{"images": [str(data / r["image"])], "prompt": r["prompt"],
+                             "completion": r["completion"] + eos} for r in rows])
+    return ds.cast_column("images", List(Image()))
+
+
+def training_args(cfg, output_dir: Path):
+    from trl import SFTConfig as TrlSFTConfig
+
+    s = cfg.vlm.sft
+    return TrlSFTConfig(
+        output_dir=str(output_dir), num_train_epochs=s.epochs, max_steps=s.max_steps,
+        learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_ratio,
+        per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
+        max_length=None, logging_steps=s.logging_steps, logging_first_step=True, completion_only_loss=True,
+        save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        bf16=models.bf16_training(), fp16=False, remove_unused_columns=False, dataloader_pin_memory=False,
+    )
+
+
+def main(cfg) -> None:
+    """Fine-tune the configured LLaVA on the easy-VQA SFT rows of ``vlm_data``."""
+    from trl import SFTTrainer
+
+    set_seed(cfg.seed)
+    data = vlm.data_dir(cfg)
+    rows = artifacts.read_jsonl(data / "sft.jsonl")
+    model, processor = vlm.load(vlm.base_source(cfg.vlm.model), cfg.vlm.model)
+    tiny = str(getattr(cfg.vlm.model.kind, "value", cfg.vlm.model.kind)) == "tiny"
+    view = vlm.stage_view(cfg, "vlm_sft")
+    with artifacts.artifact_dir(vlm.sft_dir(cfg), "vlm_sft", view, {"data": data}, cfg.seed) as out:
+        if tiny and cfg.vlm.sft.vision_pretrain_steps > 0:
+            heads = pretrain_vision(model, processor, cfg, data, out / "vision_log.csv")
+            save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, out / "heads.safetensors")
+        vlm.freeze_vision_tower(model, cfg.vlm.model)
+        model.train()
+        trainer = SFTTrainer(
+            model=model, args=training_args(cfg, out / "trainer"),
+            train_dataset=sft_dataset(rows, data, processor.tokenizer.eos_token), processing_class=processor,
+            callbacks=[CsvLogCallback(out / "train_log.csv")],
+        )
+        trainer.train()
+        vlm.save(trainer.model, processor, out / "model")
+        (out / "stats.json").write_text(json.dumps({"rows": len(rows), "steps": trainer.state.global_step},
+                                                   indent=2) + "\n")
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+    print(f"vlm_sft: {len(rows)} rows, {trainer.state.global_step} steps -> {vlm.sft_dir(cfg)}")

@@ -1,0 +1,110 @@
+"""easy-VQA scenes, the POPE-style set and the image edits of the V-DPO pairs (SPEC §4)."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from closedloop import config, vdpo_pairs, vlm, vlm_data
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """vlm_data's output for the smoke config, built once."""
+    tmp = tmp_path_factory.mktemp("vlm")
+    cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"], [f"data_dir={tmp / 'data'}", f"results_dir={tmp / 'r'}",
+                                                              "vlm.data.n_pope_images=40"])
+    vlm_data.main(cfg)
+    return cfg, vlm.data_dir(cfg)
+
+
+@pytest.mark.parametrize("question,answer,facts", [
+    ("what is the red shape?", "triangle", [("shape", "triangle", True), ("color", "red", True)]),
+    ("what color is the circle?", "blue", [("color", "blue", True), ("shape", "circle", True)]),
+    ("is there not a black shape in the image?", "yes", [("color", "black", False)]),
+    ("is no blue shape present?", "no", [("color", "blue", True)]),
+    ("does the image contain a circle?", "no", [("shape", "circle", False)]),
+    ("is a rectangle present?", "yes", [("shape", "rectangle", True)]),
+])
+def test_question_facts(question, answer, facts):
+    assert vlm_data.question_facts(question, answer) == facts
+
+
+def test_two_absent_shapes_leave_the_third():
+    scenes = vlm_data.scenes_from_questions(
+        ["does the image contain a circle?", "is there a triangle?", "what color is the shape?"],
+        ["no", "no", "green"], [7, 7, 7])
+    assert scenes == {7: {"shape": "rectangle", "color": "green"}}
+
+
+def test_scene_colours_agree_with_the_pixels(built):
+    cfg, data = built
+    import json
+
+    table = json.loads((data / "stats.json").read_text())["color_table"]
+    from closedloop import artifacts
+
+    scenes = artifacts.read_jsonl(data / "scenes.jsonl")
+    agree = [vlm_data.nearest_color(vlm_data.object_color(vlm_data.load_rgb(data / s["image"])), table) == s["color"]
+             for s in scenes]
+    assert len(scenes) == 16 + 40 and all(agree)
+
+
+def test_pope_set_is_balanced_and_its_negatives_are_absent(built):
+    from closedloop import artifacts
+
+    _, data = built
+    rows = artifacts.read_jsonl(data / "pope.jsonl")
+    assert collections.Counter((r["split"], r["label"]) for r in rows) == {
+        (s, lab): 40 for s in vlm_data.SPLITS for lab in ("yes", "no")}
+    for r in rows:
+        scene = r["scene"]
+        present = r["object"] in (scene["shape"], f"{scene['color']} {scene['shape']}")
+        assert present == (r["label"] == "yes"), r
+        assert r["question"] == f"Is there a {r['object']} in the image?"
+    adversarial = collections.Counter(r["negative_kind"] for r in rows if r["split"] == "adversarial")
+    assert adversarial == {None: 40, "same_color_other_shape": 20, "same_shape_other_color": 20}
+    popular = {r["object"] for r in rows if r["split"] == "popular" and r["label"] == "no"}
+    assert popular <= set(vlm.SHAPES)
+
+
+def _image(data, shape=None):
+    from closedloop import artifacts
+
+    scenes = [s for s in artifacts.read_jsonl(data / "scenes.jsonl") if shape is None or s["shape"] == shape]
+    return scenes[0], vlm_data.load_rgb(data / scenes[0]["image"])
+
+
+@pytest.mark.parametrize("shape", vlm.SHAPES)
+def test_remove_really_removes_the_object(built, shape):
+    _, data = built
+    scene, pixels = _image(data, shape)
+    assert vlm_data.object_mask(pixels).sum() > 20
+    edited = vdpo_pairs.remove_object(pixels)
+    bg = vlm_data.background(pixels)
+    assert vlm_data.object_mask(edited).sum() == 0
+    assert (edited == bg).all()  # not a pixel of the shape or its anti-aliased edge is left
+    assert np.any(edited != pixels, axis=2).sum() >= vlm_data.object_mask(pixels).sum()
+
+
+@pytest.mark.parametrize("shape", vlm.SHAPES)
+def test_recolour_really_recolours_the_object(built, shape):
+    import json
+
+    _, data = built
+    table = json.loads((data / "stats.json").read_text())["color_table"]
+    scene, pixels = _image(data, shape)
+    new = next(c for c in vlm.COLORS if c != scene["color"] and c != "black")
+    edited = vdpo_pairs.recolour_object(pixels, table[new])
+    old_fill = np.all(pixels == np.array(table[scene["color"]]), axis=2)
+    new_fill = np.all(edited == np.array(table[new]), axis=2)
+    assert old_fill.sum() > 0
+    assert np.all(edited == np.array(table[scene["color"]]), axis=2).sum() == 0  # old colour gone
+    assert (new_fill == old_fill).all()  # exactly the fill pixels now carry the new colour
+    bg = vlm_data.background(pixels)
+    assert not (np.any(edited != bg, axis=2) & np.all(pixels == bg, axis=2)).any()  # nothing painted outside it
+    assert vlm_data.nearest_color(vlm_data.object_color(edited), table) == new
+    untouched = np.all(pixels == vlm_data.background(pixels), axis=2)
+    assert (edited[untouched] == pixels[untouched]).all()  # background untouched
