@@ -34,8 +34,9 @@ from closedloop import paths
 ENV_FILES = "CLOSEDLOOP_LAUNCH_CONFIG"
 ENV_LAUNCHER = "CLOSEDLOOP_LAUNCHER"
 PROFILE_FILE = "closedloop.yaml"
-HEAVY = ("sft", "dpo", "mcts", "evaluate", "evaluate-decoding", "instance")
-"""Stages that go to Slurm under the slurm launcher; the others (data, mcts-merge, report) stay local."""
+HEAVY = ("sft", "dpo", "mcts", "evaluate", "evaluate-decoding", "instance", "vlm_sft", "vdpo", "pope")
+"""Stages that go to Slurm under the slurm launcher; the others (data, mcts-merge, report, vlm_data,
+vdpo_pairs, vlm_report) stay local. The V-DPO stages run one rank and restart on requeue."""
 TRAINING = ("sft", "dpo")
 """Stages that may run several ranks (torch.distributed through the HF Trainer)."""
 
