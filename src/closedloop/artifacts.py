@@ -2,7 +2,13 @@
 
 A stage writes into a temporary sibling path; only when everything (payload, resolved
 config, provenance) is written is it renamed into place, so a failed or killed stage
-never leaves a half-written artifact that looks complete.
+never leaves a half-written artifact that looks complete. Once in place, the artifact is
+recorded in DVC when it lies in a DVC repository (:mod:`closedloop.dvc_store`).
+
+The provenance record names the artifact's own content (``artifact``: path, sha256 and
+one sha256 per file, relative to the record's directory) and, per input, its content
+hash and the artifact that produced it, so ``closedloop lineage`` can walk back to the
+data and re-hash everything (:mod:`closedloop.lineage`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from closedloop import config as cl_config
+from closedloop import dvc_store
 
 PROVENANCE = "provenance.json"
 CONFIG = "config.yaml"
@@ -38,24 +45,80 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def content_hash(path: Path) -> str:
-    """sha256 of a file, or of a directory's (relative path, file hash) list.
+def file_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every payload file of a directory, keyed by its relative POSIX path.
 
     The provenance and config files inside a directory, and hidden files (such as
-    Snakemake's ``.snakemake_timestamp``), are left out: the hash names the payload.
+    Snakemake's ``.snakemake_timestamp``), are left out: the hashes name the payload.
     """
+    path = Path(path)
+    hashes = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if rel in (PROVENANCE, CONFIG) or any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        hashes[rel] = sha256_file(file)
+    return hashes
+
+
+def manifest_hash(hashes: dict[str, str]) -> str:
+    """sha256 of a (relative path, file hash) list: the content hash of a directory."""
+    digest = hashlib.sha256()
+    for rel in sorted(hashes):
+        digest.update(f"{rel}\0{hashes[rel]}\n".encode())
+    return digest.hexdigest()
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of a directory's (relative path, file hash) list (see :func:`file_hashes`)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such artifact")
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
-        if rel in (PROVENANCE, CONFIG) or any(part.startswith(".") for part in Path(rel).parts):
-            continue
-        digest.update(f"{rel}\0{sha256_file(file)}\n".encode())
-    return digest.hexdigest()
+    return manifest_hash(file_hashes(path))
+
+
+def record_path(artifact: Path) -> Path | None:
+    """The provenance file of an artifact: ``<dir>/provenance.json`` for a directory,
+    ``<stem>.provenance.json`` beside a file (the report); None when there is none."""
+    artifact = Path(artifact)
+    for candidate in (artifact / PROVENANCE, artifact.with_name(f"{artifact.stem}.{PROVENANCE}")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def producer_of(path: Path) -> Path | None:
+    """The artifact that contains ``path`` (itself or its nearest ancestor with a record)."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if record_path(candidate) is not None:
+            return candidate
+    return None
+
+
+def input_record(path: Path) -> dict:
+    """An input's path and content hash, plus the artifact that produced it and that
+    artifact's recorded hash (what ``closedloop lineage`` follows)."""
+    record = {"path": str(path), "sha256": content_hash(Path(path))}
+    source = producer_of(Path(path))
+    if source is not None:
+        produced = json.loads(record_path(source).read_text())
+        record["artifact"] = str(source)
+        record["artifact_stage"] = produced.get("stage")
+        record["artifact_sha256"] = (produced.get("artifact") or {}).get("sha256")
+    return record
+
+
+def output_record(final: Path, files: dict[str, str], primary: str | None = None) -> dict:
+    """The artifact's own content: ``files`` are relative to the provenance file's directory.
+
+    ``sha256`` is the content hash of ``final`` (:func:`content_hash`): the hash of the
+    file ``primary`` when the artifact is one file, else of the whole manifest.
+    """
+    sha = files[primary] if primary is not None else manifest_hash(files)
+    return {"path": str(final), "sha256": sha, "files": files}
 
 
 def _git(*args: str) -> str | None:
@@ -88,16 +151,15 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def provenance(stage: str, view: dict, inputs: dict[str, Path], started: str, seed: int) -> dict:
+def provenance(stage: str, view: dict, inputs: dict[str, Path], started: str, seed: int,
+               output: dict | None = None) -> dict:
     """The record of SPEC §7: what produced an artifact, from what, with which code."""
     return {
         "stage": stage,
         "command": sys.argv,
         "config_hash": cl_config.config_hash(view),
-        "inputs": {
-            name: {"path": str(path), "sha256": content_hash(Path(path))}
-            for name, path in inputs.items()
-        },
+        "artifact": output,
+        "inputs": {name: input_record(Path(path)) for name, path in inputs.items()},
         "code": code_version(),
         "packages": package_versions(),
         "host": socket.gethostname(),
@@ -138,18 +200,20 @@ def artifact_dir(final: Path, stage: str, view: dict, inputs: dict[str, Path], s
         return
     try:
         yield tmp
-        write_sidecars(tmp, stage, view, inputs, started, seed)
+        write_sidecars(tmp, stage, view, inputs, started, seed, output=output_record(final, file_hashes(tmp)))
         _replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    dvc_store.record([final])
 
 
 def write_sidecars(directory: Path, stage: str, view: dict, inputs: dict[str, Path], started: str, seed: int,
-                   prefix: str = "") -> None:
-    """Write the resolved config and the provenance record (``<prefix>config.yaml`` etc.)."""
+                   prefix: str = "", output: dict | None = None) -> None:
+    """Write the resolved config and the provenance record (``<prefix>config.yaml`` etc.);
+    ``output`` (:func:`output_record`) is the artifact's own content."""
     (directory / f"{prefix}{CONFIG}").write_text(cl_config.to_yaml(view))
-    record = provenance(stage, view, inputs, started, seed)
+    record = provenance(stage, view, inputs, started, seed, output)
     (directory / f"{prefix}{PROVENANCE}").write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -2,6 +2,7 @@
 
     closedloop run-stage sft --config configs/smoke.yaml sft.max_steps=3
     closedloop show-config --config configs/default.yaml eval.k=8
+    closedloop lineage results/default/iter2/dpo      # see closedloop.lineage
 
 ``run-stage`` runs the stage in this process, or submits it to Slurm and waits for it when
 the launch settings (``launch.py``: ``$CLOSEDLOOP_LAUNCH_CONFIG``, the ``slurm`` profile)
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "show-config":
             p.add_argument("--report-path", action="store_true", help="print only where the report is written")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
+    sub.add_parser("lineage", add_help=False, help="an artifact's lineage; verify, push, pull (lineage --help)")
     return parser
 
 
@@ -72,6 +74,11 @@ def _exit_on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lineage"]:
+        from closedloop import lineage
+
+        return lineage.main(argv[1:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]

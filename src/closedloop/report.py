@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from closedloop import artifacts, paths  # noqa: E402
+from closedloop import artifacts, dvc_store, paths  # noqa: E402
 from closedloop import config as cl_config  # noqa: E402
 
 PLOTS = ("accuracy.png", "iterations.png", "training_loss.png")
@@ -223,7 +223,12 @@ def main(cfg) -> None:
     inputs.update({f"decodings/{tag}/{task}/{d}": paths.decoding_eval_dir(cfg, tag, task, d) / "metrics.json"
                    for tag, task, d in decodings})
     view = cl_config.stage_view(cfg, "report")
-    artifacts.write_sidecars(paths.run_dir(cfg), "report", view, inputs, started, cfg.seed, prefix="report.")
     with artifacts.atomic_file(paths.report_file(cfg)) as fh:
         fh.write(render(cfg, metrics, logs, stats, decodings))
-    print(f"report: {paths.report_file(cfg).resolve()}")
+    run, md = paths.run_dir(cfg), paths.report_file(cfg)
+    files = {md.name: artifacts.sha256_file(md)}
+    files.update({f"{plots.name}/{rel}": sha for rel, sha in artifacts.file_hashes(plots).items()})
+    artifacts.write_sidecars(run, "report", view, inputs, started, cfg.seed, prefix="report.",
+                             output=artifacts.output_record(md, files, primary=md.name))
+    dvc_store.record([md, plots, run / f"report.{artifacts.CONFIG}", run / f"report.{artifacts.PROVENANCE}"])
+    print(f"report: {md.resolve()}")
