@@ -83,7 +83,10 @@ def record_path(artifact: Path) -> Path | None:
     """The provenance file of an artifact: ``<dir>/provenance.json`` for a directory,
     ``<stem>.provenance.json`` beside a file (the report); None when there is none."""
     artifact = Path(artifact)
-    for candidate in (artifact / PROVENANCE, artifact.with_name(f"{artifact.stem}.{PROVENANCE}")):
+    candidates = [artifact / PROVENANCE]
+    if artifact.name not in ("", ".", ".."):
+        candidates.append(artifact.with_name(f"{artifact.stem}.{PROVENANCE}"))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return None

@@ -117,6 +117,7 @@ def _add(root: Path, targets: list[Path]) -> None:
     with repo_lock(root), contextlib.redirect_stdout(io.StringIO()):
         try:
             with Repo(str(root)) as repo:
+                repo.scm_context.quiet = True  # no "to track the changes with git" hint per job
                 _with_dvc_lock_retry(lambda: repo.add([str(t) for t in targets], relink=False))
         except FileIsGitIgnored as err:
             raise DVCRecordError(f"{root}: cannot record {rel} in DVC: {err} (un-ignore '*.dvc' files in "
