@@ -1,5 +1,6 @@
 """The whole DAG on the smoke config, with real Snakemake, git and DVC, in a temp repo."""
 
+import json
 import os
 import re
 import subprocess
@@ -36,6 +37,13 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(smoke_local_run):
         assert (run / rel).is_file(), rel
     for png in ("accuracy.png", "iterations.png", "training_loss.png"):
         assert (run / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    # the report is recorded in DVC and its lineage reaches every stage (more in test_lineage.py)
+    assert (run / "report.md.dvc").is_file() and (run / "plots.dvc").is_file()
+    lineage = subprocess.run([sys.executable, "-m", "closedloop", "lineage", "results/smoke/report.md", "--json"],
+                             cwd=repo_copy, capture_output=True, text=True)
+    assert lineage.returncode == 0, lineage.stderr
+    assert {a["stage"] for a in json.loads(lineage.stdout)["artifacts"].values()} == {
+        "report", "evaluate", "dpo", "mcts-merge", "mcts", "sft", "data"}
     report = (run / "report.md").read_text()
     assert "n per task: 12 / 12" in report and "| iter2 | " in report
     assert "## MCTS data" in report and "| iter2 |" in report and "| synthetic | closedloop |" in report

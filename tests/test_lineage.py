@@ -1,7 +1,8 @@
 """Artifact lineage with real git, DVC and Snakemake in temp repos (no mocks).
 
-One smoke-config run of the whole DAG (--cores 2) is shared by the module: every artifact is
-recorded in DVC by its own stage, lineage of policy_2 reaches the data through every stage,
+One smoke-config run of the DAG up to policy_2 (+ the base-model evaluations, which run beside
+SFT; --cores 2) is shared by the module: every artifact is recorded in DVC by its own stage,
+lineage of policy_2 reaches the data through every stage,
 a one-byte change to a pairs file fails verify naming it, and push → fresh clone → pull
 leaves Snakemake nothing to do.
 """
@@ -21,6 +22,10 @@ from closedloop import artifacts, lineage
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 CLOSEDLOOP = [sys.executable, "-m", "closedloop"]
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+# a subset of the smoke DAG (the whole one runs in test_dag.py): the loop up to policy_2, the
+# base-model evaluations (parallel to SFT with --cores 2) and data.dvc
+TARGETS = ["results/smoke/iter2/dpo", "results/smoke/eval/base/synthetic", "results/smoke/eval/base/arc_challenge",
+           "data.dvc"]
 
 
 def env() -> dict:
@@ -36,7 +41,7 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
 
 
 def smk(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return run([*SNAKEMAKE, "--cores", "2", "--configfile", "configs/smoke.yaml", *args], repo)
+    return run([*SNAKEMAKE, *args, "--cores", "2", "--configfile", "configs/smoke.yaml"], repo)  # after targets
 
 
 def lineage_cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -90,9 +95,9 @@ def test_verify_of_a_missing_path_and_an_unrecorded_artifact_fail(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory):
-    """The smoke DAG run once with --cores 2 in a fresh git + DVC repo; .dvc files committed."""
+    """The smoke DAG's TARGETS run once with --cores 2 in a fresh git + DVC repo; .dvc files committed."""
     repo = copy_repo(tmp_path_factory.mktemp("lineage") / "repo")
-    out = smk(repo)
+    out = smk(repo, *TARGETS)
     assert out.returncode == 0, out.stderr[-4000:]
     assert run(["git", "add", "-A"], repo).returncode == 0
     assert run([*GIT, "commit", "-qm", "smoke run"], repo).returncode == 0
@@ -109,7 +114,8 @@ def test_every_stage_output_is_recorded_in_dvc(smoke_repo):
     recs = records(smoke_repo)
     stages = sorted(r["stage"] for r in recs.values())
     assert stages.count("data") == 2 and stages.count("mcts") == 4 and stages.count("mcts-merge") == 2
-    assert stages.count("dpo") == 2 and stages.count("evaluate") == 8 and {"sft", "report"} <= set(stages)
+    assert stages.count("dpo") == 2 and stages.count("evaluate") == 2 and stages.count("sft") == 1
+    assert len(stages) == 13
     for rec_file, rec in recs.items():
         assert rec["artifact"]["sha256"] and rec["artifact"]["files"], rec_file
         assert all(i.get("artifact") and i["sha256"] for i in rec["inputs"].values()), rec_file
@@ -118,14 +124,14 @@ def test_every_stage_output_is_recorded_in_dvc(smoke_repo):
             dvc_file = smoke_repo / art.with_name(art.name + ".dvc")
             assert dvc_file.is_file(), dvc_file
     assert "data/smoke" not in run(["git", "ls-files", "data"], smoke_repo).stdout
-    assert run(["git", "ls-files", "--error-unmatch", "data.dvc", "results/smoke/report.md.dvc",
+    assert run(["git", "ls-files", "--error-unmatch", "data.dvc", "results/smoke/eval/base/synthetic.dvc",
                 "results/smoke/iter2/dpo.dvc"], smoke_repo).returncode == 0
     status = run(["dvc", "status", "--json"], smoke_repo)
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
-    # --cores 2 ran jobs side by side: at least two recorded stages overlapped in time
-    spans = sorted((datetime.fromisoformat(r["started"]), datetime.fromisoformat(r["finished"]))
+    # --cores 2 ran jobs side by side: at least two recorded stage processes overlapped in time
+    spans = sorted((datetime.fromisoformat(r["process_started"]), datetime.fromisoformat(r["finished"]))
                    for r in recs.values())
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), spans
 
 
 @pytest.mark.slow
@@ -158,9 +164,8 @@ def test_lineage_of_the_iteration_2_model_reaches_the_data(smoke_repo):
     assert mermaid.startswith("flowchart BT") and mermaid.count("-->") == len(edges)
     dot = lineage_cli(smoke_repo, "results/smoke/iter2/dpo", "--dot").stdout
     assert dot.startswith("digraph lineage {") and dot.count(" -> ") == len(edges)
-    report = json.loads(lineage_cli(smoke_repo, "results/smoke/report.md", "--json").stdout)
-    assert {a["stage"] for a in report["artifacts"].values()} == {"report", "evaluate", "dpo", "mcts-merge",
-                                                                  "mcts", "sft", "data"}
+    base = json.loads(lineage_cli(smoke_repo, "results/smoke/eval/base/synthetic/metrics.json", "--json").stdout)
+    assert sorted(a["stage"] for a in base["artifacts"].values()) == ["data", "evaluate"]
 
 
 @pytest.mark.slow
@@ -176,7 +181,7 @@ def test_one_changed_byte_in_a_pairs_file_fails_verify_and_is_named(smoke_repo):
             assert bad.returncode == 1, bad.stdout + bad.stderr
             assert f"MODIFIED {pairs}" in bad.stdout and "results/smoke/iter1/mcts/shards/1 [mcts]" in bad.stdout
             assert "1 no longer match their record: results/smoke/iter1/mcts/shards/1" in bad.stderr
-        other = lineage_cli(smoke_repo, "verify", "results/smoke/eval")  # not in that chain
+        other = lineage_cli(smoke_repo, "verify", "results/smoke/eval/base/synthetic")  # not in that chain
         assert other.returncode == 0, other.stdout
     finally:
         pairs.write_bytes(original)
@@ -195,7 +200,7 @@ def test_push_fresh_clone_pull_then_snakemake_has_nothing_to_do(smoke_repo):
     assert pulled.returncode == 0, pulled.stderr
     model = "results/smoke/iter2/dpo/model/model.safetensors"
     assert artifacts.sha256_file(clone / model) == artifacts.sha256_file(smoke_repo / model)
-    plan = smk(clone, "-n")
+    plan = smk(clone, "-n", *TARGETS)
     assert plan.returncode == 0, plan.stderr
     assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout[-3000:]
     assert lineage_cli(clone, "verify").returncode == 0

@@ -154,6 +154,21 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _process_started() -> str:
+    """When this process (the stage's job) started, to the millisecond; ``started`` in a record is
+    when the stage began writing its artifact, often after the compute."""
+    try:
+        import psutil  # installed with accelerate
+
+        created = psutil.Process().create_time()
+    except ImportError:  # the time closedloop.artifacts was imported: close, a little late
+        created = time.time()
+    return datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds")
+
+
+PROCESS_STARTED = _process_started()
+
+
 def provenance(stage: str, view: dict, inputs: dict[str, Path], started: str, seed: int,
                output: dict | None = None) -> dict:
     """The record of SPEC §7: what produced an artifact, from what, with which code."""
@@ -169,6 +184,7 @@ def provenance(stage: str, view: dict, inputs: dict[str, Path], started: str, se
         "user": getpass.getuser(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "seed": seed,
+        "process_started": PROCESS_STARTED,
         "started": started,
         "finished": now(),
     }
