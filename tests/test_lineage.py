@@ -86,6 +86,23 @@ def test_parallel_stages_record_every_artifact(tmp_path):
     assert ok.returncode == 0 and "12 artifacts checked, 0 no longer match" in ok.stderr, ok.stderr
 
 
+def test_recording_switch_and_stages_outside_a_dvc_repo(tmp_path, monkeypatch):
+    from closedloop import dvc_store
+
+    assert dvc_store.repo_root(tmp_path) is None and dvc_store.record([tmp_path]) == []  # no repo: nothing
+    assert run(["dvc", "init", "-q", "--no-scm"], tmp_path).returncode == 0
+    monkeypatch.setenv(dvc_store.ENV, "0")
+    with artifacts.artifact_dir(tmp_path / "results" / "a", "data", {"seed": 0}, {}, 0) as out:
+        (out / "x.txt").write_text("x\n")
+    assert not (tmp_path / "results" / "a.dvc").exists()
+    monkeypatch.setenv(dvc_store.ENV, "maybe")
+    with pytest.raises(dvc_store.DVCRecordError, match="CLOSEDLOOP_DVC='maybe'"):
+        dvc_store.record([tmp_path / "results" / "a"])
+    monkeypatch.setenv(dvc_store.ENV, "auto")
+    assert dvc_store.record([tmp_path / "results" / "a"]) == [tmp_path / "results" / "a"]
+    assert "path: a" in (tmp_path / "results" / "a.dvc").read_text()
+
+
 def test_verify_of_a_missing_path_and_an_unrecorded_artifact_fail(tmp_path):
     assert lineage_cli(tmp_path, "verify", "nowhere").returncode == 2
     assert "no provenance record" in lineage_cli(tmp_path, str(tmp_path)).stderr
