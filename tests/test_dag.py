@@ -16,7 +16,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 def snakemake(repo: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([*SNAKEMAKE, "--cores", "2", "--configfile", "configs/smoke.yaml", *args],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
 
 
 def planned_jobs(output: str) -> dict[str, int]:
