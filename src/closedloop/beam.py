@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from closedloop import answers, prompts
 from closedloop.generation import FINAL_ANSWER
@@ -65,10 +66,12 @@ def beam_search(model, tokenizer, rows: list[dict], *, k: int, n: int, lam: floa
     rng = np.random.default_rng(seed)
     beams = [[Beam()] for _ in rows]  # one empty beam to start: its n candidates seed k beams
     generated = 0
-    for _ in range(max_steps):
+    progress = tqdm(range(max_steps), desc="beam search", unit="step")
+    for _ in progress:
         live = [(q, b) for q, qb in enumerate(beams) for b in qb if not b.done]
         if not live:
             break
+        progress.set_postfix(live_beams=len(live), tokens=generated)
         contexts = [prompts.chat_prompt(tokenizer, rows[q]) + "".join(s + "\n" for s in b.steps)
                     for q, b in live for _ in range(n)]
         questions = [q for q, _ in live for _ in range(n)]
