@@ -30,6 +30,14 @@ def test_shipped_configs_load(name):
     assert cfg.experiment
 
 
+def test_paper_preset_has_the_papers_beam_search_settings():
+    """SPEC §1 (Xie et al. 2023): λ 0.5, k 5, n 16, at most 16 steps; compared with SC and greedy."""
+    ev = config.load([ROOT / "configs/paper/mcts_ipl_mistral7b.yaml"]).eval
+    assert (ev.beam_lambda, ev.beam_k, ev.beam_n, ev.beam_max_steps, ev.beam_tau_decay) == (0.5, 5, 16, 16, 0.5)
+    smoke = config.load([ROOT / "configs/smoke.yaml"]).eval
+    assert smoke.beam_k * smoke.beam_n < ev.beam_k * ev.beam_n and smoke.beam_max_steps < 16
+
+
 def test_files_then_overrides_in_order(tmp_path):
     a = write(tmp_path, "seed: 3\nsft:\n  learning_rate: 0.5\n", "a.yaml")
     b = write(tmp_path, "seed: 4\n", "b.yaml")
