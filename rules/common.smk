@@ -73,8 +73,7 @@ def eval_dirs():
 
 def decoding_dirs():
     """The matched-budget decoding comparison (empty unless ``decodings.methods`` is set)."""
-    return [str(paths.decoding_eval_dir(CFG, m, t, d.value)) for m in paths.decoding_model_tags(CFG)
-            for t in CFG.decodings.tasks for d in CFG.decodings.methods]
+    return [str(paths.decoding_eval_dir(CFG, *run)) for run in paths.decoding_runs(CFG)]
 
 
 def data_tasks():

@@ -106,7 +106,8 @@ def _question_cache(model, tokenizer, rows: list[dict], questions: list[int]) ->
     beams and candidates (:mod:`closedloop.prefix_cache`)."""
     unique = list(dict.fromkeys(questions))
     cache = QuestionCache(model, tokenizer, [prompts.chat_prompt(tokenizer, rows[q]) for q in unique])
-    return cache, [unique.index(q) for q in questions]
+    position = {q: i for i, q in enumerate(unique)}
+    return cache, [position[q] for q in questions]
 
 
 def majority_vote(completions: list[str], row: dict) -> str:

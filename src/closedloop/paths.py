@@ -109,6 +109,12 @@ def decoding_model_tags(cfg) -> list[str]:
     return list(dict.fromkeys(last if tag == "last" else tag for tag in cfg.decodings.models))
 
 
+def decoding_runs(cfg) -> list[tuple[str, str, str]]:
+    """(model tag, task, decoding) of every job in the decoding comparison."""
+    return [(tag, task, getattr(d, "value", d)) for tag in decoding_model_tags(cfg)
+            for task in cfg.decodings.tasks for d in cfg.decodings.methods]
+
+
 def report_file(cfg) -> Path:
     return run_dir(cfg) / "report.md"
 

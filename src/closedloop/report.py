@@ -155,9 +155,8 @@ def mcts_section(stats: dict[int, dict]) -> str:
 
 def decoding_metrics(cfg) -> dict[tuple[str, str, str], dict]:
     """(model tag, task, decoding) -> metrics of the matched-budget decoding comparison."""
-    return {(tag, task, d.value): json.loads((paths.decoding_eval_dir(cfg, tag, task, d.value)
-                                              / "metrics.json").read_text())
-            for tag in paths.decoding_model_tags(cfg) for task in cfg.decodings.tasks for d in cfg.decodings.methods}
+    return {run: json.loads((paths.decoding_eval_dir(cfg, *run) / "metrics.json").read_text())
+            for run in paths.decoding_runs(cfg)}
 
 
 def decoding_section(cfg, metrics: dict[tuple[str, str, str], dict]) -> str:
