@@ -123,8 +123,9 @@ def test_data_stage_writes_splits_with_config_and_provenance(smoke_cfg):
     data.main(smoke_cfg)
     out = paths.data_dir(smoke_cfg, "synthetic")
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "heldout.jsonl", "provenance.json",
-                                                     "stats.json", "train.jsonl"]
+                                                     "stats.json", "train.jsonl", "validation.jsonl"]
     assert len(read_jsonl(out / "train.jsonl")) == 32 and len(read_jsonl(out / "heldout.jsonl")) == 12
+    assert len(read_jsonl(out / "validation.jsonl")) == 12
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["stage"] == "data" and prov["seed"] == 0 and len(prov["config_hash"]) == 64
     saved = config.load([out / "config.yaml"], validate=False)
@@ -139,3 +140,23 @@ def test_jsonl_task_through_the_data_stage(tmp_path, smoke_cfg):
                            "job.task=mine"])
     data.main(cfg)
     assert len(read_jsonl(tmp_path / "d" / "default" / "mine" / "heldout.jsonl")) == 5
+
+
+@pytest.mark.parametrize("name", ["synthetic", "arc_challenge"])
+def test_validation_split_is_disjoint_and_leaves_the_other_splits_unchanged(name):
+    task = config.load([], []).data.tasks[name]
+    task.n_validation = 0
+    before = tasks.build_splits(name, task, 0)
+    task.n_validation = 30
+    after = tasks.build_splits(name, task, 0)
+    assert after["train"] == before["train"] and after["heldout"] == before["heldout"]
+    assert before["validation"] == [] and len(after["validation"]) == 30
+    tasks.check_disjoint(after, name)
+    held = {r["question"] for r in after["heldout"]} | {r["question"] for r in after["train"]}
+    assert not held & {r["question"] for r in after["validation"]}
+
+
+def test_overlapping_splits_are_refused():
+    rows = synthetic.generate("x", 3, 2, 3, 20, 9)
+    with pytest.raises(tasks.DataError, match="validation row .* also appears in the heldout split"):
+        tasks.check_disjoint({"heldout": rows[:2], "train": [], "validation": rows[1:]}, "t")

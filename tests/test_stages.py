@@ -73,6 +73,30 @@ def test_evaluate_writes_predictions_and_metrics(smoke_cfg, task):
     assert all(set(p) == {"id", "answer", "completions", "extracted", "correct"} for p in preds)
 
 
+def test_evaluate_on_validation_in_bf16_names_split_and_dtype(smoke_cfg):
+    build_data(smoke_cfg, "synthetic")
+    smoke_cfg.job.model, smoke_cfg.job.task = "base", "synthetic"
+    smoke_cfg.eval.split, smoke_cfg.model.inference_dtype = config.Split.validation, config.DType.bfloat16
+    evaluate.main(smoke_cfg)
+    out = paths.eval_dir(smoke_cfg, "base", "synthetic")
+    metrics = json.loads((out / "metrics.json").read_text())
+    data_dir = paths.data_dir(smoke_cfg, "synthetic")
+    val_ids = [r["id"] for r in artifacts.read_jsonl(data_dir / "validation.jsonl")]
+    assert [p["id"] for p in artifacts.read_jsonl(out / "predictions.jsonl")] == val_ids
+    assert metrics["split"] == "validation" and metrics["dtype"] == "bfloat16"
+    assert metrics["data"]["sha256"] == artifacts.content_hash(data_dir / "validation.jsonl")
+    model, _ = models.load_dir(models.base_source(smoke_cfg.model), smoke_cfg.model)
+    assert next(model.parameters()).dtype == torch.float32  # training stages keep model.dtype
+
+
+def test_evaluate_on_an_empty_validation_split_names_the_key(smoke_cfg):
+    build_data(smoke_cfg, "arc_challenge")
+    smoke_cfg.job.model, smoke_cfg.job.task = "base", "arc_challenge"
+    smoke_cfg.eval.split = config.Split.validation
+    with pytest.raises(config.ConfigError, match="eval.split.*validation.jsonl has no rows.*n_validation"):
+        evaluate.main(smoke_cfg)
+
+
 def test_sampled_decoding_scores_k_samples(smoke_cfg):
     build_data(smoke_cfg, "synthetic")
     smoke_cfg.eval.decoding = config.Decoding.sampled

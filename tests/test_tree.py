@@ -69,14 +69,25 @@ def test_pairs_along_the_committed_path(tree):
     assert (first["n_chosen"], first["n_rejected"], first["alpha"]) == (2, 0, 0.0)
 
 
-def test_q_margin_drops_near_ties(tree):
+def test_equal_q_siblings_give_no_pair():
+    t = Tree()
+    t.add_children(0, [cand("u", 0.5, 0.7), cand("v", 0.5, 0.7)], 4)
+    assert preference_pairs(t, [0]) == []
+
+
+def test_dpo_margin_keeps_pairs_with_a_clear_q_gap(tree):
+    from closedloop.dpo import confident_pairs
+
     tree.add_children(1, [cand("c", 0.4, 0.9, True, True), cand("d", 0.6, 0.2, True, False)], max_children=4)
     tree.backup([0, 1])
     tree.backup([0, 1, 3])
+    pairs = preference_pairs(tree, [0, 1, 3])
     # Q gaps: a − b = 1.9 − 0.3 = 1.6 ; c − d = 1.3 − (−1.4) = 2.7
-    assert len(preference_pairs(tree, [0, 1, 3], min_q_margin=1.5)) == 2
-    assert [p["chosen"] for p in preference_pairs(tree, [0, 1, 3], min_q_margin=1.6)] == ["c"]
-    assert preference_pairs(tree, [0, 1, 3], min_q_margin=2.7) == []
+    assert confident_pairs(pairs, 0.0) == pairs and len(confident_pairs(pairs, 1.5)) == 2
+    assert [p["chosen"] for p in confident_pairs(pairs, 1.6)] == ["c"]
+    assert confident_pairs(pairs, 2.7) == []
+    unsearched = [{"prompt": "p", "chosen": "x", "rejected": "y"}]  # instance-level pairs have no Q
+    assert confident_pairs(unsearched, 5.0) == unsearched
 
 
 def test_random_rejection_picks_a_non_best_sibling():

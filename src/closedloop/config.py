@@ -48,6 +48,11 @@ class TaskSource(str, Enum):
     jsonl = "jsonl"
 
 
+class Split(str, Enum):
+    heldout = "heldout"  # the reported split (SPEC §7)
+    validation = "validation"  # for choosing settings; never the held-out split
+
+
 class RejectedChoice(str, Enum):
     lowest_q = "lowest_q"  # SPEC §2 (paper)
     random = "random"  # reference code: a random non-best sibling
@@ -103,6 +108,10 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: DType = DType.float32
+    """Weights' dtype for training (and for inference unless ``inference_dtype`` is set)."""
+    inference_dtype: DType | None = None
+    """dtype for the stages that only decode (evaluate, MCTS, instance sampling); null: ``dtype``.
+    bfloat16 roughly halves decode time on CPUs with avx512_bf16/AMX and on GPUs."""
     cache_dir: str | None = None
     """Where converted/built models are cached; default $CLOSEDLOOP_CACHE or ~/.cache/closedloop."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -129,6 +138,8 @@ class TaskConfig:
     n_train: int = 0
     n_heldout: int = 200
     """Rows in the held-out split; -1 keeps all."""
+    n_validation: int = 0
+    """Rows in a validation split (disjoint from train and held-out) for tuning settings."""
     train_path: str | None = None
     """``source: jsonl`` only: the user's training rows."""
     heldout_path: str | None = None
@@ -138,7 +149,7 @@ class TaskConfig:
 
 def _default_tasks() -> dict[str, TaskConfig]:
     return {
-        "synthetic": TaskConfig(source=TaskSource.synthetic, n_train=256, n_heldout=200),
+        "synthetic": TaskConfig(source=TaskSource.synthetic, n_train=256, n_heldout=200, n_validation=200),
         "arc_challenge": TaskConfig(source=TaskSource.arc_challenge, n_heldout=200),
         "sciq": TaskConfig(source=TaskSource.sciq, n_heldout=200),
         "csqa": TaskConfig(source=TaskSource.csqa, n_heldout=200),
@@ -179,6 +190,8 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["synthetic", "arc_challenge", "sciq"])
     models: list[str] = field(default_factory=lambda: ["base", "sft"])
     """Model tags: ``base`` (the configured model, untrained) and ``sft``."""
+    split: Split = Split.heldout
+    """``validation`` to choose settings without looking at the held-out split."""
     decoding: Decoding = Decoding.greedy
     k: int = 4
     """Samples per question for ``decoding: sampled`` (sampled@k)."""
@@ -240,8 +253,6 @@ class MCTSConfig:
     self_eval_depth_scaled: bool = False
     """Reference-code option: v = C / max(depth − 3, 1)."""
     rejected: RejectedChoice = RejectedChoice.lowest_q
-    min_q_margin: float = 0.0
-    """Skip pairs whose chosen and rejected Q differ by this much or less (0: exact ties only)."""
     drop_wrong_trees: bool = False
     """Keep only pairs from trees whose committed answer is correct."""
     add_gold_step: bool = False
@@ -256,6 +267,9 @@ class DPOConfig:
     use_alpha: bool = True
     """Per-pair label smoothing α from the search; false trains plain DPO (α = 0)."""
     reference: Reference = Reference.sft
+    min_q_margin: float = 0.0
+    """Train only on pairs whose Q_w − Q_l exceeds this (0: all pairs; the search already
+    drops exact ties). A training choice, so changing it reruns DPO, not the search."""
     learning_rate: float = 2e-5
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
@@ -587,8 +601,12 @@ def check(cfg: DictConfig) -> None:
     for name, task in tasks.items():
         if task.source == TaskSource.jsonl and not task.heldout_path:
             raise ConfigError(f"key 'data.tasks.{name}.heldout_path': required for source jsonl")
-        if task.n_heldout < -1 or task.n_train < 0:
-            raise ConfigError(f"key 'data.tasks.{name}': n_train must be >= 0, n_heldout >= -1")
+        if task.n_heldout < -1 or task.n_train < 0 or task.n_validation < 0:
+            raise ConfigError(f"key 'data.tasks.{name}': n_train and n_validation must be >= 0, "
+                              f"n_heldout >= -1")
+        if task.n_validation and task.source == TaskSource.jsonl:
+            raise ConfigError(f"key 'data.tasks.{name}.n_validation': source jsonl has no validation split "
+                              f"here (expected 0; hold rows out of train_path yourself)")
     if not 0 < cfg.eval.ci_level < 1:
         raise ConfigError(f"key 'eval.ci_level': expected a number in (0, 1), got {cfg.eval.ci_level}")
     for key in ("batch_size", "k", "n_bootstrap", "max_new_tokens"):

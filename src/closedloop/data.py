@@ -9,7 +9,7 @@ from closedloop import config as cl_config
 
 
 def main(cfg) -> None:
-    """Build ``data/<experiment>/<task>/{train,heldout}.jsonl`` for ``cfg.job.task``."""
+    """Build ``data/<experiment>/<task>/{train,heldout,validation}.jsonl`` for ``cfg.job.task``."""
     name = cfg.job.task
     if name not in cfg.data.tasks:
         raise cl_config.ConfigError(f"key 'job.task': {name!r} is not in data.tasks ({sorted(cfg.data.tasks)})")

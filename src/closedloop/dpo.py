@@ -47,6 +47,14 @@ def uses_alpha(d, variant: str) -> bool:
     return d.use_alpha and variant not in ALPHA_FREE
 
 
+def confident_pairs(rows: list[dict], margin: float) -> list[dict]:
+    """Pairs whose search values differ by more than ``margin`` (Q_w − Q_l > margin); pairs
+    without Q values (instance-level ablation) are all kept."""
+    if margin <= 0:
+        return rows
+    return [r for r in rows if "q_chosen" not in r or r["q_chosen"] - r["q_rejected"] > margin]
+
+
 def preference_dataset(rows: list[dict], with_alpha: bool) -> Dataset:
     keep = ["prompt", "chosen", "rejected"] + (["alpha"] if with_alpha else [])
     return Dataset.from_list([{k: r[k] for k in keep} for r in rows])
@@ -83,9 +91,11 @@ def main(cfg) -> None:
     set_seed(cfg.seed)
     d = cl_config.dpo_for(cfg, k)
     source = pairs_path(cfg, k, variant)
-    rows = artifacts.read_jsonl(source)
+    searched = artifacts.read_jsonl(source)
+    rows = confident_pairs(searched, d.min_q_margin)
     if not rows:
-        raise ValueError(f"{source}: no preference pairs to train on (the search produced none)")
+        raise ValueError(f"{source}: no preference pairs to train on ({len(searched)} searched, none with "
+                         f"Q_w - Q_l > dpo.min_q_margin = {d.min_q_margin})")
     with_alpha = uses_alpha(d, variant)
     policy_in, ref_in = paths.policy_dir(cfg, k - 1, variant), reference_dir(cfg, d, k, variant)
     model, tokenizer = models.load_dir(policy_in, cfg.model)
@@ -109,8 +119,9 @@ def main(cfg) -> None:
             models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
             shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
             (out / "stats.json").write_text(json.dumps(
-                {"pairs": len(rows), "steps": trainer.state.global_step, "alpha": with_alpha,
+                {"pairs": len(rows), "pairs_searched": len(searched), "min_q_margin": d.min_q_margin,
+                 "steps": trainer.state.global_step, "alpha": with_alpha,
                  "mean_alpha": sum(r.get("alpha", 0.0) for r in rows) / len(rows) if with_alpha else 0.0},
                 indent=2) + "\n")
     checkpoints.finish(work)
-    print(f"dpo: {paths.model_tag(k, variant)}: {len(rows)} pairs, {trainer.state.global_step} steps -> {out_dir}")
+    print(f"dpo: {paths.model_tag(k, variant)}: {len(rows)} of {len(searched)} pairs, {trainer.state.global_step} steps -> {out_dir}")

@@ -70,12 +70,23 @@ def decode(model, tokenizer, rows: list[dict], ev, seed: int, desc: str) -> tupl
     return completions, n_tokens
 
 
+def split_rows(cfg, task: str, ev) -> list[dict]:
+    """The rows of ``ev.split`` (held-out by default; validation for choosing settings)."""
+    split = str(getattr(ev.split, "value", ev.split))
+    path = paths.data_dir(cfg, task) / f"{split}.jsonl"
+    rows = artifacts.read_jsonl(path) if path.exists() else []
+    if not rows:
+        raise cl_config.ConfigError(f"key 'eval.split': {path} has no rows (for validation set "
+                                    f"data.tasks.{task}.n_validation > 0)")
+    return rows
+
+
 def main(cfg) -> None:
-    """Evaluate model ``cfg.job.model`` on task ``cfg.job.task``'s held-out split."""
+    """Evaluate model ``cfg.job.model`` on task ``cfg.job.task``'s ``eval.split`` split."""
     tag, task = cfg.job.model, cfg.job.task
     if tag is None or task is None:
         raise cl_config.ConfigError("evaluate: keys 'job.model' and 'job.task' are required")
-    rows = artifacts.read_jsonl(paths.data_dir(cfg, task) / "heldout.jsonl")
+    rows = split_rows(cfg, task, cfg.eval)
     evaluate(cfg, tag, task, cfg.eval, rows, paths.eval_dir(cfg, tag, task),
              cl_config.stage_view(cfg, "evaluate", [task]), "evaluate")
 
@@ -91,7 +102,7 @@ def main_decoding(cfg) -> None:
     if decoding not in methods:
         raise cl_config.ConfigError(f"key 'job.decoding': expected one of decodings.methods {methods}, "
                                     f"got {decoding!r}")
-    rows = artifacts.read_jsonl(paths.data_dir(cfg, task) / "heldout.jsonl")
+    rows = split_rows(cfg, task, cfg.eval)
     rows = rows[: cfg.decodings.n_questions] if cfg.decodings.n_questions else rows
     d = cfg.decodings
     ev = OmegaConf.merge(cfg.eval, {"decoding": decoding, "k": d.samples, "beam_k": d.beam_k, "beam_n": d.beam_n})
@@ -103,17 +114,19 @@ def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view
     """Decode ``rows`` with model ``tag`` under ``ev`` and write predictions + metrics to ``out_dir``."""
     data = paths.data_dir(cfg, task)
     source, model_info = model_record(cfg, tag)
-    model, tokenizer = models.load_dir(source, cfg.model)
+    model, tokenizer = models.load_dir(source, cfg.model, inference=True)
     set_seed(cfg.seed)
     completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"{stage} {tag}/{task}")
     decoding = ev.decoding.value
     records, acc, any_ok = score(rows, completions)
-    metrics = {"task": task, "model": model_info, "decoding": decoding,
+    split = str(getattr(ev.split, "value", ev.split))
+    metrics = {"task": task, "split": split, "model": model_info, "decoding": decoding,
+               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                "k": ev.k if decoding in ("sampled", "self_consistency") else 1,
                "temperature": 0.0 if decoding == "greedy" else ev.temperature,
                "seed": cfg.seed, "generated_tokens": n_tokens,
                "generated_tokens_per_question": n_tokens / max(len(rows), 1),
-               "data": {"path": str(data), "sha256": artifacts.content_hash(data / "heldout.jsonl")},
+               "data": {"path": str(data), "sha256": artifacts.content_hash(data / f"{split}.jsonl")},
                **stats.summarise(acc, ev.n_bootstrap, ev.ci_level, cfg.seed)}
     if decoding == "beam_self_eval":
         metrics["beam"] = {key: ev[f"beam_{key}"] for key in ("k", "n", "lambda", "tau", "tau_decay", "max_steps",

@@ -38,7 +38,7 @@ def main(cfg) -> None:
         raise cl_config.ConfigError(f"key 'job.iteration': expected an integer >= 1, got {k}")
     rows = artifacts.read_jsonl(paths.data_dir(cfg, cfg.mcts.task) / "train.jsonl")[: cfg.mcts.n_prompts]
     policy = paths.policy_dir(cfg, k - 1, VARIANT)
-    model, tokenizer = models.load_dir(policy, cfg.model)
+    model, tokenizer = models.load_dir(policy, cfg.model, inference=True)
     set_seed(cfg.seed + k)
     texts = [prompts.chat_prompt(tokenizer, r) for r in rows]
     m = cfg.mcts

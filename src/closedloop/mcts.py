@@ -272,7 +272,7 @@ def pairs_from_record(record: dict, row: dict, tokenizer, mcfg, seed: int) -> li
     rng = random.Random(f"{seed}:{record['tree_id']}")
     rejected = str(getattr(mcfg.rejected, "value", mcfg.rejected))
     out = []
-    for pair in preference_pairs(tree, record["committed"], rejected, rng, mcfg.min_q_margin):
+    for pair in preference_pairs(tree, record["committed"], rejected, rng):
         prompt = prompts.chat_prompt(tokenizer, row) + "".join(s + "\n" for s in tree.steps(pair["parent"]))
         # a step that does not end the solution keeps its newline, so training on it (SPEC §3)
         # teaches "this line, then more lines", not "this line, then stop"
@@ -308,7 +308,7 @@ def main(cfg) -> None:
     view = cl_config.stage_view(cfg, "mcts", [cfg.mcts.task])
     work = paths.mcts_dir(cfg, k, variant) / ".work" / f"shard{shard}-{cl_config.config_hash(view)[:12]}"
     work.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = models.load_dir(policy_dir, cfg.model)
+    model, tokenizer = models.load_dir(policy_dir, cfg.model, inference=True)
     searcher = Searcher(model, tokenizer, cfg.mcts, str(policy_dir))
     rows = shard_rows(cfg, shard)
     size = cfg.mcts.trees_per_batch

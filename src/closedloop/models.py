@@ -144,8 +144,9 @@ def load_tokenizer(source: str, mcfg):
     return tokenizer
 
 
-def load_dir(source: str | Path, mcfg):
-    """(model, tokenizer) from a ``from_pretrained`` dir or hub id, in eval mode."""
+def load_dir(source: str | Path, mcfg, inference: bool = False):
+    """(model, tokenizer) from a ``from_pretrained`` dir or hub id, in eval mode; in
+    ``model.inference_dtype`` (when set) for stages that only decode."""
     from transformers import AutoModelForCausalLM
 
     source = str(source)
@@ -154,12 +155,18 @@ def load_dir(source: str | Path, mcfg):
         source,
         revision=mcfg.revision,
         trust_remote_code=mcfg.trust_remote_code,
-        dtype=DTYPES[str(getattr(mcfg.dtype, "value", mcfg.dtype))],
+        dtype=DTYPES[dtype_name(mcfg, inference)],
     )
     model.eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def dtype_name(mcfg, inference: bool) -> str:
+    dtype = mcfg.get("inference_dtype") if inference else None
+    dtype = dtype or mcfg.dtype
+    return str(getattr(dtype, "value", dtype))
 
 
 def load_base(mcfg):

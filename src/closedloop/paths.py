@@ -13,7 +13,8 @@ CLOSED_LOOP = "closedloop"
 
 
 def data_dir(cfg, task: str) -> Path:
-    """``data/<experiment>/<task>/``: train.jsonl (when the task has one), heldout.jsonl."""
+    """``data/<experiment>/<task>/``: train.jsonl (when the task has one), heldout.jsonl,
+    validation.jsonl (empty unless ``n_validation`` > 0)."""
     return Path(cfg.data_dir) / cfg.experiment / task
 
 

@@ -177,30 +177,42 @@ def _take(rows: list[dict], n: int, seed: str) -> list[dict]:
 
 
 def build_splits(name: str, task, seed: int) -> dict[str, list[dict]]:
-    """Rows of task ``name`` split into ``train`` and ``heldout`` (disjoint by id and question)."""
+    """Rows of task ``name`` split into ``train``, ``heldout`` and ``validation``
+    (disjoint by id and question). Adding validation rows leaves the other two unchanged:
+    synthetic validation rows are generated after the train rows; benchmark validation
+    rows follow the held-out rows in the same seeded shuffle."""
     source = str(getattr(task.source, "value", task.source))
     key = f"{seed}:{name}"
+    n_val = task.n_validation
     if source == "synthetic":
         s = task.synthetic
         n_heldout = 200 if task.n_heldout < 0 else task.n_heldout
-        rows = synthetic.generate(key, task.n_train + n_heldout, s.min_steps, s.max_steps, s.max_start, s.max_operand)
-        return {"heldout": rows[:n_heldout], "train": rows[n_heldout:]}
+        rows = synthetic.generate(key, n_heldout + task.n_train + n_val, s.min_steps, s.max_steps, s.max_start,
+                                  s.max_operand)
+        return {"heldout": rows[:n_heldout], "train": rows[n_heldout:n_heldout + task.n_train],
+                "validation": rows[n_heldout + task.n_train:]}
     if source == "jsonl":
         heldout = _take(load_jsonl(task.heldout_path), task.n_heldout, key)
         train = load_jsonl(task.train_path)[: task.n_train] if task.train_path and task.n_train else []
-        return {"heldout": heldout, "train": train}
+        return {"heldout": heldout, "train": train, "validation": []}
     if task.n_train:
         raise DataError(f"data.tasks.{name}: source {source} ships no training split here (set n_train: 0)")
-    return {"heldout": _take(BENCHMARKS[source](), task.n_heldout, key), "train": []}
+    rows = _take(BENCHMARKS[source](), -1, key)
+    n_heldout = len(rows) - n_val if task.n_heldout < 0 else task.n_heldout
+    if n_heldout + n_val > len(rows):
+        raise DataError(f"data.tasks.{name}: n_heldout + n_validation = {n_heldout + n_val} but {source} has "
+                        f"{len(rows)} rows")
+    return {"heldout": rows[:n_heldout], "train": [], "validation": rows[n_heldout:n_heldout + n_val]}
 
 
 def check_disjoint(splits: dict[str, list[dict]], name: str) -> None:
-    """Train and held-out rows must not share an id or a question."""
-    train_ids = {r["id"] for r in splits["train"]}
-    train_q = {r["question"] for r in splits["train"]}
-    for row in splits["heldout"]:
-        if row["id"] in train_ids or row["question"] in train_q:
-            raise DataError(f"task {name}: held-out row {row['id']!r} also appears in the training split")
+    """No two splits may share an id or a question."""
+    seen: dict[str, str] = {}
+    for split, rows in splits.items():
+        for row in rows:
+            for key in (f"id:{row['id']}", f"q:{row['question']}"):
+                if seen.setdefault(key, split) != split:
+                    raise DataError(f"task {name}: {split} row {row['id']!r} also appears in the {seen[key]} split")
 
 
 def is_multiple_choice(row: dict) -> bool:

@@ -156,12 +156,12 @@ def alpha(n_chosen: int, n_rejected: int) -> float:
 
 
 def preference_pairs(tree: Tree, committed: list[int], rejected: str = "lowest_q",
-                     rng: random.Random | None = None, min_q_margin: float = 0.0) -> list[dict]:
+                     rng: random.Random | None = None) -> list[dict]:
     """Step-level pairs along the committed path: chosen = highest-Q sibling, rejected =
     lowest-Q sibling (or a random non-best one), per SPEC §2. Prompt text is added by
     the caller; here ``parent`` names the node whose steps form the shared prefix.
-    A pair whose Q values differ by ``min_q_margin`` or less carries no preference and is
-    skipped (0: only exact ties; an option beyond SPEC §2 against near-tie noise)."""
+    Siblings with equal Q carry no preference and give no pair; ``dpo.min_q_margin``
+    filters near-ties at training time."""
     pairs = []
     for parent_id in committed:
         children = [tree[c] for c in tree[parent_id].children]
@@ -173,7 +173,7 @@ def preference_pairs(tree: Tree, committed: list[int], rejected: str = "lowest_q
             worst = (rng or random.Random(0)).choice(ranked[1:])
         else:
             worst = ranked[-1]
-        if best.q - worst.q <= min_q_margin:
+        if best.q <= worst.q:
             continue  # no preference to learn
         pairs.append({"parent": parent_id, "chosen_id": best.id, "rejected_id": worst.id,
                       "chosen": best.text, "rejected": worst.text, "q_chosen": best.q, "q_rejected": worst.q,
