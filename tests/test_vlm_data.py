@@ -49,7 +49,7 @@ def test_scene_colours_agree_with_the_pixels(built):
     scenes = artifacts.read_jsonl(data / "scenes.jsonl")
     agree = [vlm_data.nearest_color(vlm_data.object_color(vlm_data.load_rgb(data / s["image"])), table) == s["color"]
              for s in scenes]
-    assert len(scenes) == 16 + 40 and all(agree)
+    assert len(scenes) == 16 + 4 + 40 and all(agree)
 
 
 def test_pope_set_is_balanced_and_its_negatives_are_absent(built):
@@ -108,3 +108,56 @@ def test_recolour_really_recolours_the_object(built, shape):
     assert vlm_data.nearest_color(vlm_data.object_color(edited), table) == new
     untouched = np.all(pixels == vlm_data.background(pixels), axis=2)
     assert (edited[untouched] == pixels[untouched]).all()  # background untouched
+
+
+def test_presence_sft_rows_are_balanced_true_and_on_training_images_only(built):
+    from closedloop import artifacts
+
+    _, data = built
+    sft = artifacts.read_jsonl(data / "sft.jsonl")
+    scenes = {s["image"]: s for s in artifacts.read_jsonl(data / "scenes.jsonl")}
+    presence = [r for r in sft if r["source"] == "presence"]
+    assert len(presence) == 16 * 4  # smoke: 16 images × 2 pairs
+    assert collections.Counter(r["completion"] for r in presence) == {" Yes.": 32, " No.": 32}
+    for r in presence:
+        scene = scenes[r["image"]]
+        obj = r["prompt"].split("Is there a ", 1)[1].split(" in the image?")[0]
+        assert (obj in (scene["shape"], f"{scene['color']} {scene['shape']}")) == (r["completion"] == " Yes."), r
+    assert collections.Counter(r["kind"] for r in presence if r["completion"] == " No.") == {
+        "absent_shape": 16, "same_color_other_shape": 8, "same_shape_other_color": 8}
+    held_out = {s["image_id"] for s in scenes.values() if s["split"] in ("test", "val")}
+    assert all(r["image"].startswith("images/train/") for r in sft)
+    assert not {r["image_id"] for r in sft} & {s["image_id"] for s in scenes.values() if s["split"] == "val"}
+    test_images = {s["image"] for s in scenes.values() if s["split"] == "test"}
+    assert not {r["image"] for r in sft} & test_images and held_out
+
+
+def test_validation_split_is_pope_style_and_disjoint_from_test_and_training(built):
+    from closedloop import artifacts
+
+    _, data = built
+    val = artifacts.read_jsonl(data / "val.jsonl")
+    pope = artifacts.read_jsonl(data / "pope.jsonl")
+    scenes = artifacts.read_jsonl(data / "scenes.jsonl")
+    assert collections.Counter((r["split"], r["label"]) for r in val) == {
+        (s, lab): 4 for s in vlm_data.SPLITS for lab in ("yes", "no")}
+    val_images = {r["image"] for r in val}
+    assert all(im.startswith("images/val/") and (data / im).is_file() for im in val_images)
+    # easy-VQA's train and test splits number their images separately: compare the source files' pixels too
+    assert not val_images & {r["image"] for r in pope}
+    test_pixels = {vlm_data.load_rgb(data / r["image"]).tobytes() for r in pope}
+    assert not {vlm_data.load_rgb(data / im).tobytes() for im in val_images} & test_pixels
+    train_ids = {s["image_id"] for s in scenes if s["split"] == "train"}
+    assert not {r["image_id"] for r in val} & train_ids
+    for r in val:
+        present = r["object"] in (r["scene"]["shape"], f"{r['scene']['color']} {r['scene']['shape']}")
+        assert present == (r["label"] == "yes")
+
+
+def test_presence_questions_can_be_switched_off(tmp_path):
+    cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"], [f"data_dir={tmp_path}", "vlm.data.presence_pairs_per_image=0"])
+    vlm_data.main(cfg)
+    from closedloop import artifacts
+
+    sft = artifacts.read_jsonl(vlm.data_dir(cfg) / "sft.jsonl")
+    assert {r["source"] for r in sft} == {"easy_vqa", "describe"}

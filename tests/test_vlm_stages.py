@@ -48,7 +48,16 @@ def test_the_branch_runs_end_to_end(tmp_path):
         cfg.job.variant = variant
         vdpo.main(cfg)
         stats = json.loads((vlm.train_dir(cfg, variant) / "stats.json").read_text())
-        assert stats["gamma"] == (0.75 if variant == "vdpo" else 1.0) and stats["steps"] == 2 and stats["alpha"]
+        assert stats["steps"] == 2 and stats["alpha"]
+        if variant == "dpo":
+            assert stats["gamma"] == 1.0 and not (vlm.train_dir(cfg, variant) / "gamma_selection.json").exists()
+        else:  # γ chosen on the validation questions among vlm.vdpo.gamma_grid
+            selection = json.loads((vlm.train_dir(cfg, variant) / "gamma_selection.json").read_text())
+            assert [r["gamma"] for r in selection["table"]] == [0.75, 0.5]
+            assert all(r["val"]["n"] == 4 * 2 * 3 for r in selection["table"])
+            assert selection["chosen"] == stats["gamma"] == vdpo.best_gamma(selection["table"])["gamma"]
+            assert all((vlm.train_dir(cfg, variant) / "gamma" / f"{g:g}" / "train_log.csv").is_file()
+                       for g in (0.75, 0.5))
         prov = json.loads((vlm.train_dir(cfg, variant) / "provenance.json").read_text())
         assert prov["inputs"]["pairs"]["sha256"] == artifacts.content_hash(vlm.pairs_dir(cfg))
 
@@ -67,6 +76,7 @@ def test_the_branch_runs_end_to_end(tmp_path):
     pope.report(cfg)
     report = vlm.report_file(cfg).read_text()
     assert all(f"| {t} | " in report for t in ("sft", "dpo", "vdpo")) and "| adversarial |" in report
+    assert "| γ | val accuracy |" in report and "| 0.5 | " in report
     assert (vlm.run_dir(cfg) / "report.provenance.json").is_file()
 
 
@@ -98,6 +108,95 @@ def test_paper_preset_keeps_the_hub_model():
     assert (cfg.vlm.vdpo.gamma, cfg.vlm.vdpo.beta, cfg.vlm.vdpo.learning_rate) == (0.75, 0.1, 1e-6)
     assert cfg.vlm.vdpo.batch_size * cfg.vlm.vdpo.grad_accum == 64 and cfg.vlm.vdpo.epochs == 4
     assert not cfg.vlm.model.trust_remote_code
+    assert cfg.vlm.model.lora.enabled and cfg.vlm.model.lora.r == 128
+    assert cfg.vlm.data.n_train_images + cfg.vlm.data.n_val_images <= 3837  # easy-VQA's train scenes
+
+
+def test_best_gamma_prefers_accuracy_over_an_all_yes_f1():
+    table = [{"gamma": 0.5, "val": {"accuracy": 0.5, "f1": 0.667}},
+             {"gamma": 0.75, "val": {"accuracy": 0.8, "f1": 0.78}},
+             {"gamma": 1.5, "val": {"accuracy": 0.8, "f1": 0.75}}]
+    assert vdpo.best_gamma(table)["gamma"] == 0.75
+    assert vdpo.best_gamma(table[2:] + table[1:2])["gamma"] == 0.75
+    cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"])
+    assert vdpo.gammas_of(cfg, "dpo") == [1.0] and vdpo.gammas_of(cfg, "vdpo") == [0.75, 0.5]
+    cfg.vlm.vdpo.gamma_grid = []
+    assert vdpo.gammas_of(cfg, "vdpo") == [0.75]
+
+
+def _tiny(tmp_path, *overrides):
+    cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"],
+                      [f"data_dir={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}", *overrides])
+    return cfg, *vlm.load(vlm.base_source(cfg.vlm.model), cfg.vlm.model)
+
+
+def test_standardized_vision_output_is_centred_unit_scale_and_keeps_the_heads(tmp_path):
+    cfg, model, processor = _tiny(tmp_path)
+    tower = model.model.vision_tower
+    torch.manual_seed(0)
+    heads = vlm_sft.SceneHeads(tower.config.hidden_size)
+    with torch.no_grad():  # a tower whose features are large and mostly one vector, as after vision pretraining
+        tower.encoder.layers[-1].mlp.fc2.bias.add_(30.0)
+    pixels = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        before = heads(tower, pixels)
+        vlm_sft.standardize_vision_output(tower, heads, pixels)
+        after = heads(tower, pixels)
+        features = tower(pixel_values=pixels).last_hidden_state[:, 1:]
+    assert features.mean(dim=(0, 1)).abs().max() < 1e-3
+    assert abs(features.pow(2).mean().sqrt().item() - 1.0) < 1e-3
+    for b, a in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_lora_trains_adapters_and_projector_not_the_base_weights(tmp_path):
+    """vlm.model.lora on the VLM path: a real SFT step moves the LoRA adapters (language model
+    only) and the projector; the base weights of the language model and the tower stay put."""
+    from trl import SFTTrainer
+
+    cfg, model, processor = _tiny(tmp_path, "vlm.model.lora.enabled=true", "vlm.model.lora.r=4",
+                                  "vlm.sft.max_steps=2", "vlm.sft.learning_rate=1e-2")
+    vlm_data.main(cfg)
+    vlm.freeze_vision_tower(model, cfg.vlm.model)
+    peft_model = vlm.add_lora(model, cfg.vlm.model)
+    names = [n for n, _ in peft_model.named_parameters()]
+    lora = [n for n in names if "lora_" in n]
+    assert lora and all("language_model" in n for n in lora)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora) | {n for n in names if "modules_to_save" in n}
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    rows = artifacts.read_jsonl(vlm.data_dir(cfg) / "sft.jsonl")
+    trainer = SFTTrainer(model=peft_model, args=vlm_sft.training_args(cfg, tmp_path / "trainer"),
+                         train_dataset=vlm_sft.sft_dataset(rows, vlm.data_dir(cfg), processor.tokenizer.eos_token),
+                         processing_class=processor)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    moved = {n for n in names if not torch.equal(before[n], after[n].detach())}
+    assert {n for n in lora if "lora_B" in n} <= moved  # B starts at zero: any step moves it
+    assert any("modules_to_save" in n for n in moved)
+    assert moved <= trainable  # base weights (language model, tower, embeddings) untouched
+    merged = tmp_path / "merged"
+    vlm.save(trainer.model, processor, merged)
+    reloaded, _ = vlm.load(merged, cfg.vlm.model)
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+
+
+def test_lora_vdpo_runs_with_the_guided_hook(tmp_path):
+    """V-DPO on a PEFT-wrapped policy: the forward hook still guides it (γ ≠ 1), the output merges."""
+    cfg, _, _ = _tiny(tmp_path, "vlm.model.lora.enabled=true", "vlm.model.lora.r=4", "vlm.sft.vision_pretrain_steps=2",
+                      "vlm.sft.max_steps=1", "vlm.vdpo.max_steps=1", "vlm.vdpo.gamma_grid=[]", "vlm.pairs.alpha=none")
+    vlm_data.main(cfg)
+    vlm_sft.main(cfg)
+    vdpo_pairs.main(cfg)
+    cfg.job.variant = "vdpo"
+    vdpo.main(cfg)
+    stats = json.loads((vlm.train_dir(cfg, "vdpo") / "stats.json").read_text())
+    assert stats["gamma"] == 0.75 and stats["steps"] == 1
+    sft = load_file(vlm.model_dir(cfg, "sft") / "model.safetensors")
+    trained = load_file(vlm.model_dir(cfg, "vdpo") / "model.safetensors")
+    assert set(sft) == set(trained)
+    assert torch.equal(sft["vision_tower.encoder.layers.0.self_attn.q_proj.weight"],
+                       trained["vision_tower.encoder.layers.0.self_attn.q_proj.weight"])
 
 
 @pytest.mark.parametrize("override,key", [

@@ -366,6 +366,10 @@ class VLMModelConfig:
     text_heads: int = 4
     text_kv_heads: int = 2
     init_seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """PEFT LoRA on the language model's attention (``target_modules`` inside ``language_model``
+    only, never the vision tower) in ``vlm_sft`` and ``vdpo``; the projector stays fully
+    trainable (``modules_to_save``), as in LLaVA-1.5's LoRA recipe. Off: full fine-tuning."""
 
 
 @dataclass
@@ -378,6 +382,11 @@ class VLMDataConfig:
     """Held-out test images; each gives one yes and one no question per POPE split."""
     questions_per_image: int = 3
     """easy-VQA training questions kept per image (SFT)."""
+    presence_pairs_per_image: int = 2
+    """Balanced yes/no presence-question pairs per training image in the SFT mix (0: none; 1: a shape;
+    2: also a colour + shape); easy-VQA's own un-negated presence questions are 82% "no"."""
+    n_val_images: int = 100
+    """Training-split images left out of SFT and pairs; their POPE-style questions choose γ."""
 
 
 @dataclass
@@ -414,6 +423,11 @@ class VDPOConfig:
     """V-DPO training (SPEC §4); the plain-DPO ablation is the same run at γ = 1."""
 
     gamma: float = 0.75
+    """γ of the ``vdpo`` run when ``gamma_grid`` is empty."""
+    gamma_grid: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.5])
+    """Train V-DPO once per γ here, score each on the validation questions (``val.jsonl``:
+    training-split images, never the held-out test set) and keep the most accurate model as
+    ``vdpo``; the table goes to ``gamma_selection.json``. Empty: train ``gamma`` only."""
     beta: float = 0.1
     learning_rate: float = 1e-4
     lr_scheduler: str = "cosine"
@@ -656,9 +670,14 @@ def check_vlm(v) -> None:
         raise ConfigError(f"key 'vlm.pairs.fixed_alpha': expected a number in [0, 0.5), got {v.pairs.fixed_alpha}")
     if v.vdpo.gamma < 0:
         raise ConfigError(f"key 'vlm.vdpo.gamma': expected a number >= 0, got {v.vdpo.gamma}")
-    for key in ("n_train_images", "n_pope_images", "questions_per_image"):
+    if any(g < 0 for g in v.vdpo.gamma_grid):
+        raise ConfigError(f"key 'vlm.vdpo.gamma_grid': expected numbers >= 0, got {list(v.vdpo.gamma_grid)}")
+    for key in ("n_train_images", "n_pope_images", "questions_per_image", "n_val_images"):
         if v.data[key] < 1:
             raise ConfigError(f"key 'vlm.data.{key}': expected an integer >= 1, got {v.data[key]}")
+    if v.data.presence_pairs_per_image not in (0, 1, 2):
+        raise ConfigError(f"key 'vlm.data.presence_pairs_per_image': expected 0, 1 or 2, got "
+                          f"{v.data.presence_pairs_per_image}")
     if v.pairs.n_response + v.pairs.n_image < 1:
         raise ConfigError("keys 'vlm.pairs.n_response' + 'vlm.pairs.n_image': expected at least one pair")
 

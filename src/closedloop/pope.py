@@ -171,6 +171,14 @@ def report(cfg) -> None:
               "|---|" + "---|" * len(SPLITS)]
     for t, m in results.items():
         lines.append(f"| {t} | " + " | ".join(_fmt(m["splits"][s], "f1") for s in SPLITS) + " |")
+    selection = vlm.train_dir(cfg, "vdpo") / "gamma_selection.json" if "vdpo" in tags else None
+    if selection is not None and selection.is_file():
+        sel = json.loads(selection.read_text())
+        lines += ["", f"V-DPO γ, chosen on the validation questions (training-split images, never the held-out "
+                      f"set) by {sel['criterion']}; chosen γ = {sel['chosen']:g}:", "",
+                  "| γ | val accuracy | val F1 | val yes-ratio | n |", "|---|---|---|---|---|"]
+        lines += [f"| {r['gamma']:g} | {100 * r['val']['accuracy']:.1f} | {100 * r['val']['f1']:.1f} | "
+                  f"{100 * r['val']['yes_ratio']:.1f} | {r['val']['n']} |" for r in sel["table"]]
     stages = [("vlm_data", vlm.data_dir(cfg)), ("vlm_sft", vlm.sft_dir(cfg)), ("vdpo_pairs", vlm.pairs_dir(cfg))]
     stages += [(f"train {t}", vlm.train_dir(cfg, t)) for t in tags if t != "sft"]
     stages += [(f"pope {t}", vlm.pope_dir(cfg, t)) for t in tags]

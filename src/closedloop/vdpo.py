@@ -4,7 +4,9 @@ plain-DPO ablation (``job.variant: dpo``), the same run with γ = 1.
 Both use :class:`~closedloop.vdpo_trainer.VisionGuidedDPOTrainer` (TRL's DPOTrainer with the
 guided policy log-probs; γ = 1 is exactly TRL's sigmoid DPO), the same pairs, settings and
 seed, with the SFT model as policy initialisation and as the frozen reference.
-Output ``results/<experiment>/vlm/<vdpo|dpo>/``: ``model/``, ``train_log.csv``, ``stats.json``.
+γ for ``vdpo`` is chosen on validation questions (``vlm.vdpo.gamma_grid``, see :func:`main`).
+Output ``results/<experiment>/vlm/<vdpo|dpo>/``: ``model/``, ``train_log.csv``, ``stats.json``
+(and ``gamma_selection.json``, ``gamma/<γ>/train_log.csv`` when γ is selected).
 """
 
 from __future__ import annotations
@@ -53,38 +55,103 @@ def gamma_of(cfg, variant: str) -> float:
     return 1.0 if variant == "dpo" else float(cfg.vlm.vdpo.gamma)
 
 
-def main(cfg) -> None:
-    """Train ``job.variant`` (``vdpo`` or the plain-DPO ablation ``dpo``) from the SFT model."""
+def gammas_of(cfg, variant: str) -> list[float]:
+    """The γ values the job trains: 1 for ``dpo``; ``gamma_grid`` (else ``gamma``) for ``vdpo``."""
+    if variant == "dpo":
+        return [1.0]
+    return [float(g) for g in cfg.vlm.vdpo.gamma_grid] or [float(cfg.vlm.vdpo.gamma)]
+
+
+VAL_BATCH_SIZE = 32
+VAL_MAX_NEW_TOKENS = 8
+
+
+def validation_score(model, processor, data: Path) -> dict:
+    """POPE metrics of ``model`` on ``val.jsonl`` (training-split images kept out of SFT and pairs)."""
+    from closedloop import pope
+
+    rows = artifacts.read_jsonl(data / "val.jsonl")
+    model.eval()
+    generations = pope.generate(model, processor, rows, data, VAL_BATCH_SIZE, VAL_MAX_NEW_TOKENS)
+    answers = [pope.parse_answer(g) for g in generations]
+    return {"n": len(rows), **pope.metrics_from_confusion(pope.confusion([r["label"] for r in rows], answers))}
+
+
+def best_gamma(table: list[dict]) -> dict:
+    """The row with the highest validation accuracy; ties go to higher F1, then to the γ listed first.
+
+    Accuracy rather than F1: on a balanced set answering "yes" to everything scores F1 66.7
+    (accuracy 50), so F1 alone would choose a degenerate model."""
+    return max(enumerate(table), key=lambda it: (round(it[1]["val"]["accuracy"], 6), round(it[1]["val"]["f1"], 6),
+                                                  -it[0]))[1]
+
+
+def train_one(cfg, gamma: float, rows, pairs: Path, data: Path, sft: Path, with_alpha: bool, work: Path):
+    """One (V-)DPO run from the SFT model; returns the trainer (its model trained)."""
     from closedloop.vdpo_trainer import VisionGuidedDPOTrainer
 
+    set_seed(cfg.seed)
+    model, processor = vlm.load(sft, cfg.vlm.model)
+    ref_model, _ = vlm.load(sft, cfg.vlm.model)
+    vlm.freeze_vision_tower(model, cfg.vlm.model)
+    model = vlm.add_lora(model, cfg.vlm.model)  # the reference stays the plain SFT model
+    model.train()
+    trainer = VisionGuidedDPOTrainer(
+        model=model, ref_model=ref_model, args=training_args(cfg, work / "trainer"), gamma=gamma,
+        train_dataset=preference_dataset(rows, pairs, data, processor.tokenizer.eos_token, with_alpha),
+        processing_class=processor, callbacks=[CsvLogCallback(work / "train_log.csv")],
+    )
+    trainer.train()
+    shutil.rmtree(work / "trainer", ignore_errors=True)
+    return trainer, processor
+
+
+def main(cfg) -> None:
+    """Train ``job.variant`` (``vdpo`` or the plain-DPO ablation ``dpo``) from the SFT model.
+
+    For ``vdpo`` with a ``vlm.vdpo.gamma_grid``: one run per γ, each scored on the validation
+    questions; the most accurate is kept (``model/``, ``train_log.csv``), the others' logs under
+    ``gamma/<γ>/``, and every γ's validation scores in ``gamma_selection.json``.
+    """
     variant = cfg.job.variant
     out_dir = vlm.train_dir(cfg, variant)  # raises on an unknown variant
-    set_seed(cfg.seed)
     pairs, data, sft = vlm.pairs_dir(cfg), vlm.data_dir(cfg), vlm.model_dir(cfg, "sft")
     rows = artifacts.read_jsonl(pairs / "pairs.jsonl")
     if not rows:
         raise ValueError(f"{pairs / 'pairs.jsonl'}: no preference pairs to train on")
     with_alpha = "alpha" in rows[0]
-    gamma = gamma_of(cfg, variant)
-    if not 0.0 <= gamma:
-        raise cl_config.ConfigError(f"key 'vlm.vdpo.gamma': expected a number >= 0, got {gamma}")
-    model, processor = vlm.load(sft, cfg.vlm.model)
-    ref_model, _ = vlm.load(sft, cfg.vlm.model)
-    vlm.freeze_vision_tower(model, cfg.vlm.model)
-    model.train()
+    gammas = gammas_of(cfg, variant)
+    if any(g < 0 for g in gammas):
+        raise cl_config.ConfigError(f"key 'vlm.vdpo.gamma': expected numbers >= 0, got {gammas}")
+    select = len(gammas) > 1
     view = vlm.stage_view(cfg, "vdpo", model=variant)
-    view["job"].update({"variant": variant, "gamma": gamma, "alpha": with_alpha})
+    view["job"].update({"variant": variant, "gamma": gammas if select else gammas[0], "alpha": with_alpha})
     with artifacts.artifact_dir(out_dir, "vdpo", view, {"pairs": pairs, "data": data, "sft": sft.parent},
                                 cfg.seed) as out:
-        trainer = VisionGuidedDPOTrainer(
-            model=model, ref_model=ref_model, args=training_args(cfg, out / "trainer"), gamma=gamma,
-            train_dataset=preference_dataset(rows, pairs, data, processor.tokenizer.eos_token, with_alpha),
-            processing_class=processor, callbacks=[CsvLogCallback(out / "train_log.csv")],
-        )
-        trainer.train()
-        vlm.save(trainer.model, processor, out / "model")
+        table, kept = [], None
+        for gamma in gammas:
+            work = out / "gamma" / f"{gamma:g}" if select else out
+            work.mkdir(parents=True, exist_ok=True)
+            trainer, processor = train_one(cfg, gamma, rows, pairs, data, sft, with_alpha, work)
+            entry = {"gamma": gamma, "steps": trainer.state.global_step}
+            if select:
+                entry["val"] = validation_score(trainer.model, processor, data)
+                print(f"vdpo: γ = {gamma:g}: validation accuracy {entry['val']['accuracy']:.3f} "
+                      f"F1 {entry['val']['f1']:.3f} yes-ratio {entry['val']['yes_ratio']:.3f}")
+                if kept is None or best_gamma([kept[0], entry]) is entry:
+                    kept = (entry, trainer, processor, work)
+            else:
+                kept = (entry, trainer, processor, work)
+            table.append(entry)
+        entry, trainer, processor, work = kept
+        vlm.save(trainer.model, processor, out / "model", cfg.vlm.model.lora.merge_after_training)
+        if select:
+            shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
+            (out / "gamma_selection.json").write_text(json.dumps(
+                {"criterion": "validation accuracy (ties: F1, then grid order)", "validation": "val.jsonl",
+                 "chosen": entry["gamma"], "table": table}, indent=2) + "\n")
         (out / "stats.json").write_text(json.dumps(
-            {"pairs": len(rows), "steps": trainer.state.global_step, "gamma": gamma, "alpha": with_alpha,
+            {"pairs": len(rows), "steps": trainer.state.global_step, "gamma": entry["gamma"], "alpha": with_alpha,
+             "gamma_grid": gammas if select else None,
              "mean_alpha": sum(r.get("alpha", 0.0) for r in rows) / len(rows)}, indent=2) + "\n")
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-    print(f"vdpo: {variant} (γ = {gamma}): {len(rows)} pairs, {trainer.state.global_step} steps -> {out_dir}")
+    print(f"vdpo: {variant} (γ = {entry['gamma']:g}): {len(rows)} pairs, {trainer.state.global_step} steps -> {out_dir}")

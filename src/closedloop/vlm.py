@@ -221,7 +221,7 @@ def base_source(mcfg) -> str:
     if kind == "hf":
         return mcfg.name_or_path
     fields = {k: str(getattr(v, "value", v)) for k, v in OmegaConf.to_container(mcfg).items()
-              if k not in ("kind", "name_or_path", "revision", "trust_remote_code", "dtype")}
+              if k not in ("kind", "name_or_path", "revision", "trust_remote_code", "dtype", "lora")}
     key = cl_config.config_hash({**fields, "build": BUILD_VERSION})[:12]
     root = Path(models.cache_root(OmegaConf.create({"cache_dir": None})))
     return str(models._build_once(root / f"tiny-llava-{key}", lambda out: _build_tiny(mcfg, out)))
@@ -251,6 +251,30 @@ def freeze_vision_tower(model, mcfg) -> None:
             p.requires_grad_(False)
 
 
-def save(model, processor, directory: Path) -> None:
+def lora_targets(lcfg) -> str:
+    """PEFT ``target_modules`` as a regex: the named projections of the language model only
+    (CLIP's vision tower has q_proj/k_proj/v_proj too; LLaVA's LoRA leaves it alone)."""
+    names = "|".join(lcfg.target_modules)
+    return rf".*language_model\..*\.({names})"
+
+
+def add_lora(model, mcfg):
+    """``vlm.model.lora.enabled``: wrap the LLaVA in a PEFT LoRA adapter on its language model;
+    the projector is trained in full (``modules_to_save``). Otherwise ``model`` unchanged."""
+    lcfg = mcfg.lora
+    if not lcfg.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lora_targets(lcfg),
+                        modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save(model, processor, directory: Path, merge_lora: bool = True) -> None:
+    """A ``from_pretrained`` dir; a PEFT model is merged into plain LLaVA weights first
+    (``merge_lora``; otherwise the adapter alone is saved)."""
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
