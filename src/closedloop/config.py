@@ -109,9 +109,11 @@ class ModelConfig:
     trust_remote_code: bool = False
     dtype: DType = DType.float32
     """Weights' dtype for training (and for inference unless ``inference_dtype`` is set)."""
-    inference_dtype: DType | None = None
+    inference_dtype: DType | None = DType.bfloat16
     """dtype for the stages that only decode (evaluate, MCTS, instance sampling); null: ``dtype``.
-    bfloat16 roughly halves decode time on CPUs with avx512_bf16/AMX and on GPUs."""
+    bfloat16 is faster on GPUs and on CPUs with avx512_bf16/AMX (bench/inference_dtype.py)."""
+    bf16_training: bool | None = None
+    """Mixed-precision bf16 for SFT and DPO (fp32 weights); null: where the GPU or CPU has bf16 units."""
     cache_dir: str | None = None
     """Where converted/built models are cached; default $CLOSEDLOOP_CACHE or ~/.cache/closedloop."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)

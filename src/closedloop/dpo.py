@@ -71,8 +71,7 @@ def training_args(cfg, d, output_dir: Path):
         per_device_train_batch_size=d.batch_size, gradient_accumulation_steps=d.grad_accum,
         max_length=d.max_length, logging_steps=d.logging_steps, logging_first_step=True,
         precompute_ref_log_probs=d.precompute_ref, save_strategy="no", report_to="none",
-        seed=cfg.seed, data_seed=cfg.seed, bf16=models.bf16_training(),
-        fp16=False,
+        seed=cfg.seed, data_seed=cfg.seed, **models.trainer_precision(cfg.model.bf16_training),
     )
 
 
@@ -120,6 +119,7 @@ def main(cfg) -> None:
             shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
             (out / "stats.json").write_text(json.dumps(
                 {"pairs": len(rows), "pairs_searched": len(searched), "min_q_margin": d.min_q_margin,
+                 "bf16_autocast": trainer.args.bf16,
                  "steps": trainer.state.global_step, "alpha": with_alpha,
                  "mean_alpha": sum(r.get("alpha", 0.0) for r in rows) / len(rows) if with_alpha else 0.0},
                 indent=2) + "\n")

@@ -40,8 +40,7 @@ def training_args(cfg, output_dir: Path):
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=models.bf16_training(),
-        fp16=False,
+        **models.trainer_precision(cfg.model.bf16_training),
     )
 
 
@@ -79,4 +78,5 @@ def main(cfg) -> None:
             models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
             shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
     checkpoints.finish(work)
-    print(f"sft: {len(dataset)} examples, {trainer.state.global_step} steps -> {paths.sft_dir(cfg)}")
+    print(f"sft: {len(dataset)} examples, {trainer.state.global_step} steps (bf16 autocast: {trainer.args.bf16})"
+          f" -> {paths.sft_dir(cfg)}")

@@ -47,7 +47,7 @@ def training_args(cfg, output_dir: Path):
         num_train_epochs=d.epochs, max_steps=d.max_steps, per_device_train_batch_size=d.batch_size,
         gradient_accumulation_steps=d.grad_accum, max_length=None, logging_steps=d.logging_steps,
         logging_first_step=True, precompute_ref_log_probs=False, save_strategy="no", report_to="none",
-        seed=cfg.seed, data_seed=cfg.seed, bf16=models.bf16_training(), fp16=False, dataloader_pin_memory=False,
+        seed=cfg.seed, data_seed=cfg.seed, bf16=models.bf16_training(cpu=False), fp16=False, dataloader_pin_memory=False,
     )
 
 

@@ -141,7 +141,7 @@ def training_args(cfg, output_dir: Path):
         per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
         max_length=None, logging_steps=s.logging_steps, logging_first_step=True, completion_only_loss=True,
         save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-        bf16=models.bf16_training(), fp16=False, remove_unused_columns=False, dataloader_pin_memory=False,
+        bf16=models.bf16_training(cpu=False), fp16=False, remove_unused_columns=False, dataloader_pin_memory=False,
     )
 
 
