@@ -152,8 +152,8 @@ class TaskConfig:
 def _default_tasks() -> dict[str, TaskConfig]:
     return {
         "synthetic": TaskConfig(source=TaskSource.synthetic, n_train=256, n_heldout=200, n_validation=200),
-        "arc_challenge": TaskConfig(source=TaskSource.arc_challenge, n_heldout=200),
-        "sciq": TaskConfig(source=TaskSource.sciq, n_heldout=200),
+        "arc_challenge": TaskConfig(source=TaskSource.arc_challenge, n_heldout=100),
+        "sciq": TaskConfig(source=TaskSource.sciq, n_heldout=100),
         "csqa": TaskConfig(source=TaskSource.csqa, n_heldout=200),
         "gsm8k": TaskConfig(source=TaskSource.gsm8k, n_heldout=200),
         "math": TaskConfig(source=TaskSource.math, n_heldout=200),
@@ -190,8 +190,8 @@ class EvalConfig:
     """Held-out evaluation (SPEC §7)."""
 
     tasks: list[str] = field(default_factory=lambda: ["synthetic", "arc_challenge", "sciq"])
-    models: list[str] = field(default_factory=lambda: ["base", "sft"])
-    """Model tags: ``base`` (the configured model, untrained) and ``sft``."""
+    models: list[str] = field(default_factory=lambda: ["sft"])
+    """Models evaluated besides the loop's policies: ``base`` (untrained) and/or ``sft``."""
     split: Split = Split.heldout
     """``validation`` to choose settings without looking at the held-out split."""
     decoding: Decoding = Decoding.greedy
