@@ -169,7 +169,7 @@ class Decoder:
     def _splice(self, cache: DynamicCache, mask: torch.Tensor, last: torch.Tensor) -> None:
         """Append rows (their cache, mask and pending token) to the batch, left-padding the
         narrower side so the columns align."""
-        if self.cache is None or not self.rows:
+        if self.cache is None:
             self.cache, self.mask, self.pending = cache, mask, last
             self._trim()
             return
