@@ -1,15 +1,20 @@
 """Stage ``mcts``: MCTS as a data engine (SPEC §2) turning the policy's own step-by-step
 solutions into step-level preference pairs.
 
-Each shard searches its prompts in batches of ``trees_per_batch`` trees. All expansions
-of one simulation, across the trees of a batch, go out as one ``generate`` call (left
-padding; each row stops at the end of its line); the prior p(a|s) comes from the
-generation's own logits via :class:`LogprobRecorder` (no second forward pass), and the
-self-evaluation C(s) of every new node is one batched forward pass (``selfeval.py``).
-Completed batches are written to a work dir keyed by the config hash, so a killed shard
-resumes where it stopped with identical results (each batch has its own seed).
+Each shard searches its prompts in batches of ``trees_per_batch`` trees. The trees of a
+batch advance independently (:class:`Searcher`): each runs its own simulations and
+sends its expansions' sampling requests to one continuous-batching decode loop
+(``decode.py``) that drops finished rows every step and refills free slots with other
+trees' requests, so decode steps stay full. Each row stops at the end of its line (or
+EOS / max tokens for a forced completion); the prior p(a|s) comes from the decode
+loop's own logits (no second forward pass), and the self-evaluation C(s) of each new
+node is read by continuing the row's KV cache with the evaluation suffix, batched over
+the rows that finish together (``selfeval.py``). Completed batches are written to a work
+dir keyed by the config hash, so a killed shard resumes where it stopped with identical
+results (each batch has its own seed, each request its own generator).
 Each batch's question prompts are prefilled once and their KV cache reused by every
-expansion (``prefix_cache.py``), so a generate call prefills only the steps so far.
+expansion (``prefix_cache.py``), so a request prefills only the steps so far.
+``sample_continuations`` (one ``generate`` call) remains for beam search (SPEC §1).
 """
 
 from __future__ import annotations
