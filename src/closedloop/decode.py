@@ -14,9 +14,16 @@ generate call's rows were idle padding. :class:`Decoder` keeps a batch of rows o
   ``torch.Generator`` (so a row's tokens do not depend on what else is in the batch),
 * stops each row on its own: EOS, the end of its first non-empty line (one step = one
   line), ``max_new_tokens``, or optionally a final-answer line,
-* scores finished rows' C(s) by continuing their cache with the evaluation suffix (one
-  batched forward for all rows finishing at that step), then drops them from the batch
-  (cache rows pruned, leading all-padding columns trimmed).
+* drops finished rows from the batch (cache rows pruned, leading all-padding columns
+  trimmed), keeping their cache rows aside until :meth:`Decoder.score` reads their C(s)
+  by continuing each with the evaluation suffix, one forward for all rows handed to it
+  (the searcher hands it the rows of every tree whose expansion completed at that step).
+
+On a CPU a forward pass costs about the same for 1 or 30 rows (streaming the weights
+dominates), so the loop keeps the number of forward passes low: one decode pass per
+step, one self-evaluation pass per step in which some tree's expansion completes, one
+prefill pass per refill. Sampling is inverse-CDF with one uniform per row from the row's
+generator.
 
 New requests can be added whenever slots are free (:meth:`Decoder.add`): they are
 prefilled (from the :class:`~closedloop.prefix_cache.QuestionCache` plus their suffix,
@@ -67,6 +74,7 @@ class Result:
     n_tokens: int  # tokens of the step (up to the first EOS)
     ended: bool  # the policy ended the solution (EOS) rather than a line
     confidence: float | None = None
+    _parked: Any = field(default=None, repr=False, compare=False)  # see Decoder._park
 
     @property
     def token_ids(self) -> tuple[int, ...]:
@@ -111,6 +119,7 @@ class Decoder:
         self.mask: torch.Tensor | None = None  # [B, L] over the cache's columns
         self.pending: torch.Tensor | None = None  # [B] the token each row feeds next
         self.timings = {"decode": 0.0, "prefill": 0.0, "self_eval": 0.0}
+        self.calls = {"decode": 0, "prefill": 0, "self_eval": 0}
         self.steps = self.row_steps = 0
         self._newline: dict[int, bool] = {}
         self._suffix: list[int] | None = None
@@ -143,6 +152,7 @@ class Decoder:
         for _, cache, mask, last in parts:
             self._splice(cache, mask, last)
         self.rows += [_Row(requests[k], torch.Generator().manual_seed(requests[k].seed)) for k in order]
+        self.calls["prefill"] += 1
         self.timings["prefill"] += time.perf_counter() - start
 
     @torch.inference_mode()
@@ -197,7 +207,8 @@ class Decoder:
     # ---- decoding ------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Result]:
-        """One decode step for every row; the rows that finished, scored and removed."""
+        """One decode step for every row; the rows that finished, removed from the batch
+        (pass them to :meth:`score` for their C(s))."""
         if not self.rows:
             return []
         start = time.perf_counter()
@@ -211,8 +222,12 @@ class Decoder:
         logp = torch.log_softmax(logits, dim=-1)
         scores = logits / self.temperature if self.temperature != 1.0 else logits
         probs = torch.softmax(top_p_filter(scores, self.top_p), dim=-1)
-        chosen = [int(torch.multinomial(probs[r], 1, generator=row.generator)) for r, row in enumerate(self.rows)]
-        chosen_t = torch.tensor(chosen, device=self.device)
+        # inverse-CDF sampling, one uniform per row from the row's own generator
+        cdf = probs.cumsum(dim=-1)
+        uniform = torch.cat([torch.rand(1, generator=row.generator) for row in self.rows]).to(self.device)
+        chosen_t = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        chosen_t = chosen_t.clamp(max=probs.shape[1] - 1)
+        chosen = chosen_t.tolist()
         token_logp = logp.gather(1, chosen_t.unsqueeze(1)).squeeze(1).tolist()
         done = []
         for r, (row, tok, lp) in enumerate(zip(self.rows, chosen, token_logp, strict=True)):
@@ -222,6 +237,7 @@ class Decoder:
                 done.append(r)
         self.pending = chosen_t
         self.steps += 1
+        self.calls["decode"] += 1
         self.row_steps += batch
         self.timings["decode"] += time.perf_counter() - start
         if not done:
@@ -229,11 +245,7 @@ class Decoder:
         results = [self._result(self.rows[r]) for r in done]
         scored = [k for k, r in enumerate(done) if self.rows[r].request.score]
         if scored:
-            start = time.perf_counter()
-            values = self._confidence([done[k] for k in scored])
-            for k, c in zip(scored, values, strict=True):
-                results[k].confidence = c
-            self.timings["self_eval"] += time.perf_counter() - start
+            self._park([results[k] for k in scored], [done[k] for k in scored])
         start = time.perf_counter()
         gone = set(done)
         keep = [r for r in range(batch) if r not in gone]
@@ -280,26 +292,48 @@ class Decoder:
         return Result(row.request, list(tokens), list(row.logprobs), text.strip(), float(sum(row.logprobs[:cut])),
                       cut, hit_eos)
 
-    def _confidence(self, rows: list[int]) -> list[float]:
-        """C(s) of finished rows: their cache continued with [last token] + evaluation suffix
-        (the last token masked out when it is the EOS that is not part of the step)."""
+    def _park(self, results: list[Result], rows: list[int]) -> None:
+        """Keep what scoring a finished row needs (its cache rows, mask, last token) until
+        :meth:`score` reads C(s) for it, so rows finishing at different steps share a forward."""
+        index = torch.tensor(rows, device=self.device)
+        keys = [layer.keys.index_select(0, index) for layer in self.cache.layers]
+        values = [layer.values.index_select(0, index) for layer in self.cache.layers]
+        mask = self.mask.index_select(0, index)
+        for k, (res, r) in enumerate(zip(results, rows, strict=True)):
+            real = int(mask[k].argmax()) if bool(mask[k].any()) else mask.shape[1]  # drop leading padding
+            res._parked = ([t[k:k + 1, :, real:] for t in keys], [t[k:k + 1, :, real:] for t in values],
+                           mask[k:k + 1, real:], int(self.pending[r]), self.rows[r].eos)
+
+    @torch.inference_mode()
+    def score(self, results: list[Result]) -> None:
+        """C(s) of finished rows (SPEC §1), one forward for all: each row's cache continued
+        with [last token] + evaluation suffix (the last token masked out when it is the EOS,
+        which is not part of the step). Fills ``confidence``."""
+        parked = [r for r in results if getattr(r, "_parked", None) is not None]
+        if not parked:
+            return
+        start = time.perf_counter()
         if self._suffix is None:
             self._suffix = self.tokenizer(selfeval.eval_suffix(self.tokenizer), add_special_tokens=False)["input_ids"]
             self._option_ids = selfeval.option_token_ids(self.tokenizer)
-        index = torch.tensor(rows, device=self.device)
+        width = max(r._parked[2].shape[1] for r in parked)
         cache = DynamicCache()
-        for layer_idx, layer in enumerate(self.cache.layers):
-            cache.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
-        n = len(rows)
+        for layer_idx in range(len(parked[0]._parked[0])):
+            cache.update(torch.cat([_left_pad(r._parked[0][layer_idx], width) for r in parked]),
+                         torch.cat([_left_pad(r._parked[1][layer_idx], width) for r in parked]), layer_idx)
+        n = len(parked)
         suffix = torch.tensor(self._suffix, device=self.device).expand(n, -1)
-        last = self.pending.index_select(0, index).unsqueeze(1)
-        last_real = torch.tensor([[0 if self.rows[r].eos else 1] for r in rows], device=self.device)
-        prev_mask = self.mask.index_select(0, index)
+        last = torch.tensor([[r._parked[3]] for r in parked], device=self.device)
+        last_real = torch.tensor([[0 if r._parked[4] else 1] for r in parked], device=self.device)
+        prev_mask = torch.cat([_left_pad_mask(r._parked[2], width) for r in parked])
         mask = torch.cat([prev_mask, last_real, torch.ones_like(suffix)], dim=1)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, prev_mask.shape[1]:]
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, width:]
         logits = self.model(input_ids=torch.cat([last, suffix], dim=1), attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        return selfeval._option_probability(logits, self._option_ids)
+        for res, c in zip(parked, selfeval._option_probability(logits, self._option_ids), strict=True):
+            res.confidence, res._parked = c, None
+        self.calls["self_eval"] += 1
+        self.timings["self_eval"] += time.perf_counter() - start
 
 
 def empty_cache(model, batch: int, device) -> DynamicCache:
@@ -337,6 +371,8 @@ def decode_all(decoder: Decoder, requests: list[Request]) -> list[Result]:
             for k, req in take:
                 index[id(req)] = k
             decoder.add([req for _, req in take])
-        for res in decoder.step():
+        finished = decoder.step()
+        decoder.score(finished)
+        for res in finished:
             out[index[id(res.request)]] = res
     return out

@@ -162,6 +162,7 @@ class Searcher:
         self.question_cache: QuestionCache | None = None
         self.timings = {"decode": 0.0, "prefill": 0.0, "self_eval": 0.0, "tree": 0.0, "total": 0.0}
         self.decode_steps = self.decode_row_steps = 0
+        self.calls = {"decode": 0, "prefill": 0, "self_eval": 0}  # forward passes
 
     def prefix(self, row: dict, steps: list[str]) -> str:
         return prompts.chat_prompt(self.tokenizer, row) + "".join(s + "\n" for s in steps)
@@ -183,9 +184,10 @@ class Searcher:
         waiting: dict[int, list] = {}  # tree -> result slots of its outstanding requests
 
         def resume(ready: list[tuple[int, object]]) -> None:
-            """Advance trees until each waits for generation or is done; batch their C(s) reads."""
+            """Advance trees until each waits for generation or is done; the C(s) reads of
+            all trees advanced together go out as one batch."""
             while ready:
-                evals = []
+                evals, scores = [], []
                 for i, value in ready:
                     try:
                         kind, payload = programs[i].send(value)
@@ -195,9 +197,12 @@ class Searcher:
                     if kind == "generate":
                         waiting[i] = [None] * len(payload)
                         queue.extend(payload)
+                    elif kind == "score":
+                        scores.append((i, payload))
                     else:
                         evals.append((i, payload))
-                ready = []
+                ready = [(i, None) for i, _ in scores]
+                decoder.score([r for _, results in scores for r in results])
                 if evals:
                     start = time.perf_counter()
                     contexts = [c for _, (cs, _) in evals for c in cs]
@@ -205,19 +210,20 @@ class Searcher:
                     values = iter(selfeval.self_evaluate(self.model, self.tokenizer, contexts, hints,
                                                          self.m.self_eval_batch_size))
                     self._eval_seconds += time.perf_counter() - start
-                    ready = [(i, [next(values) for _ in cs]) for i, (cs, _) in evals]
+                    ready += [(i, [next(values) for _ in cs]) for i, (cs, _) in evals]
+                ready.sort(key=lambda item: item[0])
 
         resume([(i, None) for i in sorted(programs)])
         while queue or decoder.rows:
             if queue and decoder.free > 0:
                 decoder.add([queue.popleft() for _ in range(min(decoder.free, len(queue)))])
-            finished = []
+            complete = []
             for res in decoder.step():
                 i, k = res.request.tag
                 waiting[i][k] = res
                 if all(r is not None for r in waiting[i]):
-                    finished.append((i, [_sample(r) for r in waiting.pop(i)]))
-            resume(sorted(finished, key=lambda item: item[0]))
+                    complete.append(i)
+            resume([(i, waiting.pop(i)) for i in sorted(complete)])
         assert not programs, "a tree stopped without finishing its search"
         self.question_cache = None
         for key in ("decode", "prefill", "self_eval"):
@@ -227,6 +233,8 @@ class Searcher:
         total = time.perf_counter() - t0
         self.timings["total"] += total
         self.timings["tree"] += total - prefill0 - self._eval_seconds - sum(decoder.timings.values())
+        for key, n in decoder.calls.items():
+            self.calls[key] += n
         self.decode_steps += decoder.steps
         self.decode_row_steps += decoder.row_steps
         return list(zip(trees, committed, strict=True))
@@ -261,19 +269,30 @@ class Searcher:
         requests = [Request(ids, self.m.max_completion_tokens if complete else self.m.max_step_tokens,
                             one_line=not complete, seed=_request_seed(base_seed, i, n, k), tree=i,
                             score=not self.m.self_eval_hint, tag=(i, k)) for k in range(b)]
-        samples = yield "generate", requests
-        self.policy_tokens += sum(s.n_tokens for s in samples)
-        pending = [(steps, sample, complete) for sample in samples]
+        results = yield "generate", requests
+        self.policy_tokens += sum(r.n_tokens for r in results)
+        pending = [(r, complete) for r in results]
         if self.m.add_gold_step and not complete:
-            pending += [(steps, sample, False) for sample in self._gold_candidates(row, steps)]
-        scored = []
-        for steps_, sample, complete_ in pending:
-            if not sample.text:
+            pending += [(sample, False) for sample in self._gold_candidates(row, steps)]
+        # the candidates that become nodes (non-empty, new, within max_children, as
+        # Tree.add_children picks them): only these need C(s)
+        seen = {tree[c].text.strip() for c in leaf.children}
+        kept = []
+        for sample, complete_ in pending:
+            key = sample.text.strip()
+            if not key or key in seen or len(leaf.children) + len(kept) >= self.m.max_children:
                 continue
+            seen.add(key)
+            kept.append((sample, complete_))
+        unscored = [s for s, _ in kept if s.confidence is None and getattr(s, "_parked", None) is not None]
+        if unscored:
+            yield "score", unscored  # read from each row's KV cache (decode.Decoder.score)
+        scored = []
+        for sample, complete_ in kept:
             terminal = complete_ or sample.ended or bool(FINAL_ANSWER.search(sample.text + "\n"))
             correct = None
             if terminal:
-                solution = "\n".join(steps_ + [sample.text])
+                solution = "\n".join(steps + [sample.text])
                 correct = answers.is_correct(answers.extract(solution, row), row)
             scored.append((sample, terminal, correct))
         missing = [(sample, terminal) for sample, terminal, _ in scored if sample.confidence is None]
@@ -312,11 +331,6 @@ class Searcher:
 def _request_seed(base: int, tree: int, request: int, sample: int) -> int:
     digest = hashlib.sha256(f"{base}:{tree}:{request}:{sample}".encode()).hexdigest()
     return int(digest[:15], 16)
-
-
-def _sample(result) -> Sample:
-    return Sample(result.text, result.sum_logprob, result.n_tokens, result.ended, result.token_ids,
-                  result.confidence)
 
 
 def tree_record(tree: Tree, committed: list[int], row: dict, tree_id: str, policy: str) -> dict:
