@@ -413,6 +413,11 @@ def main(cfg) -> None:
                                                                searcher.policy_tokens), indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(f"mcts: {paths.model_tag(k, variant)} shard{shard}: {len(records)} trees -> {out_dir}")
+    if searcher.decode_steps:  # batches searched in this run (not resumed ones)
+        phases = ", ".join(f"{key} {searcher.timings[key]:.1f} s" for key in ("decode", "prefill", "self_eval", "tree"))
+        print(f"mcts: searched in {searcher.timings['total']:.1f} s ({phases}); {searcher.policy_tokens} policy tokens, "
+              f"{searcher.decode_steps} decode steps, "
+              f"{searcher.decode_row_steps / searcher.decode_steps:.1f} active rows per step")
 
 
 def keep_tree(record: dict, mcfg) -> bool:
