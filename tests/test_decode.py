@@ -55,6 +55,8 @@ def test_log_probs_and_confidence_equal_a_fresh_forward(tiny, max_rows):
         fresh = selfeval.confidence_from_ids(model, tok, [p_ids + list(res.token_ids) + suffix])[0]
         assert res.confidence == pytest.approx(fresh, abs=1e-4)
     assert decoder.rows == [] and decoder.cache is None
+    qc = decoder.question_cache
+    assert not qc.extends(1, tok(QUESTIONS[0], add_special_tokens=False)["input_ids"])  # falls back to a prefill
 
 
 def test_pruning_and_refill_give_each_row_its_tokens_alone(tiny):
