@@ -147,3 +147,16 @@ def test_a_tree_does_not_depend_on_the_rest_of_its_batch(tiny, smoke_cfg):
     assert [(n.text, n.visits, n.parent) for n in alone.nodes] == [(n.text, n.visits, n.parent) for n in first.nodes]
     assert [n.prior for n in alone.nodes] == pytest.approx([n.prior for n in first.nodes], abs=1e-5)
     assert committed and first[committed[-1]].terminal
+
+
+def test_hinted_self_evaluation_and_gold_step_options_still_search(tiny, smoke_cfg):
+    """The reference-code options take the full-prompt C(s) path (batched across trees)."""
+    model, tok = tiny
+    rows = synthetic.generate("t", 2, 2, 3, 20, 1)
+    m = copy.deepcopy(smoke_cfg.mcts)
+    m.self_eval_hint, m.add_gold_step = True, True
+    torch.manual_seed(1)
+    for tree, committed in mcts.Searcher(model, tok, m, "p").search(rows):
+        assert tree[committed[-1]].terminal
+        assert all(n.self_eval is not None and 0 <= n.self_eval <= 1 for n in tree.nodes[1:])
+        assert any(n.parent == 0 for n in tree.nodes)
