@@ -1,15 +1,24 @@
 """MCTS collection throughput vs plain batched sampling (issue 3 goal: ratio >= 0.9).
 
 Measures, in one run with one model: policy tokens generated per second during MCTS
-collection (wall time of the whole search: generation, self-evaluation, tree work),
-and tokens per second of plain batched sampling of the same number of tokens with the
-same model and batch size (the collection's mean rows per generate call), 48 tokens a
-row. Prints both and their ratio; also a second baseline, plain sampling of one-line
-steps from the same prompts (no tree, no self-evaluation, no KV reuse). The three are
-interleaved batch by batch (search a batch of trees, then sample as many tokens both
-ways), so a noisy shared machine slows all three alike.
+collection (wall time of the whole search: decoding, prefill, self-evaluation, tree
+work), and tokens per second of plain batched sampling (``generate``, 48 tokens a row) of
+the same number of tokens with the same model. The baseline's batch size is the
+collection's mean number of active rows per decode step (the decode loop,
+``closedloop.decode``, drops finished rows and refills free slots, so this is the batch
+the collection actually ran at), measured per batch of trees. Prints both, their ratio,
+and the collection's seconds per phase (decode, prefill, self-eval, tree work). With
+``--line``, also a second baseline: plain sampling of one-line steps from the same
+prompts (no tree, no self-evaluation, no KV reuse). The baselines are interleaved batch
+by batch (search a batch of trees, then sample as many tokens), so a noisy shared
+machine slows them alike. Each rate is also given per second of this process's CPU time
+(``time.process_time``); with one torch thread that is nearly immune to other processes
+on a shared machine, so the CPU-time ratio is the steadier one.
 
-    python bench/mcts_throughput.py [--model DIR] [--prompts 16] [key=value mcts overrides]
+The script also runs against the Searcher before the decode loop (one ``generate`` call
+per simulation), whose baseline batch is then the mean rows per ``generate`` call.
+
+    python bench/mcts_throughput.py [--model DIR] [--prompts 16] [--line] [key=value mcts overrides]
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from closedloop.mcts import Searcher, sample_continuations
 
 
 class CountingSearcher(Searcher):
-    """A Searcher that also counts generate calls and rows, for the matched baseline."""
+    """Counts rows per ``generate`` call when the Searcher is the one before the decode loop."""
 
     calls = rows = 0
 
@@ -33,11 +42,17 @@ class CountingSearcher(Searcher):
         self.rows += sum(b for _, _, b in requests)
         return super()._sample(requests, trees, rows, complete)
 
+    def occupancy(self) -> tuple[int, int]:
+        """(decode steps or generate calls, row-steps or rows) so far."""
+        if hasattr(self, "decode_steps"):
+            return self.decode_steps, self.decode_row_steps
+        return self.calls, self.rows
+
 
 def plain_sampling(model, tokenizer, prompt_texts, batch_size, n_tokens, temperature):
     """Sample until ``n_tokens`` tokens exist, ``batch_size`` rows a call; returns (tokens, seconds)."""
     per_row = 48
-    done, start, i = 0, time.perf_counter(), 0
+    done, start, cpu, i = 0, time.perf_counter(), time.process_time(), 0
     tokenizer.padding_side = "left"
     while done < n_tokens:
         batch = [prompt_texts[(i + j) % len(prompt_texts)] for j in range(batch_size)]
@@ -47,25 +62,26 @@ def plain_sampling(model, tokenizer, prompt_texts, batch_size, n_tokens, tempera
             model.generate(**enc, do_sample=True, temperature=temperature, max_new_tokens=per_row,
                            min_new_tokens=per_row, pad_token_id=tokenizer.pad_token_id)
         done += batch_size * per_row
-    return done, time.perf_counter() - start
+    return done, time.perf_counter() - start, time.process_time() - cpu
 
 
 def line_sampling(model, tokenizer, prompt_texts, batch_size, n_tokens, temperature, max_step_tokens):
     """Sample one-line steps (same stop rule as MCTS) until ``n_tokens`` tokens exist."""
-    done, start, i = 0, time.perf_counter(), 0
+    done, start, cpu, i = 0, time.perf_counter(), time.process_time(), 0
     while done < n_tokens:
         batch = [prompt_texts[(i + j) % len(prompt_texts)] for j in range(batch_size)]
         i += batch_size
         samples = sample_continuations(model, tokenizer, batch, max_new_tokens=max_step_tokens, one_line=True,
                                        temperature=temperature, top_p=1.0)
         done += sum(s.n_tokens for s in samples)
-    return done, time.perf_counter() - start
+    return done, time.perf_counter() - start, time.process_time() - cpu
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="policy dir (default: results/default/sft/model, else base)")
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--line", action="store_true", help="also the one-line sampling baseline")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = config.load([], [f"mcts.{o}" for o in args.overrides])
@@ -77,35 +93,50 @@ def main():
     rows = synthetic.generate("bench", args.prompts, 2, 4, 20, 9)
     torch.manual_seed(0)
     searcher = CountingSearcher(model, tokenizer, cfg.mcts, source)
-    seconds = {"mcts": 0.0, "plain": 0.0, "line": 0.0}
-    tokens = {"mcts": 0, "plain": 0, "line": 0}
-    # interleaved per batch of trees, so load changes on a shared machine hit all three alike
+    names = ["mcts", "plain"] + (["line"] if args.line else [])
+    seconds, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    tokens = dict.fromkeys(names, 0)
+    # interleaved per batch of trees, so load changes on a shared machine hit all alike
     for b in range(0, len(rows), cfg.mcts.trees_per_batch):
         batch_rows = rows[b:b + cfg.mcts.trees_per_batch]
-        before, calls, n_rows = searcher.policy_tokens, searcher.calls, searcher.rows
-        start = time.perf_counter()
+        before, (steps, row_steps) = searcher.policy_tokens, searcher.occupancy()
+        start, cpu_start = time.perf_counter(), time.process_time()
         searcher.search(batch_rows)
         seconds["mcts"] += time.perf_counter() - start
+        cpu["mcts"] += time.process_time() - cpu_start
         produced = searcher.policy_tokens - before
         tokens["mcts"] += produced
-        batch = max(1, round((searcher.rows - n_rows) / max(searcher.calls - calls, 1)))
+        steps_now, row_steps_now = searcher.occupancy()
+        batch = max(1, round((row_steps_now - row_steps) / max(steps_now - steps, 1)))
         texts = [prompts.chat_prompt(tokenizer, r) for r in batch_rows]
-        n, t = plain_sampling(model, tokenizer, texts, batch, produced, cfg.mcts.temperature)
-        tokens["plain"], seconds["plain"] = tokens["plain"] + n, seconds["plain"] + t
-        n, t = line_sampling(model, tokenizer, texts, batch, produced, cfg.mcts.temperature,
-                             cfg.mcts.max_step_tokens)
-        tokens["line"], seconds["line"] = tokens["line"] + n, seconds["line"] + t
+        runs = {"plain": (plain_sampling, (model, tokenizer, texts, batch, produced, cfg.mcts.temperature))}
+        if args.line:
+            runs["line"] = (line_sampling, (model, tokenizer, texts, batch, produced, cfg.mcts.temperature,
+                                            cfg.mcts.max_step_tokens))
+        for name, (run, run_args) in runs.items():
+            n, t, c = run(*run_args)
+            tokens[name], seconds[name], cpu[name] = tokens[name] + n, seconds[name] + t, cpu[name] + c
     rate = {name: tokens[name] / seconds[name] for name in seconds}
-    batch = max(1, round(searcher.rows / searcher.calls))
+    cpu_rate = {name: tokens[name] / cpu[name] for name in cpu}
+    steps, row_steps = searcher.occupancy()
+    unit = "decode steps" if hasattr(searcher, "decode_steps") else "generate calls"
     print(f"model: {source}; {args.prompts} prompts; torch threads {torch.get_num_threads()}")
-    print(f"mcts collection : {tokens['mcts']} policy tokens in {seconds['mcts']:.1f} s = {rate['mcts']:.1f} tok/s "
-          f"({searcher.calls} generate calls, {batch} rows/call on average)")
-    print(f"plain sampling  : {tokens['plain']} tokens in {seconds['plain']:.1f} s = {rate['plain']:.1f} tok/s "
-          f"(same batch size, 48 tokens a row)")
-    print(f"line sampling   : {tokens['line']} tokens in {seconds['line']:.1f} s = {rate['line']:.1f} tok/s "
-          f"(one line a row, full prompt prefill, no search)")
-    print(f"ratio (mcts / plain): {rate['mcts'] / rate['plain']:.3f}   goal >= 0.9")
-    print(f"ratio (mcts / line sampling): {rate['mcts'] / rate['line']:.3f}")
+    print(f"mcts collection : {tokens['mcts']} policy tokens in {seconds['mcts']:.1f} s = {rate['mcts']:.1f} tok/s, "
+          f"{cpu['mcts']:.1f} CPU s = {cpu_rate['mcts']:.1f} tok/CPU-s ({steps} {unit}, "
+          f"{row_steps / max(steps, 1):.1f} rows per {unit[:-1]} on average)")
+    if hasattr(searcher, "timings"):
+        phases = ", ".join(f"{k} {searcher.timings[k]:.1f}" for k in ("decode", "prefill", "self_eval", "tree"))
+        print(f"mcts phases (s) : {phases} (total {searcher.timings['total']:.1f}); forward passes {searcher.calls}")
+    print(f"plain sampling  : {tokens['plain']} tokens in {seconds['plain']:.1f} s = {rate['plain']:.1f} tok/s, "
+          f"{cpu['plain']:.1f} CPU s = {cpu_rate['plain']:.1f} tok/CPU-s (batch = the collection's mean rows, "
+          f"48 tokens a row)")
+    if args.line:
+        print(f"line sampling   : {tokens['line']} tokens in {seconds['line']:.1f} s = {rate['line']:.1f} tok/s "
+              f"(one line a row, full prompt prefill, no search)")
+    print(f"ratio (mcts / plain): {rate['mcts'] / rate['plain']:.3f} wall, "
+          f"{cpu_rate['mcts'] / cpu_rate['plain']:.3f} CPU time   goal >= 0.9")
+    if args.line:
+        print(f"ratio (mcts / line sampling): {rate['mcts'] / rate['line']:.3f}")
 
 
 if __name__ == "__main__":

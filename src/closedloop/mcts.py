@@ -1,24 +1,32 @@
 """Stage ``mcts``: MCTS as a data engine (SPEC §2) turning the policy's own step-by-step
 solutions into step-level preference pairs.
 
-Each shard searches its prompts in batches of ``trees_per_batch`` trees. All expansions
-of one simulation, across the trees of a batch, go out as one ``generate`` call (left
-padding; each row stops at the end of its line); the prior p(a|s) comes from the
-generation's own logits via :class:`LogprobRecorder` (no second forward pass), and the
-self-evaluation C(s) of every new node is one batched forward pass (``selfeval.py``).
-Completed batches are written to a work dir keyed by the config hash, so a killed shard
-resumes where it stopped with identical results (each batch has its own seed).
+Each shard searches its prompts in batches of ``trees_per_batch`` trees. The trees of a
+batch advance independently (:class:`Searcher`): each runs its own simulations and
+sends its expansions' sampling requests to one continuous-batching decode loop
+(``decode.py``) that drops finished rows every step and refills free slots with other
+trees' requests, so decode steps stay full. Each row stops at the end of its line (or
+EOS / max tokens for a forced completion); the prior p(a|s) comes from the decode
+loop's own logits (no second forward pass), and the self-evaluation C(s) of each new
+node is read by continuing the row's KV cache with the evaluation suffix, batched over
+the rows that finish together (``selfeval.py``). Completed batches are written to a work
+dir keyed by the config hash, so a killed shard resumes where it stopped with identical
+results (each batch has its own seed, each request its own generator).
 Each batch's question prompts are prefilled once and their KV cache reused by every
-expansion (``prefix_cache.py``), so a generate call prefills only the steps so far.
+expansion (``prefix_cache.py``), so a request prefills only the steps so far.
+``sample_continuations`` (one ``generate`` call) remains for beam search (SPEC §1).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import re
 import shutil
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +36,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from closedloop import answers, artifacts, models, paths, prompts, selfeval
 from closedloop import config as cl_config
+from closedloop.decode import Decoder, Request
 from closedloop.generation import FINAL_ANSWER
 from closedloop.prefix_cache import PrefixMismatch, QuestionCache
 from closedloop.tree import Candidate, Node, Tree, length_normalised_prior, preference_pairs
@@ -134,92 +143,180 @@ def _encode(model, tokenizer, prompts_: list[str], prefix) -> dict:
 
 
 class Searcher:
-    """Runs SPEC §2's search for a batch of questions with one policy."""
+    """Runs SPEC §2's search for a batch of questions with one policy.
+
+    Every tree is a coroutine (:meth:`_tree`) that runs its own simulations (select →
+    expand → evaluate → backup, then commit) and yields what it needs from the model:
+    ("generate", requests) for its leaf's b children, or ("evaluate", ...) for C(s) that
+    the decode loop could not read from the cache (hinted prompt, gold step). One
+    :class:`~closedloop.decode.Decoder` serves all trees of the batch: a tree whose
+    expansion is done runs its backup and issues its next simulation's requests while
+    other trees' rows still decode, and new rows fill free slots of the running batch.
+    Each request samples with its own generator, seeded from (batch seed, tree, request
+    number), so a tree's samples do not depend on what else shares the batch.
+    """
 
     def __init__(self, model, tokenizer, mcfg, policy: str):
         self.model, self.tokenizer, self.m, self.policy = model, tokenizer, mcfg, policy
         self.policy_tokens = 0
         self.question_cache: QuestionCache | None = None
+        self.timings = {"decode": 0.0, "prefill": 0.0, "self_eval": 0.0, "tree": 0.0, "total": 0.0}
+        self.decode_steps = self.decode_row_steps = 0
+        self.calls = {"decode": 0, "prefill": 0, "self_eval": 0}  # forward passes
 
     def prefix(self, row: dict, steps: list[str]) -> str:
         return prompts.chat_prompt(self.tokenizer, row) + "".join(s + "\n" for s in steps)
 
-    def _sample(self, requests: list[tuple[int, int, int]], trees, rows, complete: bool) -> list[Sample]:
-        texts = [self.prefix(rows[i], trees[i].steps(n)) for i, n, b in requests for _ in range(b)]
-        tree_of = [i for i, _, b in requests for _ in range(b)]
-        out: list[Sample] = []
-        size = self.m.generate_batch_size
-        for start in range(0, len(texts), size):
-            prefix = (self.question_cache, tree_of[start:start + size]) if self.question_cache else None
-            out += sample_continuations(
-                self.model, self.tokenizer, texts[start:start + size],
-                max_new_tokens=self.m.max_completion_tokens if complete else self.m.max_step_tokens,
-                one_line=not complete, temperature=self.m.temperature, top_p=self.m.top_p,
-                score=not self.m.self_eval_hint, prefix=prefix)
-        self.policy_tokens += sum(s.n_tokens for s in out)
-        return out
+    def search(self, rows: list[dict]) -> list[tuple[Tree, list[int]]]:
+        """Search every row's tree to a terminal committed node; (tree, committed path) each."""
+        t0 = time.perf_counter()
+        trees = [Tree() for _ in rows]
+        committed = [[0] for _ in rows]
+        base_seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the batch seed set by the caller
+        if self.m.reuse_question_cache:
+            self.question_cache = QuestionCache(self.model, self.tokenizer, [self.prefix(r, []) for r in rows])
+        prefill0 = time.perf_counter() - t0
+        decoder = Decoder(self.model, self.tokenizer, temperature=self.m.temperature, top_p=self.m.top_p,
+                          max_rows=self.m.generate_batch_size, question_cache=self.question_cache)
+        self._eval_seconds = 0.0
+        programs = {i: self._tree(i, trees[i], rows[i], committed[i], base_seed) for i in range(len(rows))}
+        queue: deque[Request] = deque()
+        waiting: dict[int, list] = {}  # tree -> result slots of its outstanding requests
 
-    def expand(self, trees: list[Tree], rows: list[dict], leaves: list[tuple[int, int]]) -> None:
-        """Sample b1 (root) or b2 children for each leaf, score them, attach them."""
-        pending = []  # (tree index, leaf id, step texts, Sample, complete)
-        for complete in (False, True):
-            requests = [(i, n, self.m.b1 if n == 0 else self.m.b2) for i, n in leaves
-                        if (trees[i][n].depth + 1 >= self.m.depth_limit) == complete]
-            if not requests:
+        def resume(ready: list[tuple[int, object]]) -> None:
+            """Advance trees until each waits for generation or is done; the C(s) reads of
+            all trees advanced together go out as one batch."""
+            while ready:
+                evals, scores = [], []
+                for i, value in ready:
+                    try:
+                        kind, payload = programs[i].send(value)
+                    except StopIteration:
+                        del programs[i]
+                        continue
+                    if kind == "generate":
+                        waiting[i] = [None] * len(payload)
+                        queue.extend(payload)
+                    elif kind == "score":
+                        scores.append((i, payload))
+                    else:
+                        evals.append((i, payload))
+                ready = [(i, None) for i, _ in scores]
+                decoder.score([r for _, results in scores for r in results])
+                if evals:
+                    start = time.perf_counter()
+                    contexts = [c for _, (cs, _) in evals for c in cs]
+                    hints = [h for _, (_, hs) in evals for h in hs]
+                    values = iter(selfeval.self_evaluate(self.model, self.tokenizer, contexts, hints,
+                                                         self.m.self_eval_batch_size))
+                    self._eval_seconds += time.perf_counter() - start
+                    ready += [(i, [next(values) for _ in cs]) for i, (cs, _) in evals]
+                ready.sort(key=lambda item: item[0])
+
+        resume([(i, None) for i in sorted(programs)])
+        while queue or decoder.rows:
+            if queue and decoder.free > 0:
+                decoder.add([queue.popleft() for _ in range(min(decoder.free, len(queue)))])
+            complete = []
+            for res in decoder.step():
+                i, k = res.request.tag
+                waiting[i][k] = res
+                if all(r is not None for r in waiting[i]):
+                    complete.append(i)
+            resume([(i, waiting.pop(i)) for i in sorted(complete)])
+        assert not programs, "a tree stopped without finishing its search"
+        self.question_cache = None
+        for key in ("decode", "prefill", "self_eval"):
+            self.timings[key] += decoder.timings[key]
+        self.timings["prefill"] += prefill0
+        self.timings["self_eval"] += self._eval_seconds
+        total = time.perf_counter() - t0
+        self.timings["total"] += total
+        self.timings["tree"] += total - prefill0 - self._eval_seconds - sum(decoder.timings.values())
+        for key, n in decoder.calls.items():
+            self.calls[key] += n
+        self.decode_steps += decoder.steps
+        self.decode_row_steps += decoder.row_steps
+        return list(zip(trees, committed, strict=True))
+
+    def _tree(self, i: int, tree: Tree, row: dict, committed: list[int], base_seed: int):
+        """One tree's search (SPEC §2): K simulations per committed step, then commit the
+        most visited child, until the committed node is terminal."""
+        counter = itertools.count()
+        while True:
+            for _ in range(self.m.simulations):
+                path = tree.select(committed[-1], self.m.c_puct)
+                leaf = tree[path[-1]]
+                if not leaf.terminal and not leaf.children:
+                    yield from self._expand(i, tree, row, leaf.id, base_seed, counter)
+                tree.backup(path, self.m.gamma)
+            node = tree[committed[-1]]
+            if node.terminal:
+                return
+            committed.append(tree.best_child(node.id))
+            if tree[committed[-1]].terminal:
+                return
+
+    def _expand(self, i: int, tree: Tree, row: dict, leaf_id: int, base_seed: int, counter):
+        """Sample b1 (root) or b2 children of a leaf, score them, attach them (SPEC §2);
+        at the depth limit each child completes the solution."""
+        leaf = tree[leaf_id]
+        complete = leaf.depth + 1 >= self.m.depth_limit
+        b = self.m.b1 if leaf_id == 0 else self.m.b2
+        steps = tree.steps(leaf_id)
+        ids = self.tokenizer(self.prefix(row, steps), add_special_tokens=False)["input_ids"]
+        n = next(counter)
+        requests = [Request(ids, self.m.max_completion_tokens if complete else self.m.max_step_tokens,
+                            one_line=not complete, seed=_request_seed(base_seed, i, n, k), tree=i,
+                            score=not self.m.self_eval_hint, tag=(i, k)) for k in range(b)]
+        results = yield "generate", requests
+        self.policy_tokens += sum(r.n_tokens for r in results)
+        pending = [(r, complete) for r in results]
+        if self.m.add_gold_step and not complete:
+            pending += [(sample, False) for sample in self._gold_candidates(row, steps)]
+        # the candidates that become nodes (non-empty, new, within max_children, as
+        # Tree.add_children picks them): only these need C(s)
+        seen = {tree[c].text.strip() for c in leaf.children}
+        kept = []
+        for sample, complete_ in pending:
+            key = sample.text.strip()
+            if not key or key in seen or len(leaf.children) + len(kept) >= self.m.max_children:
                 continue
-            samples = iter(self._sample(requests, trees, rows, complete))
-            for i, n, b in requests:
-                for _ in range(b):
-                    pending.append((i, n, trees[i].steps(n), next(samples), complete))
-            if self.m.add_gold_step and not complete:
-                pending += self._gold_candidates(trees, rows, requests)
+            seen.add(key)
+            kept.append((sample, complete_))
+        unscored = [s for s, _ in kept if s.confidence is None and getattr(s, "_parked", None) is not None]
+        if unscored:
+            yield "score", unscored  # read from each row's KV cache (decode.Decoder.score)
         scored = []
-        for i, n, steps, sample, complete in pending:
-            if not sample.text:
-                continue
-            terminal = complete or sample.ended or bool(FINAL_ANSWER.search(sample.text + "\n"))
+        for sample, complete_ in kept:
+            terminal = complete_ or sample.ended or bool(FINAL_ANSWER.search(sample.text + "\n"))
             correct = None
             if terminal:
                 solution = "\n".join(steps + [sample.text])
-                correct = answers.is_correct(answers.extract(solution, rows[i]), rows[i])
-            scored.append((i, n, steps, sample, terminal, correct))
-        self._fill_confidence(scored, rows)
-        by_leaf: dict[tuple[int, int], list[Candidate]] = {}
-        for i, n, _, sample, terminal, correct in scored:
-            prior = length_normalised_prior(sample.sum_logprob, sample.n_tokens, self.m.prior_lambda)
-            by_leaf.setdefault((i, n), []).append(
-                Candidate(sample.text, prior, sample.confidence, terminal, correct, sample.n_tokens))
-        for i, n in leaves:
-            added = trees[i].add_children(n, by_leaf.get((i, n), []), self.m.max_children,
-                                          self.m.outcome_reward, self.m.self_eval_depth_scaled)
-            if not added and not trees[i][n].children:
-                trees[i][n].terminal, trees[i][n].correct = True, False  # a dead end: nothing usable sampled
+                correct = answers.is_correct(answers.extract(solution, row), row)
+            scored.append((sample, terminal, correct))
+        missing = [(sample, terminal) for sample, terminal, _ in scored if sample.confidence is None]
+        if missing:
+            contexts = [self.prefix(row, steps) + s.text + ("" if terminal else "\n") for s, terminal in missing]
+            hints = [row.get("solution_steps") if self.m.self_eval_hint else None for _ in missing]
+            values = yield "evaluate", (contexts, hints)
+            for (sample, _), c in zip(missing, values, strict=True):
+                sample.confidence = c
+        candidates = [Candidate(s.text, length_normalised_prior(s.sum_logprob, s.n_tokens, self.m.prior_lambda),
+                                s.confidence, terminal, correct, s.n_tokens) for s, terminal, correct in scored]
+        added = tree.add_children(leaf_id, candidates, self.m.max_children, self.m.outcome_reward,
+                                  self.m.self_eval_depth_scaled)
+        if not added and not leaf.children:
+            leaf.terminal, leaf.correct = True, False  # a dead end: nothing usable sampled
 
-    def _fill_confidence(self, scored, rows) -> None:
-        """C(s) from the full evaluation prompt for candidates not scored during generation
-        (the hinted prompt, the gold step)."""
-        missing = [(i, steps, sample, terminal) for i, _, steps, sample, terminal, _ in scored
-                   if sample.confidence is None]
-        if not missing:
-            return
-        contexts = [self.prefix(rows[i], steps) + sample.text + ("" if terminal else "\n")
-                    for i, steps, sample, terminal in missing]
-        hints = [rows[i].get("solution_steps") if self.m.self_eval_hint else None for i, *_ in missing]
-        values = selfeval.self_evaluate(self.model, self.tokenizer, contexts, hints, self.m.self_eval_batch_size)
-        for (_, _, sample, _), c in zip(missing, values, strict=True):
-            sample.confidence = c
-
-    def _gold_candidates(self, trees, rows, requests):
+    def _gold_candidates(self, row: dict, steps: list[str]) -> list[Sample]:
         """The gold next step as an extra candidate where the prefix follows the gold solution."""
-        extra = []
-        for i, n, _ in requests:
-            gold, steps = rows[i].get("solution_steps") or [], trees[i].steps(n)
-            if len(gold) > len(steps) and gold[:len(steps)] == steps:
-                text = gold[len(steps)]
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                logp = self._score(self.prefix(rows[i], steps), text)
-                extra.append((i, n, steps, Sample(text, logp, len(ids), False), False))
-        return extra
+        gold = row.get("solution_steps") or []
+        if not (len(gold) > len(steps) and gold[:len(steps)] == steps):
+            return []
+        text = gold[len(steps)]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [Sample(text, self._score(self.prefix(row, steps), text), len(ids), False)]
 
     @torch.inference_mode()
     def _score(self, prefix: str, text: str) -> float:
@@ -230,32 +327,10 @@ class Searcher:
         logits = self.model(ids).logits[0, p_ids.shape[1] - 1:-1].float()
         return float(torch.log_softmax(logits, -1).gather(1, t_ids[0].unsqueeze(1).to(logits.device)).sum())
 
-    def search(self, rows: list[dict]) -> list[tuple[Tree, list[int]]]:
-        """Search every row's tree to a terminal committed node; (tree, committed path) each."""
-        trees = [Tree() for _ in rows]
-        committed = [[0] for _ in rows]
-        self.question_cache = (QuestionCache(self.model, self.tokenizer, [self.prefix(r, []) for r in rows])
-                               if self.m.reuse_question_cache else None)
-        active = list(range(len(rows)))
-        while active:
-            for _ in range(self.m.simulations):
-                paths_ = {i: trees[i].select(committed[i][-1], self.m.c_puct) for i in active}
-                leaves = [(i, p[-1]) for i, p in paths_.items()
-                          if not trees[i][p[-1]].terminal and not trees[i][p[-1]].children]
-                if leaves:
-                    self.expand(trees, rows, leaves)
-                for i, p in paths_.items():
-                    trees[i].backup(p, self.m.gamma)
-            for i in list(active):
-                node = trees[i][committed[i][-1]]
-                if node.terminal:
-                    active.remove(i)
-                    continue
-                committed[i].append(trees[i].best_child(node.id))
-                if trees[i][committed[i][-1]].terminal:
-                    active.remove(i)
-        self.question_cache = None
-        return list(zip(trees, committed, strict=True))
+
+def _request_seed(base: int, tree: int, request: int, sample: int) -> int:
+    digest = hashlib.sha256(f"{base}:{tree}:{request}:{sample}".encode()).hexdigest()
+    return int(digest[:15], 16)
 
 
 def tree_record(tree: Tree, committed: list[int], row: dict, tree_id: str, policy: str) -> dict:
@@ -338,6 +413,11 @@ def main(cfg) -> None:
                                                                searcher.policy_tokens), indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(f"mcts: {paths.model_tag(k, variant)} shard{shard}: {len(records)} trees -> {out_dir}")
+    if searcher.decode_steps:  # batches searched in this run (not resumed ones)
+        phases = ", ".join(f"{key} {searcher.timings[key]:.1f} s" for key in ("decode", "prefill", "self_eval", "tree"))
+        print(f"mcts: searched in {searcher.timings['total']:.1f} s ({phases}); {searcher.policy_tokens} policy tokens, "
+              f"{searcher.decode_steps} decode steps, "
+              f"{searcher.decode_row_steps / searcher.decode_steps:.1f} active rows per step")
 
 
 def keep_tree(record: dict, mcfg) -> bool:

@@ -11,6 +11,9 @@ samples are drawn from it. Padding between the cached part and the suffix is
 masked, and generate derives position ids from the full mask, so each row sees exactly
 the sequence it would see without the cache.
 
+:meth:`QuestionCache.prefill_ids` does the same for the MCTS decode loop
+(``decode.py``), which feeds each row's last context token itself.
+
 transformers supports a pre-filled cache in ``generate`` (prefix caching); building
 per-row caches from a batch cache by row selection is written here because no library
 call does it for ragged suffixes.
@@ -85,3 +88,35 @@ class QuestionCache:
         rows = torch.tensor([unique[key] for key in keys], device=device)
         cache.batch_select_indices(rows)
         return input_ids.index_select(0, rows), mask.index_select(0, rows), cache
+
+    def extends(self, tree: int, ids: list[int]) -> bool:
+        """Whether token ids ``ids`` start with tree ``tree``'s cached prompt (and go past it)."""
+        cached = self.prompt_ids[tree][:-1]
+        return len(ids) > len(cached) and ids[:len(cached)] == cached
+
+    def prefill_ids(self, trees: list[int], id_lists: list[list[int]]
+                    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """For :class:`closedloop.decode.Decoder`: (cache, mask, last token) per row, the cache
+        covering each row's tokens but the last (cached prompt, padding, suffix), the mask over
+        the cache's columns. Rows with the same context share one suffix prefill."""
+        suffixes = [ids[len(self.prompt_ids[tree]) - 1:] for tree, ids in zip(trees, id_lists, strict=True)]
+        keys = [(tree, tuple(s)) for tree, s in zip(trees, suffixes, strict=True)]
+        unique = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        width = max(len(s) for s in suffixes) - 1  # the last token is fed by the decode loop
+        pad, device = self.tokenizer.pad_token_id, self.input_ids.device
+        suffix_ids = torch.tensor([[pad] * (width - len(s) + 1) + list(s[:-1]) for _, s in unique], device=device,
+                                  dtype=torch.long)
+        suffix_mask = torch.tensor([[0] * (width - len(s) + 1) + [1] * (len(s) - 1) for _, s in unique],
+                                   device=device, dtype=torch.long)
+        owners = torch.tensor([tree for tree, _ in unique], device=device)
+        mask = torch.cat([self.mask.index_select(0, owners), suffix_mask], dim=1)
+        cache = self.rows(owners.tolist())
+        if width > 0:
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                self.model(input_ids=suffix_ids, attention_mask=mask, position_ids=positions[:, self.width:],
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        rows = torch.tensor([unique[key] for key in keys], device=device)
+        cache.batch_select_indices(rows)
+        last = torch.tensor([s[-1] for s in suffixes], device=device)
+        return cache, mask.index_select(0, rows), last

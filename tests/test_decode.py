@@ -1,0 +1,162 @@
+"""The MCTS decode loop (closedloop.decode): per-row stop rules, log-probs and C(s) equal to a
+fresh full forward, pruning/refill independent of the batch, and a search that does not
+depend on the other trees of its batch (SPEC §1–2)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import TopPLogitsWarper
+
+from closedloop import mcts, models, selfeval, synthetic
+from closedloop.decode import Decoder, Request, decode_all, top_p_filter
+from closedloop.prefix_cache import QuestionCache
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n",
+             "<|im_start|>user\nA much longer question, padded on the left.<|im_end|>\n<|im_start|>assistant\n"]
+
+
+@pytest.fixture
+def tiny(smoke_cfg):
+    torch.set_num_threads(1)
+    return models.load_base(smoke_cfg.model)
+
+
+def requests_for(tok, question_cache: bool) -> list[Request]:
+    contexts = [QUESTIONS[0], QUESTIONS[1] + "First step.\nSecond step is longer.\n", QUESTIONS[0] + "Go.\n",
+                QUESTIONS[1], QUESTIONS[1]]  # the last two share one prefill
+    out = [Request(tok(c, add_special_tokens=False)["input_ids"], 12 if k % 2 else 30, one_line=k % 2 == 0,
+                   seed=100 + k, tree=[0, 1, 0, 1, 1][k] if question_cache else None, score=True)
+           for k, c in enumerate(contexts)]
+    out.append(Request(tok("Count: one two", add_special_tokens=False)["input_ids"], 9, one_line=False, seed=7,
+                       score=True))  # no question cache row: prefilled from scratch
+    return out
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 6])
+def test_log_probs_and_confidence_equal_a_fresh_forward(tiny, max_rows):
+    """Each sampled token's log-prob and the row's C(s), read from the pruned/refilled batch
+    cache, equal a full forward pass over the row's own tokens."""
+    model, tok = tiny
+    decoder = Decoder(model, tok, temperature=1.0, top_p=1.0, max_rows=max_rows,
+                      question_cache=QuestionCache(model, tok, QUESTIONS))
+    results = decode_all(decoder, requests_for(tok, question_cache=True))
+    suffix = tok(selfeval.eval_suffix(tok), add_special_tokens=False)["input_ids"]
+    for res in results:
+        p_ids = res.request.prompt_ids
+        ids = torch.tensor([p_ids + res.tokens])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, len(p_ids) - 1:-1].float(), -1)
+        manual = logp.gather(1, ids[0, len(p_ids):].unsqueeze(1)).squeeze(1)
+        assert res.logprobs == pytest.approx(manual.tolist(), abs=1e-3)
+        assert res.sum_logprob == pytest.approx(float(manual[:res.n_tokens].sum()), abs=1e-3)
+        fresh = selfeval.confidence_from_ids(model, tok, [p_ids + list(res.token_ids) + suffix])[0]
+        assert res.confidence == pytest.approx(fresh, abs=1e-4)
+    assert decoder.rows == [] and decoder.cache is None
+    qc = decoder.question_cache
+    assert not qc.extends(1, tok(QUESTIONS[0], add_special_tokens=False)["input_ids"])  # falls back to a prefill
+
+
+def test_pruning_and_refill_give_each_row_its_tokens_alone(tiny):
+    """A row's tokens depend only on its prompt and its generator seed: batched with
+    pruning and refill (2 slots, question cache) = the row decoded alone from scratch."""
+    model, tok = tiny
+    batched = decode_all(Decoder(model, tok, temperature=0.8, top_p=0.9, max_rows=2,
+                                 question_cache=QuestionCache(model, tok, QUESTIONS)),
+                         requests_for(tok, question_cache=True))
+    for res in batched:
+        alone_request = copy.copy(res.request)
+        alone_request.tree = None
+        alone = decode_all(Decoder(model, tok, temperature=0.8, top_p=0.9, max_rows=1), [alone_request])[0]
+        assert alone.tokens == res.tokens
+        assert alone.logprobs == pytest.approx(res.logprobs, abs=1e-4)
+
+
+class Scripted:
+    """The tiny model with its next token forced by absolute position q:
+    EOS at q == 40, a newline where q % 7 == 0, else one word token."""
+
+    def __init__(self, model, tok):
+        self.model, self.config, self.generation_config = model, model.config, model.generation_config
+        self.device, self.dtype = model.device, model.dtype
+        self.word = tok(" x", add_special_tokens=False)["input_ids"][0]
+        self.newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+        self.eos = tok.eos_token_id
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        q = kwargs["position_ids"][:, -1] + 1
+        forced = torch.where(q == 40, self.eos, torch.where(q % 7 == 0, self.newline, self.word))
+        logits = torch.full_like(out.logits[:, -1, :], -30.0)
+        logits.scatter_(1, forced.unsqueeze(1), 30.0)
+        out.logits[:, -1, :] = logits
+        return out
+
+
+def test_stop_rules_per_row(tiny):
+    """Each row stops on its own rule while the others go on: end of its first non-empty
+    line, EOS (not part of the step; the solution ended), max tokens."""
+    model, tok = tiny
+    scripted = Scripted(model, tok)
+    w = scripted.word
+
+    def req(n, max_new, one_line):
+        return Request([w] * n, max_new, one_line=one_line, seed=n)
+
+    cases = [req(10, 20, True),   # q = 10..: newline at 14 -> a line of 4 words
+             req(14, 20, True),   # newline first (empty line, skipped), words 15..20, newline at 21
+             req(36, 20, False),  # EOS at q = 40 -> 4 tokens, ended
+             req(36, 20, True),   # EOS before any newline: ended
+             req(15, 6, False),   # max tokens
+             req(30, 20, False)]  # no stop at newlines in a completion: runs into EOS at 40
+    results = decode_all(Decoder(scripted, tok, temperature=1.0, top_p=1.0, max_rows=3), cases)
+    nl, eos = scripted.newline, scripted.eos
+    assert results[0].tokens == [w] * 4 + [nl] and not results[0].ended and results[0].text == "x x x x"
+    assert results[1].tokens == [nl] + [w] * 6 + [nl] and results[1].text == "x x x x x x"
+    assert results[2].tokens == [w] * 4 + [eos] and results[2].n_tokens == 4 and results[2].ended
+    assert results[3].ended and results[3].n_tokens == 4 and results[3].token_ids == (w,) * 4
+    assert results[4].tokens == [w] * 6 and not results[4].ended
+    assert results[5].tokens == [w] * 5 + [nl] + [w] * 4 + [eos] and results[5].ended
+    assert results[5].text == "x x x x x\n x x x x"
+
+
+def test_top_p_filter_matches_transformers():
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for p in (0.3, 0.9, 1.0):
+        expected = TopPLogitsWarper(p)(None, scores.clone()) if p < 1 else scores
+        assert torch.equal(top_p_filter(scores, p), expected)
+
+
+def test_a_tree_does_not_depend_on_the_rest_of_its_batch(tiny, smoke_cfg):
+    """Same seed: a tree searched in a batch of three has the same steps and visit counts as
+    searched alone, and two runs give identical trees (determinism)."""
+    model, tok = tiny
+    rows = synthetic.generate("t", 3, 2, 3, 20, 1)
+    m = smoke_cfg.mcts
+
+    def search(batch):
+        torch.manual_seed(11)
+        return mcts.Searcher(model, tok, m, "p").search(batch)
+
+    together = search(rows)
+    assert [t.nodes for t, _ in search(rows)] == [t.nodes for t, _ in together]
+    alone, _ = search(rows[:1])[0]
+    first, committed = together[0]
+    assert [(n.text, n.visits, n.parent) for n in alone.nodes] == [(n.text, n.visits, n.parent) for n in first.nodes]
+    assert [n.prior for n in alone.nodes] == pytest.approx([n.prior for n in first.nodes], abs=1e-5)
+    assert committed and first[committed[-1]].terminal
+
+
+def test_hinted_self_evaluation_and_gold_step_options_still_search(tiny, smoke_cfg):
+    """The reference-code options take the full-prompt C(s) path (batched across trees)."""
+    model, tok = tiny
+    rows = synthetic.generate("t", 2, 2, 3, 20, 1)
+    m = copy.deepcopy(smoke_cfg.mcts)
+    m.self_eval_hint, m.add_gold_step = True, True
+    torch.manual_seed(1)
+    for tree, committed in mcts.Searcher(model, tok, m, "p").search(rows):
+        assert tree[committed[-1]].terminal
+        assert all(n.self_eval is not None and 0 <= n.self_eval <= 1 for n in tree.nodes[1:])
+        assert any(n.parent == 0 for n in tree.nodes)
