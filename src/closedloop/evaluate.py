@@ -70,10 +70,13 @@ def decode(model, tokenizer, rows: list[dict], ev, seed: int, desc: str) -> tupl
     return completions, n_tokens
 
 
+def split_name(ev) -> str:
+    return str(getattr(ev.split, "value", ev.split))
+
+
 def split_rows(cfg, task: str, ev) -> list[dict]:
     """The rows of ``ev.split`` (held-out by default; validation for choosing settings)."""
-    split = str(getattr(ev.split, "value", ev.split))
-    path = paths.data_dir(cfg, task) / f"{split}.jsonl"
+    path = paths.data_dir(cfg, task) / f"{split_name(ev)}.jsonl"
     rows = artifacts.read_jsonl(path) if path.exists() else []
     if not rows:
         raise cl_config.ConfigError(f"key 'eval.split': {path} has no rows (for validation set "
@@ -119,7 +122,7 @@ def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view
     completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"{stage} {tag}/{task}")
     decoding = ev.decoding.value
     records, acc, any_ok = score(rows, completions)
-    split = str(getattr(ev.split, "value", ev.split))
+    split = split_name(ev)
     metrics = {"task": task, "split": split, "model": model_info, "decoding": decoding,
                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                "k": ev.k if decoding in ("sampled", "self_consistency") else 1,
