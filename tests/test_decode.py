@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import TopPLogitsWarper
 
-from closedloop import mcts, models, selfeval, synthetic
-from closedloop.decode import Decoder, Request, decode_all, top_p_filter
+from closedloop import generation, mcts, models, selfeval, synthetic
+from closedloop.decode import Decoder, Request, decode_all, greedy_generate, top_p_filter
 from closedloop.prefix_cache import QuestionCache
 
 pytestmark = pytest.mark.slow
@@ -160,3 +160,45 @@ def test_hinted_self_evaluation_and_gold_step_options_still_search(tiny, smoke_c
         assert tree[committed[-1]].terminal
         assert all(n.self_eval is not None and 0 <= n.self_eval <= 1 for n in tree.nodes[1:])
         assert any(n.parent == 0 for n in tree.nodes)
+
+
+def test_greedy_decode_loop_equals_generate(tiny):
+    """Evaluation's greedy path: the decode loop with 2 slots (so finished rows are refilled)
+    gives each prompt the text and token count of transformers' greedy ``generate``."""
+    model, tok = tiny
+    prompts = QUESTIONS + ["Count: one two", QUESTIONS[0] + "Sure.", "x"]
+    expected, n_expected = generation.generate(model, tok, prompts, max_new_tokens=11, batch_size=len(prompts))
+    texts, n_tokens = greedy_generate(model, tok, prompts, max_new_tokens=11, max_rows=2)
+    assert texts == expected
+    assert n_tokens == n_expected
+
+
+def test_greedy_stops_each_row_after_its_final_answer(tiny):
+    """``stop_at_answer``: a row ends once its completion states "The answer is N." (before
+    the line's newline), while a row that has not got there yet goes on; the scripted model
+    writes the answer from absolute position 30, so the shorter prompt writes more filler."""
+    model, tok = tiny
+    answer = tok(" The answer is 7.\n", add_special_tokens=False)["input_ids"]
+    filler = tok(" x", add_special_tokens=False)["input_ids"][0]
+
+    class Answering:
+        def __init__(self):
+            self.config, self.generation_config = model.config, model.generation_config
+            self.device, self.dtype = model.device, model.dtype
+
+        def __call__(self, **kwargs):
+            out = model(**kwargs)
+            for row, q in enumerate((kwargs["position_ids"][:, -1] + 1).tolist()):
+                at = q - 30
+                out.logits[row, -1, :] = -30.0
+                out.logits[row, -1, answer[at] if 0 <= at < len(answer) else filler] = 30.0
+            return out
+
+    prompts = ["y" + " y" * 19, "y" + " y" * 24]
+    assert [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts] == [20, 25]
+    texts, n_tokens = greedy_generate(Answering(), tok, prompts, max_new_tokens=40, max_rows=2, stop_at_answer=True)
+    stated = tok.decode(answer[:-1]).strip()  # up to the full stop
+    assert texts == [["x " * 10 + stated], ["x " * 5 + stated]]
+    assert n_tokens == (10 + 5) + 2 * (len(answer) - 1)
+    plain, n_plain = greedy_generate(Answering(), tok, prompts, max_new_tokens=40, max_rows=2)
+    assert n_plain == 80 and plain[0][0].startswith(texts[0][0])

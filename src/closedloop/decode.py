@@ -220,13 +220,7 @@ class Decoder:
         self.cache, self.mask = out.past_key_values, full_mask
         logits = out.logits[:, -1, :].float()
         logp = torch.log_softmax(logits, dim=-1)
-        scores = logits / self.temperature if self.temperature != 1.0 else logits
-        probs = torch.softmax(top_p_filter(scores, self.top_p), dim=-1)
-        # inverse-CDF sampling, one uniform per row from the row's own generator
-        cdf = probs.cumsum(dim=-1)
-        uniform = torch.cat([torch.rand(1, generator=row.generator) for row in self.rows]).to(self.device)
-        chosen_t = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-        chosen_t = chosen_t.clamp(max=probs.shape[1] - 1)
+        chosen_t = self._choose(logits)
         chosen = chosen_t.tolist()
         token_logp = logp.gather(1, chosen_t.unsqueeze(1)).squeeze(1).tolist()
         done = []
@@ -259,6 +253,18 @@ class Decoder:
             self.cache = self.mask = self.pending = None
         self.timings["decode"] += time.perf_counter() - start
         return results
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row: argmax at temperature 0 (greedy), else temperature
+        then top-p, sampled by inverse CDF with one uniform per row from the row's own generator."""
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        scores = logits / self.temperature if self.temperature != 1.0 else logits
+        probs = torch.softmax(top_p_filter(scores, self.top_p), dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        uniform = torch.cat([torch.rand(1, generator=row.generator) for row in self.rows]).to(self.device)
+        chosen = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        return chosen.clamp(max=probs.shape[1] - 1)
 
     def _stops(self, row: _Row, tok: int) -> bool:
         req = row.request
@@ -360,8 +366,9 @@ def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return mask if missing == 0 else torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
 
 
-def decode_all(decoder: Decoder, requests: list[Request]) -> list[Result]:
-    """Run ``requests`` to completion, refilling free slots in order; results in request order."""
+def decode_all(decoder: Decoder, requests: list[Request], progress=None) -> list[Result]:
+    """Run ``requests`` to completion, refilling free slots in order; results in request order.
+    ``progress`` (a tqdm bar, optional) advances by one per finished request."""
     queue = list(enumerate(requests))
     out: list[Result | None] = [None] * len(requests)
     index = {}
@@ -375,4 +382,27 @@ def decode_all(decoder: Decoder, requests: list[Request]) -> list[Result]:
         decoder.score(finished)
         for res in finished:
             out[index[id(res.request)]] = res
+        if progress is not None and finished:
+            progress.update(len(finished))
     return out
+
+
+def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, max_rows: int,
+                    stop_at_answer: bool = False, desc: str = "generate") -> tuple[list[list[str]], int]:
+    """Greedy completions of ``prompts`` through the decode loop (continuous batching: a
+    finished row's slot goes to the next prompt at once, where ``model.generate`` would
+    idle it until its batch's longest row ends). Same return shape as
+    :func:`closedloop.generation.generate` with one completion per prompt: the texts, and
+    the generated-token count (a row's stop token included)."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    requests = [Request(tokenizer(prompts[i], add_special_tokens=False)["input_ids"], max_new_tokens,
+                        one_line=False, seed=0) for i in order]
+    decoder = Decoder(model, tokenizer, temperature=0.0, top_p=1.0, max_rows=max_rows, stop_at_answer=stop_at_answer)
+    with tqdm(total=len(requests), desc=desc, unit="prompt") as bar:
+        results = decode_all(decoder, requests, progress=bar)
+    texts: list[list[str]] = [[] for _ in prompts]
+    for i, res in zip(order, results, strict=True):
+        texts[i] = [res.text]
+    return texts, sum(len(res.tokens) for res in results)

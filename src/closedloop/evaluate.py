@@ -1,6 +1,7 @@
 """Stage ``evaluate``: decode a model on a held-out split and score it (SPEC §7).
 
-Decoding: ``greedy`` (one completion); ``sampled`` (``k`` completions at the configured
+Decoding: ``greedy`` (one completion, through the continuous-batching decode loop of
+:mod:`closedloop.decode`, ``batch_size`` rows at a time); ``sampled`` (``k`` completions at the configured
 temperature: accuracy is the mean per-sample correctness, ``pass_at_k`` whether any
 sample is right); ``self_consistency`` (majority vote over ``k`` samples);
 ``beam_self_eval`` (SPEC §1 self-evaluation guided beam search, :mod:`closedloop.beam`).
@@ -20,6 +21,7 @@ from transformers import set_seed
 
 from closedloop import answers, artifacts, beam, generation, models, paths, prompts, stats
 from closedloop import config as cl_config
+from closedloop import decode as decode_loop
 
 
 def model_record(cfg, tag: str) -> tuple[str, dict]:
@@ -59,6 +61,11 @@ def decode(model, tokenizer, rows: list[dict], ev, seed: int, desc: str) -> tupl
             batch_size=ev.batch_size * ev.beam_n, seed=seed)
         return [[t] for t in texts], n_tokens
     sampling = mode in ("sampled", "self_consistency")
+    if mode == "greedy":
+        return decode_loop.greedy_generate(
+            model, tokenizer, [prompts.chat_prompt(tokenizer, r) for r in rows],
+            max_new_tokens=ev.mc_max_new_tokens if mc else ev.max_new_tokens, max_rows=ev.batch_size,
+            stop_at_answer=not mc, desc=desc)
     completions, n_tokens = generation.generate(
         model, tokenizer, [prompts.chat_prompt(tokenizer, r) for r in rows],
         max_new_tokens=ev.mc_max_new_tokens if mc else ev.max_new_tokens,
