@@ -35,6 +35,7 @@ def training_args(cfg, output_dir: Path):
         max_length=s.max_length,
         logging_steps=s.logging_steps,
         logging_first_step=True,
+        train_sampling_strategy="group_by_length" if s.group_by_length else "random",
         completion_only_loss=True,
         save_strategy="no",
         report_to="none",
