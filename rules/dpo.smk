@@ -1,5 +1,6 @@
 # Conservative DPO (SPEC §3): policy_{k-1} + pairs -> policy_k, per loop variant.
 rule dpo:
+    priority: LOOP_PRIORITY
     input:
         pairs=lambda w: str(cl_dpo.pairs_artifact(CFG, int(w.k), paths.variant_of_prefix(w.loop))),
         policy=lambda w: policy_artifact(w.loop, int(w.k) - 1),
@@ -23,6 +24,7 @@ rule dpo:
 
 # The instance-level online ablation's pairs: sampled full solutions, correct vs incorrect.
 rule instance:
+    priority: LOOP_PRIORITY
     input:
         data=str(paths.data_dir(CFG, CFG.mcts.task)),
         policy=lambda w: policy_artifact("ablations/instance_online/", int(w.k) - 1),

@@ -2,6 +2,7 @@
 # and "ablations/<variant>/" for an ablation that searches with its own policy. One job
 # searches every shard of the iteration: in turn here, or as one Slurm array (launch.py).
 rule mcts:
+    priority: LOOP_PRIORITY
     input:
         data=str(paths.data_dir(CFG, CFG.mcts.task)),
         policy=lambda w: policy_artifact(w.loop, int(w.k) - 1),
@@ -23,6 +24,7 @@ rule mcts:
 
 
 rule mcts_merge:
+    priority: LOOP_PRIORITY
     input:
         lambda w: [str(paths.mcts_shard_dir(CFG, w.k, s, paths.variant_of_prefix(w.loop))) for s in range(CFG.mcts.n_shards)],
     output:
