@@ -32,6 +32,9 @@ rule mcts_merge:
     params:
         cfg=view_json("mcts", [CFG.mcts.task]),
         variant=lambda w: paths.variant_of_prefix(w.loop),
+    # a few seconds of file work, but it holds every core so that no evaluation starts beside it
+    # and then keeps the iteration's DPO (which needs all cores) waiting: measured ~100 s per iteration
+    threads: workflow.cores
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
