@@ -55,6 +55,15 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(smoke_local_run):
     assert "output: results/smoke/iter2/dpo" in iter2.stdout and "results/smoke/iter1/dpo\n" not in iter2.stdout
     assert (repo_copy / "data.dvc").is_file() and "outs:" in (repo_copy / "data.dvc").read_text()
 
+    # ablations (SPEC §3): plain DPO and offline MCTS train on the closed loop's iteration-1 search
+    # (same policy, config and seed) instead of repeating it; only plain DPO searches again, at iteration 2
+    ablations = snakemake(repo_copy, "-n", "--config", "loop={ablations: [plain_dpo, offline_mcts]}")
+    assert ablations.returncode == 0, ablations.stderr[-2000:]
+    assert planned_jobs(ablations.stdout) == {"mcts": 1, "mcts_merge": 1, "dpo": 4, "evaluate": 8, "report": 1,
+                                              "all": 1}
+    assert "results/smoke/ablations/plain_dpo/iter2/mcts/merged" in ablations.stdout
+    assert "results/smoke/ablations/plain_dpo/iter1/mcts" not in ablations.stdout
+
     second = snakemake(repo_copy)
     assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
 

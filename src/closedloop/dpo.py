@@ -31,10 +31,13 @@ ALPHA_FREE = ("plain_dpo", "instance_online")
 
 
 def pairs_artifact(cfg, k: int, variant: str) -> Path:
-    """The artifact dir whose ``pairs.jsonl`` trains policy_k of ``variant``."""
+    """The artifact dir whose ``pairs.jsonl`` trains policy_k of ``variant``. Every MCTS
+    variant's first search runs the SFT policy with the same search config and seed, so
+    iteration 1 of each reads the closed loop's iteration-1 search instead of repeating it;
+    offline MCTS reads it at every iteration."""
     if variant == "instance_online":
         return paths.instance_dir(cfg, k)
-    if variant == "offline_mcts":
+    if variant == "offline_mcts" or k == 1:
         return paths.mcts_dir(cfg, 1) / "merged"
     return paths.mcts_dir(cfg, k, variant) / "merged"
 
@@ -76,7 +79,7 @@ def training_args(cfg, d, output_dir: Path):
 
 
 def reference_dir(cfg, d, k: int, variant: str) -> Path:
-    ref = str(getattr(d.reference, "value", d.reference))
+    ref = cl_config.enum_value(d.reference)
     return paths.policy_dir(cfg, 0) if ref == "sft" else paths.policy_dir(cfg, k - 1, variant)
 
 
