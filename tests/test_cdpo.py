@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from dpo_helpers import batch_of, perturbed_reference
 from trl import DPOConfig, DPOTrainer
 
 from closedloop import models
@@ -27,12 +28,7 @@ def models_(tmp_path_factory):
 
     cfg = config.load([], ["model.kind=tiny"])
     policy, tok = models.load_base(cfg.model)
-    ref = copy.deepcopy(policy)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # a reference that differs from the policy: h != 0
-    return policy, ref, tok
+    return policy, perturbed_reference(policy), tok
 
 
 def args(tmp_path, **kw):
@@ -46,11 +42,6 @@ def make(cls, models_, tmp_path, alphas=None, **kw):
     rows = [dict(p, alpha=a) for p, a in zip(PAIRS, alphas, strict=True)] if alphas is not None else PAIRS
     return cls(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args(tmp_path, **kw),
                train_dataset=Dataset.from_list(rows), processing_class=tok)
-
-
-def batch_of(trainer):
-    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    return trainer.data_collator(rows)
 
 
 def sequence_logps(model, batch):

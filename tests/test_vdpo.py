@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from dpo_helpers import batch_of, perturbed_reference
 from PIL import Image
 from trl import DPOConfig, DPOTrainer
 
@@ -22,12 +23,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 def tiny():
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"])
     policy, processor = vlm.load(vlm.base_source(cfg.vlm.model), cfg.vlm.model)
-    ref = copy.deepcopy(policy)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # a reference that differs from the policy: h != 0
-    return policy, ref, processor
+    return policy, perturbed_reference(policy), processor
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +68,6 @@ def make(tiny, pair_files, tmp_path, gamma, rows=None, alphas=None, cls=VisionGu
         ds = ds.remove_columns("rejected_images")
     return cls(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args(tmp_path, **kw),
                train_dataset=ds, processing_class=processor, **extra)
-
-
-def batch_of(trainer):
-    return trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
 
 
 def sequence_logps(model, batch, pixel_values):

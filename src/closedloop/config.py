@@ -528,6 +528,11 @@ STAGE_SECTIONS: dict[str, tuple] = {
 """The sections each stage's output depends on: a change elsewhere does not rerun it."""
 
 
+def enum_value(value: Any) -> str:
+    """The string of a config choice: a validated config holds the Enum, a stage's plain view the str."""
+    return str(getattr(value, "value", value))
+
+
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "<root>"
     msg = str(err).splitlines()[0]

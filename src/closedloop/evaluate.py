@@ -78,7 +78,7 @@ def decode(model, tokenizer, rows: list[dict], ev, seed: int, desc: str) -> tupl
 
 
 def split_name(ev) -> str:
-    return str(getattr(ev.split, "value", ev.split))
+    return cl_config.enum_value(ev.split)
 
 
 def split_rows(cfg, task: str, ev) -> list[dict]:
@@ -108,7 +108,7 @@ def main_decoding(cfg) -> None:
     tag, task, decoding = cfg.job.model, cfg.job.task, cfg.job.decoding
     if tag is None or task is None or decoding is None:
         raise cl_config.ConfigError("evaluate-decoding: keys 'job.model', 'job.task', 'job.decoding' are required")
-    methods = [str(getattr(d, "value", d)) for d in cfg.decodings.methods]
+    methods = [cl_config.enum_value(d) for d in cfg.decodings.methods]
     if decoding not in methods:
         raise cl_config.ConfigError(f"key 'job.decoding': expected one of decodings.methods {methods}, "
                                     f"got {decoding!r}")

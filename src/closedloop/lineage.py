@@ -210,27 +210,29 @@ def _ids(nodes: dict[str, Node]) -> dict[str, str]:
     return {key: f"a{i}" for i, key in enumerate(sorted(nodes))}
 
 
-def to_mermaid(start: str, nodes: dict[str, Node]) -> str:
+def diagram_parts(nodes: dict[str, Node]):
+    """([(id, stage, artifact key, short sha256)], [(source id, target id, input name)]):
+    the nodes and edges both diagram syntaxes draw, in a stable order."""
     ids = _ids(nodes)
+    boxes = [(ids[key], node.stage, key, (node.sha256 or "?")[:12]) for key, node in sorted(nodes.items())]
+    edges = [(ids[source], ids[key], name) for key, node in sorted(nodes.items())
+             for name, (source, _) in node.inputs.items() if source in ids]
+    return boxes, edges
+
+
+def to_mermaid(start: str, nodes: dict[str, Node]) -> str:
+    boxes, edges = diagram_parts(nodes)
     lines = ["flowchart BT"]
-    for key, node in sorted(nodes.items()):
-        lines.append(f'    {ids[key]}["{node.stage}<br/>{key}<br/>{(node.sha256 or "?")[:12]}"]')
-    for key, node in sorted(nodes.items()):
-        for name, (source, _) in node.inputs.items():
-            if source in ids:
-                lines.append(f"    {ids[source]} -->|{name}| {ids[key]}")
+    lines += [f'    {i}["{stage}<br/>{key}<br/>{sha}"]' for i, stage, key, sha in boxes]
+    lines += [f"    {a} -->|{name}| {b}" for a, b, name in edges]
     return "\n".join(lines) + "\n"
 
 
 def to_dot(start: str, nodes: dict[str, Node]) -> str:
-    ids = _ids(nodes)
+    boxes, edges = diagram_parts(nodes)
     lines = ["digraph lineage {", "  rankdir=BT;", "  node [shape=box];"]
-    for key, node in sorted(nodes.items()):
-        lines.append(f'  {ids[key]} [label="{node.stage}\\n{key}\\n{(node.sha256 or "?")[:12]}"];')
-    for key, node in sorted(nodes.items()):
-        for name, (source, _) in node.inputs.items():
-            if source in ids:
-                lines.append(f'  {ids[source]} -> {ids[key]} [label="{name}"];')
+    lines += [f'  {i} [label="{stage}\\n{key}\\n{sha}"];' for i, stage, key, sha in boxes]
+    lines += [f'  {a} -> {b} [label="{name}"];' for a, b, name in edges]
     return "\n".join(lines + ["}"]) + "\n"
 
 

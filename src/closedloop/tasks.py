@@ -15,6 +15,7 @@ import random
 import re
 from pathlib import Path
 
+from closedloop import config as cl_config
 from closedloop import synthetic
 
 LETTERS = "ABCDEFGHIJ"
@@ -181,7 +182,7 @@ def build_splits(name: str, task, seed: int) -> dict[str, list[dict]]:
     (disjoint by id and question). Adding validation rows leaves the other two unchanged:
     synthetic validation rows are generated after the train rows; benchmark validation
     rows follow the held-out rows in the same seeded shuffle."""
-    source = str(getattr(task.source, "value", task.source))
+    source = cl_config.enum_value(task.source)
     key = f"{seed}:{name}"
     n_val = task.n_validation
     if source == "synthetic":

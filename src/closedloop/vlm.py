@@ -172,7 +172,7 @@ def _build_tiny(mcfg, out: Path) -> None:
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    backbone = str(getattr(mcfg.text_backbone, "value", mcfg.text_backbone))
+    backbone = cl_config.enum_value(mcfg.text_backbone)
     if backbone == "embedded":
         llm_cfg = OmegaConf.create({"cache_dir": None})
         smol = models.embedded_dir(llm_cfg)
@@ -217,10 +217,10 @@ def _build_tiny(mcfg, out: Path) -> None:
 
 def base_source(mcfg) -> str:
     """The from_pretrained dir (or hub id) of the untrained LLaVA."""
-    kind = str(getattr(mcfg.kind, "value", mcfg.kind))
+    kind = cl_config.enum_value(mcfg.kind)
     if kind == "hf":
         return mcfg.name_or_path
-    fields = {k: str(getattr(v, "value", v)) for k, v in OmegaConf.to_container(mcfg).items()
+    fields = {k: cl_config.enum_value(v) for k, v in OmegaConf.to_container(mcfg).items()
               if k not in ("kind", "name_or_path", "revision", "trust_remote_code", "dtype", "lora")}
     key = cl_config.config_hash({**fields, "build": BUILD_VERSION})[:12]
     root = Path(models.cache_root(OmegaConf.create({"cache_dir": None})))
@@ -237,7 +237,7 @@ def load(source: str | Path, mcfg):
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     model = LlavaForConditionalGeneration.from_pretrained(
         source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
-        dtype=models.DTYPES[str(getattr(mcfg.dtype, "value", mcfg.dtype))])
+        dtype=models.DTYPES[cl_config.enum_value(mcfg.dtype)])
     model.eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id

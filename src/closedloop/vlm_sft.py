@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from transformers import set_seed
 
 from closedloop import artifacts, models, vlm
+from closedloop import config as cl_config
 from closedloop.sft import CsvLogCallback
 from closedloop.vlm_data import load_rgb
 
@@ -153,7 +154,7 @@ def main(cfg) -> None:
     data = vlm.data_dir(cfg)
     rows = artifacts.read_jsonl(data / "sft.jsonl")
     model, processor = vlm.load(vlm.base_source(cfg.vlm.model), cfg.vlm.model)
-    tiny = str(getattr(cfg.vlm.model.kind, "value", cfg.vlm.model.kind)) == "tiny"
+    tiny = cl_config.enum_value(cfg.vlm.model.kind) == "tiny"
     standardized = None
     view = vlm.stage_view(cfg, "vlm_sft")
     with artifacts.artifact_dir(vlm.sft_dir(cfg), "vlm_sft", view, {"data": data}, cfg.seed) as out:
