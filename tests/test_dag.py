@@ -47,6 +47,7 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(smoke_local_run):
     report = (run / "report.md").read_text()
     assert "n per task: 12 / 12" in report and "| iter2 | " in report
     assert "## MCTS data" in report and "| iter2 |" in report and "| synthetic | closedloop |" in report
+    assert re.search(r"## Against SFT, question by question.*\| synthetic \| closedloop \| \+\d+ / −\d+, p [01]\.\d\d \|", report, re.S)
 
     # iteration 2's DPO config changed: exactly the iteration-2 jobs are planned again
     iter2 = snakemake(repo_copy, "-n", "--config", "dpo={per_iteration: {2: {beta: 0.2}}}")

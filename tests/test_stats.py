@@ -36,3 +36,21 @@ def test_summarise_reports_accuracy_n_and_level():
     out = stats.summarise([1, 0, 1, 0], n_boot=100, level=0.95, seed=0)
     assert out["accuracy"] == 0.5 and out["n"] == 4 and out["ci_level"] == 0.95
     assert 0.0 <= out["ci_low"] <= 0.5 <= out["ci_high"] <= 1.0
+
+
+@pytest.mark.parametrize(("gained", "lost", "p"), [
+    (10, 5, 2 * (1 + 15 + 105 + 455 + 1365 + 3003) / 2 ** 15),  # 0.3018
+    (18, 5, 2 * (1 + 23 + 253 + 1771 + 8855 + 33649) / 2 ** 23),  # 0.0106
+    (0, 6, 2 / 2 ** 6),
+    (5, 5, 1.0),  # 2·P(X ≤ 5) > 1 for n = 10: capped
+    (0, 0, 1.0),
+])
+def test_exact_mcnemar_against_hand_computed_binomial_tails(gained, lost, p):
+    assert stats.mcnemar_exact(gained, lost) == pytest.approx(p, rel=1e-12)
+    assert stats.mcnemar_exact(lost, gained) == pytest.approx(p, rel=1e-12)  # two-sided
+
+
+def test_paired_change_counts_discordant_questions_by_id():
+    before = {"a": True, "b": False, "c": False, "d": True, "e": True}
+    after = {"a": True, "b": True, "c": True, "d": False, "f": True}  # "e" and "f" not shared
+    assert stats.paired_change(before, after) == {"n": 4, "gained": 2, "lost": 1, "p": 1.0}

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from closedloop import artifacts, dvc_store, paths  # noqa: E402
+from closedloop import artifacts, dvc_store, paths, stats  # noqa: E402
 from closedloop import config as cl_config  # noqa: E402
 
 PLOTS = ("accuracy.png", "iterations.png", "training_loss.png")
@@ -53,6 +53,36 @@ def iteration_table(cfg, metrics) -> str:
             lines.append(f"| {task} | {variant} | "
                          + " | ".join(cell(m) for _, m in iteration_series(cfg, metrics, variant, task)) + " |")
     return "\n".join(lines)
+
+
+def correct_by_id(cfg, tag: str, task: str) -> dict[str, bool] | None:
+    """Question id → right or wrong, from an evaluation's predictions; None when a question
+    has several samples (the paired test needs one answer per question)."""
+    rows = artifacts.read_jsonl(paths.eval_dir(cfg, tag, task) / "predictions.jsonl")
+    if any(len(r["correct"]) != 1 for r in rows):
+        return None
+    return {r["id"]: bool(r["correct"][0]) for r in rows}
+
+
+def paired_table(cfg) -> str:
+    """Every loop policy against the SFT model on the same questions: gained / lost and
+    the exact McNemar p-value (uncorrected for the number of comparisons)."""
+    if "sft" not in cfg.eval.models:
+        return ""
+    lines = ["| task | loop | " + " | ".join(f"iter {k}" for k in range(1, cfg.loop.iterations + 1)) + " |",
+             "|---|---|" + "---|" * cfg.loop.iterations]
+    for task in cfg.eval.tasks:
+        sft = correct_by_id(cfg, "sft", task)
+        if sft is None:
+            return ""
+        for variant in paths.loop_variants(cfg):
+            cells = []
+            for k in range(1, cfg.loop.iterations + 1):
+                change = stats.paired_change(sft, correct_by_id(cfg, paths.model_tag(k, variant), task) or {})
+                cells.append(f"+{change['gained']} / −{change['lost']}, p {change['p']:.2f}")
+            lines.append(f"| {task} | {variant} | " + " | ".join(cells) + " |")
+    return ("\n## Against SFT, question by question\n\nQuestions gained / lost against the SFT model on the same "
+            "held-out questions, exact McNemar p (two-sided, uncorrected).\n\n" + "\n".join(lines) + "\n")
 
 
 def _errorbars(ms: list[dict]) -> list[list[float]]:
@@ -195,7 +225,7 @@ Held-out accuracy (%) with {int(100 * cfg.eval.ci_level)}% bootstrap intervals.
 {iteration_table(cfg, metrics)}
 
 ![iterations](plots/iterations.png)
-
+{paired_table(cfg)}
 ## Training
 
 Final logged losses: {final or 'n/a'}.
@@ -218,6 +248,8 @@ def main(cfg) -> None:
     plot_iterations(cfg, metrics, plots / "iterations.png")
     plot_losses(logs, plots / "training_loss.png")
     inputs = {f"eval/{tag}/{task}": paths.eval_dir(cfg, tag, task) / "metrics.json" for tag, task in metrics}
+    inputs.update({f"eval/{tag}/{task}/predictions": paths.eval_dir(cfg, tag, task) / "predictions.jsonl"
+                   for tag, task in metrics})
     inputs.update({f"mcts/iter{k}": paths.mcts_dir(cfg, k) / "merged" / "stats.json" for k in stats})
     inputs.update({f"decodings/{tag}/{task}/{d}": paths.decoding_eval_dir(cfg, tag, task, d) / "metrics.json"
                    for tag, task, d in decodings})

@@ -1,6 +1,9 @@
-"""Accuracy with a percentile bootstrap confidence interval (SPEC §7)."""
+"""Accuracy with a percentile bootstrap confidence interval (SPEC §7), and the paired
+exact McNemar test of two models on the same questions."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -37,3 +40,23 @@ def bootstrap_metric(statistic, n: int, names, n_boot: int = 1000, level: float 
     values = statistic(rng.integers(0, n, size=(n_boot, n)))
     tail = (1.0 - level) / 2.0
     return {name: tuple(float(q) for q in np.quantile(values[name], [tail, 1.0 - tail])) for name in names}
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value: under "no difference" each of the ``gained + lost``
+    questions the two models disagree on is a fair coin, so p = min(1, 2·P(X ≤ min(gained,
+    lost))) with X ~ Binomial(gained + lost, 1/2)."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_change(before: dict[str, bool], after: dict[str, bool]) -> dict:
+    """Questions (by id, both models answered them) that ``after`` gets right and ``before``
+    wrong (gained) and the reverse (lost), with the exact McNemar p-value."""
+    common = before.keys() & after.keys()
+    gained = sum(after[i] and not before[i] for i in common)
+    lost = sum(before[i] and not after[i] for i in common)
+    return {"n": len(common), "gained": gained, "lost": lost, "p": mcnemar_exact(gained, lost)}
