@@ -160,3 +160,41 @@ def test_hinted_self_evaluation_and_gold_step_options_still_search(tiny, smoke_c
         assert tree[committed[-1]].terminal
         assert all(n.self_eval is not None and 0 <= n.self_eval <= 1 for n in tree.nodes[1:])
         assert any(n.parent == 0 for n in tree.nodes)
+
+
+@pytest.mark.parametrize("max_rows", [1, 3])
+def test_a_continuation_from_a_kept_row_equals_a_prefilled_one(tiny, max_rows):
+    """A request continuing a finished row's kept cache (Request.context: no prefill) samples
+    the same tokens, log-probs and C(s) as the same prompt prefilled, and as a fresh forward;
+    a context whose ids are not the prompt is ignored (prefilled instead)."""
+    model, tok = tiny
+    qc = QuestionCache(model, tok, QUESTIONS)
+    first = [Request(tok(q, add_special_tokens=False)["input_ids"], 12, one_line=True, seed=3 + k, tree=k,
+                     score=True, keep=True) for k, q in enumerate(QUESTIONS)]
+    parents = decode_all(Decoder(model, tok, temperature=1.0, top_p=1.0, max_rows=2, question_cache=qc), first)
+    assert all(p.context is not None and p.context.ids == p.request.prompt_ids + p.tokens for p in parents)
+
+    def children(with_context):
+        out = []
+        for k, p in enumerate(parents):
+            for j in range(2):
+                out.append(Request(p.context.ids, 10, one_line=j == 0, seed=50 + 2 * k + j, tree=k, score=True,
+                                   context=p.context if with_context else None))
+        out.append(Request(parents[0].context.ids[:-1], 8, one_line=False, seed=9, tree=0, score=True,
+                           context=parents[0].context))  # ids differ: prefilled
+        return out
+
+    def run(with_context):
+        decoder = Decoder(model, tok, temperature=1.0, top_p=1.0, max_rows=max_rows, question_cache=qc)
+        out = decode_all(decoder, children(with_context))
+        assert decoder.continued == (4 if with_context else 0)
+        return out
+
+    continued, prefilled = run(True), run(False)
+    suffix = tok(selfeval.eval_suffix(tok), add_special_tokens=False)["input_ids"]
+    for a, b in zip(continued, prefilled, strict=True):
+        assert a.tokens == b.tokens
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-5)
+        fresh = selfeval.confidence_from_ids(model, tok, [a.request.prompt_ids + list(a.token_ids) + suffix])[0]
+        assert a.confidence == pytest.approx(fresh, abs=1e-4)

@@ -62,6 +62,20 @@ class Request:
     tree: int | None = None  # QuestionCache row whose prompt ``prompt_ids`` extends, if any
     score: bool = False  # read C(s) from the cache when the row finishes
     tag: Any = None  # the caller's bookkeeping
+    keep: bool = False  # keep the finished row's cache (Result.context) to continue from it
+    context: RowCache | None = None  # a finished row to continue: used instead of a prefill when its ids == prompt_ids
+
+
+@dataclass
+class RowCache:
+    """One finished row's KV cache: it covers ``ids[:-1]`` (leading padding dropped; the
+    mask marks padding inside), ``ids[-1]`` is the token the row would feed next."""
+
+    ids: list[int]
+    keys: list[torch.Tensor]  # per layer [1, kv heads, columns, head dim]
+    values: list[torch.Tensor]
+    mask: torch.Tensor  # [1, columns]
+    eos: bool  # the last id is the EOS (masked out when scoring; a solution that ended is not continued)
 
 
 @dataclass
@@ -74,7 +88,8 @@ class Result:
     n_tokens: int  # tokens of the step (up to the first EOS)
     ended: bool  # the policy ended the solution (EOS) rather than a line
     confidence: float | None = None
-    _parked: Any = field(default=None, repr=False, compare=False)  # see Decoder._park
+    context: RowCache | None = field(default=None, repr=False, compare=False)  # with request.keep
+    _parked: RowCache | None = field(default=None, repr=False, compare=False)  # see Decoder._park
 
     @property
     def token_ids(self) -> tuple[int, ...]:
@@ -121,6 +136,7 @@ class Decoder:
         self.timings = {"decode": 0.0, "prefill": 0.0, "self_eval": 0.0}
         self.calls = {"decode": 0, "prefill": 0, "self_eval": 0}
         self.steps = self.row_steps = 0
+        self.continued = 0  # rows decoded from a kept row's cache (no prefill)
         self._newline: dict[int, bool] = {}
         self._suffix: list[int] | None = None
         self._option_ids: list[int] | None = None
@@ -135,14 +151,19 @@ class Decoder:
         if not requests:
             return
         start = time.perf_counter()
-        cached, fresh = [], []
+        cached, fresh, continued = [], [], []
         qc = self.question_cache
         for k, req in enumerate(requests):
-            if qc is not None and req.tree is not None and qc.extends(req.tree, req.prompt_ids):
+            if req.context is not None and not req.context.eos and req.context.ids == req.prompt_ids:
+                continued.append(k)
+            elif qc is not None and req.tree is not None and qc.extends(req.tree, req.prompt_ids):
                 cached.append(k)
             else:
                 fresh.append(k)
         parts = []
+        self.continued += len(continued)
+        if continued:
+            parts.append((continued, *self._stack([requests[k].context for k in continued])))
         if cached:
             parts.append((cached, *qc.prefill_ids([requests[k].tree for k in cached],
                                                   [requests[k].prompt_ids for k in cached])))
@@ -175,6 +196,17 @@ class Decoder:
         cache.batch_select_indices(rows)
         last = torch.tensor([i[-1] for i in id_lists], device=self.device)
         return cache, mask.index_select(0, rows), last
+
+    def _stack(self, rows: list[RowCache]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """(cache, mask, last token) of finished rows, left padded to a common width: their
+        caches continue as they are, nothing is recomputed."""
+        width = max(r.mask.shape[1] for r in rows)
+        cache = DynamicCache()
+        for layer_idx in range(len(rows[0].keys)):
+            cache.update(torch.cat([_left_pad(r.keys[layer_idx], width) for r in rows]),
+                         torch.cat([_left_pad(r.values[layer_idx], width) for r in rows]), layer_idx)
+        mask = torch.cat([_left_pad_mask(r.mask, width) for r in rows])
+        return cache, mask, torch.tensor([r.ids[-1] for r in rows], device=self.device)
 
     def _splice(self, cache: DynamicCache, mask: torch.Tensor, last: torch.Tensor) -> None:
         """Append rows (their cache, mask and pending token) to the batch, left-padding the
@@ -243,9 +275,9 @@ class Decoder:
         if not done:
             return []
         results = [self._result(self.rows[r]) for r in done]
-        scored = [k for k, r in enumerate(done) if self.rows[r].request.score]
-        if scored:
-            self._park([results[k] for k in scored], [done[k] for k in scored])
+        parked = [k for k, r in enumerate(done) if self.rows[r].request.score or self.rows[r].request.keep]
+        if parked:
+            self._park([results[k] for k in parked], [done[k] for k in parked])
         start = time.perf_counter()
         gone = set(done)
         keep = [r for r in range(batch) if r not in gone]
@@ -293,16 +325,21 @@ class Decoder:
                       cut, hit_eos)
 
     def _park(self, results: list[Result], rows: list[int]) -> None:
-        """Keep what scoring a finished row needs (its cache rows, mask, last token) until
-        :meth:`score` reads C(s) for it, so rows finishing at different steps share a forward."""
+        """Keep a finished row's cache (a :class:`RowCache`): until :meth:`score` reads C(s)
+        for it (so rows finishing at different steps share a forward), and with
+        ``request.keep`` as ``Result.context``, from which a request for its continuation
+        decodes without a prefill."""
         index = torch.tensor(rows, device=self.device)
         keys = [layer.keys.index_select(0, index) for layer in self.cache.layers]
         values = [layer.values.index_select(0, index) for layer in self.cache.layers]
         mask = self.mask.index_select(0, index)
         for k, (res, r) in enumerate(zip(results, rows, strict=True)):
             real = int(mask[k].argmax()) if bool(mask[k].any()) else mask.shape[1]  # drop leading padding
-            res._parked = ([t[k:k + 1, :, real:] for t in keys], [t[k:k + 1, :, real:] for t in values],
-                           mask[k:k + 1, real:], int(self.pending[r]), self.rows[r].eos)
+            row = self.rows[r]
+            state = RowCache(row.request.prompt_ids + row.tokens, [t[k:k + 1, :, real:] for t in keys],
+                             [t[k:k + 1, :, real:] for t in values], mask[k:k + 1, real:], row.eos)
+            res._parked = state if row.request.score else None
+            res.context = state if row.request.keep and not row.eos else None
 
     @torch.inference_mode()
     def score(self, results: list[Result]) -> None:
@@ -316,19 +353,15 @@ class Decoder:
         if self._suffix is None:
             self._suffix = self.tokenizer(selfeval.eval_suffix(self.tokenizer), add_special_tokens=False)["input_ids"]
             self._option_ids = selfeval.option_token_ids(self.tokenizer)
-        width = max(r._parked[2].shape[1] for r in parked)
-        cache = DynamicCache()
-        for layer_idx in range(len(parked[0]._parked[0])):
-            cache.update(torch.cat([_left_pad(r._parked[0][layer_idx], width) for r in parked]),
-                         torch.cat([_left_pad(r._parked[1][layer_idx], width) for r in parked]), layer_idx)
+        states = [r._parked for r in parked]
+        cache, prev_mask, last = self._stack(states)
+        width = prev_mask.shape[1]
         n = len(parked)
         suffix = torch.tensor(self._suffix, device=self.device).expand(n, -1)
-        last = torch.tensor([[r._parked[3]] for r in parked], device=self.device)
-        last_real = torch.tensor([[0 if r._parked[4] else 1] for r in parked], device=self.device)
-        prev_mask = torch.cat([_left_pad_mask(r._parked[2], width) for r in parked])
+        last_real = torch.tensor([[0 if r.eos else 1] for r in states], device=self.device)
         mask = torch.cat([prev_mask, last_real, torch.ones_like(suffix)], dim=1)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, width:]
-        logits = self.model(input_ids=torch.cat([last, suffix], dim=1), attention_mask=mask, position_ids=positions,
+        logits = self.model(input_ids=torch.cat([last.unsqueeze(1), suffix], dim=1), attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         for res, c in zip(parked, selfeval._option_probability(logits, self._option_ids), strict=True):
             res.confidence, res._parked = c, None
