@@ -4,7 +4,7 @@ solutions into step-level preference pairs.
 Each shard searches its prompts in batches of ``trees_per_batch`` trees. The trees of a
 batch advance independently (:class:`Searcher`): each runs its own simulations and
 sends its expansions' sampling requests to one continuous-batching decode loop
-(``decode.py``) that drops finished rows every step and refills free slots with other
+(``decode.py``) that takes finished rows out every step and refills free slots with other
 trees' requests, so decode steps stay full. Each row stops at the end of its line (or
 EOS / max tokens for a forced completion); the prior p(a|s) comes from the decode
 loop's own logits (no second forward pass), and the self-evaluation C(s) of each new
@@ -13,7 +13,10 @@ the rows that finish together (``selfeval.py``). Completed batches are written t
 dir keyed by the config hash, so a killed shard resumes where it stopped with identical
 results (each batch has its own seed, each request its own generator).
 Each batch's question prompts are prefilled once and their KV cache reused by every
-expansion (``prefix_cache.py``), so a request prefills only the steps so far.
+expansion (``prefix_cache.py``), so a request prefills only the steps so far; and the
+cache of the row that wrote a node's step is kept until that node is expanded, so its
+children continue that row's cache with no prefill at all (unless re-tokenising the
+node's text changes the ids: then they take the question-cache path).
 ``sample_continuations`` (one ``generate`` call) remains for beam search (SPEC §1).
 """
 
