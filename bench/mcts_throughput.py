@@ -126,7 +126,8 @@ def main():
           f"{row_steps / max(steps, 1):.1f} rows per {unit[:-1]} on average)")
     if hasattr(searcher, "timings"):
         phases = ", ".join(f"{k} {searcher.timings[k]:.1f}" for k in ("decode", "prefill", "self_eval", "tree"))
-        print(f"mcts phases (s) : {phases} (total {searcher.timings['total']:.1f}); forward passes {searcher.calls}")
+        print(f"mcts phases (s) : {phases} (total {searcher.timings['total']:.1f}); forward passes {searcher.calls}; "
+              f"rows continued from their leaf's cache {searcher.continued_rows}")
     print(f"plain sampling  : {tokens['plain']} tokens in {seconds['plain']:.1f} s = {rate['plain']:.1f} tok/s, "
           f"{cpu['plain']:.1f} CPU s = {cpu_rate['plain']:.1f} tok/CPU-s (batch = the collection's mean rows, "
           f"48 tokens a row)")

@@ -35,13 +35,18 @@ def requests_for(tok, question_cache: bool) -> list[Request]:
     return out
 
 
-@pytest.mark.parametrize("max_rows", [1, 2, 6])
-def test_log_probs_and_confidence_equal_a_fresh_forward(tiny, max_rows):
+@pytest.mark.parametrize(("max_rows", "max_dead"), [(1, 0.25), (2, 0.25), (6, 0.0), (6, 0.25), (6, 1.0)])
+def test_log_probs_and_confidence_equal_a_fresh_forward(tiny, max_rows, max_dead, monkeypatch):
     """Each sampled token's log-prob and the row's C(s), read from the pruned/refilled batch
-    cache, equal a full forward pass over the row's own tokens."""
+    cache, equal a full forward pass over the row's own tokens (finished rows' slots
+    compacted at once, kept until a refill, or kept to the end; cache buffers regrown
+    every 5 columns)."""
+    from closedloop import decode
+
+    monkeypatch.setattr(decode._GrowingLayer, "spare", 5)
     model, tok = tiny
     decoder = Decoder(model, tok, temperature=1.0, top_p=1.0, max_rows=max_rows,
-                      question_cache=QuestionCache(model, tok, QUESTIONS))
+                      question_cache=QuestionCache(model, tok, QUESTIONS), max_dead=max_dead)
     results = decode_all(decoder, requests_for(tok, question_cache=True))
     suffix = tok(selfeval.eval_suffix(tok), add_special_tokens=False)["input_ids"]
     for res in results:
@@ -54,7 +59,7 @@ def test_log_probs_and_confidence_equal_a_fresh_forward(tiny, max_rows):
         assert res.sum_logprob == pytest.approx(float(manual[:res.n_tokens].sum()), abs=1e-3)
         fresh = selfeval.confidence_from_ids(model, tok, [p_ids + list(res.token_ids) + suffix])[0]
         assert res.confidence == pytest.approx(fresh, abs=1e-4)
-    assert decoder.rows == [] and decoder.cache is None
+    assert decoder.rows == [] and decoder.slots == [] and decoder.cache is None
     qc = decoder.question_cache
     assert not qc.extends(1, tok(QUESTIONS[0], add_special_tokens=False)["input_ids"])  # falls back to a prefill
 
@@ -202,3 +207,68 @@ def test_greedy_stops_each_row_after_its_final_answer(tiny):
     assert n_tokens == (10 + 5) + 2 * (len(answer) - 1)
     plain, n_plain = greedy_generate(Answering(), tok, prompts, max_new_tokens=40, max_rows=2)
     assert n_plain == 80 and plain[0][0].startswith(texts[0][0])
+
+
+@pytest.mark.parametrize("max_rows", [1, 3])
+def test_a_continuation_from_a_kept_row_equals_a_prefilled_one(tiny, max_rows):
+    """A request continuing a finished row's kept cache (Request.context: no prefill) samples
+    the same tokens, log-probs and C(s) as the same prompt prefilled, and as a fresh forward;
+    a context whose ids are not the prompt is ignored (prefilled instead)."""
+    model, tok = tiny
+    qc = QuestionCache(model, tok, QUESTIONS)
+    first = [Request(tok(q, add_special_tokens=False)["input_ids"], 12, one_line=True, seed=3 + k, tree=k,
+                     score=True, keep=True) for k, q in enumerate(QUESTIONS)]
+    parents = decode_all(Decoder(model, tok, temperature=1.0, top_p=1.0, max_rows=2, question_cache=qc), first)
+    assert all(p.context is not None and p.context.ids == p.request.prompt_ids + p.tokens for p in parents)
+
+    def children(with_context):
+        out = []
+        for k, p in enumerate(parents):
+            for j in range(2):
+                out.append(Request(p.context.ids, 10, one_line=j == 0, seed=50 + 2 * k + j, tree=k, score=True,
+                                   context=p.context if with_context else None))
+        out.append(Request(parents[0].context.ids[:-1], 8, one_line=False, seed=9, tree=0, score=True,
+                           context=parents[0].context))  # ids differ: prefilled
+        return out
+
+    def run(with_context):
+        decoder = Decoder(model, tok, temperature=1.0, top_p=1.0, max_rows=max_rows, question_cache=qc)
+        out = decode_all(decoder, children(with_context))
+        assert decoder.continued == (4 if with_context else 0)
+        return out
+
+    continued, prefilled = run(True), run(False)
+    suffix = tok(selfeval.eval_suffix(tok), add_special_tokens=False)["input_ids"]
+    for a, b in zip(continued, prefilled, strict=True):
+        assert a.tokens == b.tokens
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-5)
+        fresh = selfeval.confidence_from_ids(model, tok, [a.request.prompt_ids + list(a.token_ids) + suffix])[0]
+        assert a.confidence == pytest.approx(fresh, abs=1e-4)
+
+
+def test_growing_layer_equals_a_dynamic_layer():
+    """_GrowingLayer.update returns what DynamicLayer.update does, through regrowth, a
+    trimmed view, and a replaced (row-selected) tensor."""
+    from transformers.cache_utils import DynamicLayer
+
+    from closedloop.decode import _GrowingLayer
+
+    gen = torch.Generator().manual_seed(0)
+    grow, plain = _GrowingLayer(), DynamicLayer()
+    grow.spare = 3
+    rows, buffers = 3, []
+    for step, n in enumerate([4, 1, 1, 1, 1, 2, 1, 5, 1]):
+        k, v = torch.randn(rows, 2, n, 4, generator=gen), torch.randn(rows, 2, n, 4, generator=gen)
+        got, want = grow.update(k, v), plain.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        if not buffers or buffers[-1][1] is not grow._kbuf:
+            buffers.append((step, grow._kbuf))
+        if step == 3:  # trim two leading columns (a view: stays in the buffer)
+            for layer in (grow, plain):
+                layer.keys, layer.values = layer.keys[:, :, 2:], layer.values[:, :, 2:]
+        if step == 6:  # keep rows 0 and 2 (a new tensor: regrown at the next update)
+            for layer in (grow, plain):
+                layer.batch_select_indices(torch.tensor([0, 2]))
+            rows = 2
+    assert [step for step, _ in buffers] == [0, 4, 7]  # allocated only when out of room or replaced

@@ -14,10 +14,19 @@ generate call's rows were idle padding. :class:`Decoder` keeps a batch of rows o
   ``torch.Generator`` (so a row's tokens do not depend on what else is in the batch),
 * stops each row on its own: EOS, the end of its first non-empty line (one step = one
   line), ``max_new_tokens``, or optionally a final-answer line,
-* drops finished rows from the batch (cache rows pruned, leading all-padding columns
-  trimmed), keeping their cache rows aside until :meth:`Decoder.score` reads their C(s)
-  by continuing each with the evaluation suffix, one forward for all rows handed to it
-  (the searcher hands it the rows of every tree whose expansion completed at that step).
+* takes finished rows out of the batch, keeping their cache rows aside until
+  :meth:`Decoder.score` reads their C(s) by continuing each with the evaluation suffix,
+  one forward for all rows handed to it (the searcher hands it the rows of every tree
+  whose expansion completed at that step). A finished row's slot stays in the batch,
+  masked out, until the next refill or until more than ``max_dead`` of the slots are
+  finished; then one copy rebuilds the batch without them.
+
+The cache's layers (``_GrowingLayer``) append a step's column into spare room of their
+buffers instead of DynamicLayer's ``torch.cat`` (which copies the whole cache every
+step), so a step without a refill or rebuild copies no cache. A finished row's cache can
+also be kept (``Request.keep`` → ``Result.context``): a request whose prompt is exactly
+that row's prompt + tokens (the children of the node it wrote) continues from it with no
+prefill.
 
 On a CPU a forward pass costs about the same for 1 or 30 rows (streaming the weights
 dominates), so the loop keeps the number of forward passes low: one decode pass per
@@ -30,9 +39,10 @@ prefilled (from the :class:`~closedloop.prefix_cache.QuestionCache` plus their s
 or from scratch) and spliced into the batch cache, left-padded to a common width.
 
 What is written by hand here (no library call does it, as far as we know): per-row
-pruning and splicing of a DynamicCache with ragged left padding, per-row stop rules and
-per-row generators. The model forward, the cache and the attention masking are
-transformers'; sampling follows transformers' temperature → top-p order.
+pruning and splicing of a DynamicCache with ragged left padding, a DynamicLayer with
+spare room, per-row stop rules and per-row generators. The model forward, the cache and
+the attention masking are transformers'; sampling follows transformers' temperature →
+top-p order.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from closedloop import selfeval
 from closedloop.generation import FINAL_ANSWER
@@ -62,6 +73,20 @@ class Request:
     tree: int | None = None  # QuestionCache row whose prompt ``prompt_ids`` extends, if any
     score: bool = False  # read C(s) from the cache when the row finishes
     tag: Any = None  # the caller's bookkeeping
+    keep: bool = False  # keep the finished row's cache (Result.context) to continue from it
+    context: RowCache | None = None  # a finished row to continue: used instead of a prefill when its ids == prompt_ids
+
+
+@dataclass
+class RowCache:
+    """One finished row's KV cache: it covers ``ids[:-1]`` (leading padding dropped; the
+    mask marks padding inside), ``ids[-1]`` is the token the row would feed next."""
+
+    ids: list[int]
+    keys: list[torch.Tensor]  # per layer [1, kv heads, columns, head dim]
+    values: list[torch.Tensor]
+    mask: torch.Tensor  # [1, columns]
+    eos: bool  # the last id is the EOS (masked out when scoring; a solution that ended is not continued)
 
 
 @dataclass
@@ -74,7 +99,8 @@ class Result:
     n_tokens: int  # tokens of the step (up to the first EOS)
     ended: bool  # the policy ended the solution (EOS) rather than a line
     confidence: float | None = None
-    _parked: Any = field(default=None, repr=False, compare=False)  # see Decoder._park
+    context: RowCache | None = field(default=None, repr=False, compare=False)  # with request.keep
+    _parked: RowCache | None = field(default=None, repr=False, compare=False)  # see Decoder._park
 
     @property
     def token_ids(self) -> tuple[int, ...]:
@@ -105,7 +131,7 @@ class Decoder:
     """A batch of independently stopping rows over one KV cache (see the module docstring)."""
 
     def __init__(self, model, tokenizer, *, temperature: float, top_p: float, max_rows: int,
-                 question_cache=None, stop_at_answer: bool = False):
+                 question_cache=None, stop_at_answer: bool = False, max_dead: float = 0.25):
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p, self.max_rows = temperature, top_p, max_rows
         self.question_cache, self.stop_at_answer = question_cache, stop_at_answer
@@ -114,16 +140,25 @@ class Decoder:
         self.stop_ids = {t for t in [tokenizer.eos_token_id, tokenizer.pad_token_id, *gen_eos] if t is not None}
         self.cut_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
         self.device = model.device
-        self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
+        # the batch's rows; None marks the slot of a finished row, masked out until the batch
+        # is next rebuilt (a refill, or more than ``max_dead`` of the slots finished)
+        self.slots: list[_Row | None] = []
+        self.max_dead = max_dead
+        self.cache: DynamicCache | None = None  # of _GrowingLayer layers
         self.mask: torch.Tensor | None = None  # [B, L] over the cache's columns
         self.pending: torch.Tensor | None = None  # [B] the token each row feeds next
         self.timings = {"decode": 0.0, "prefill": 0.0, "self_eval": 0.0}
         self.calls = {"decode": 0, "prefill": 0, "self_eval": 0}
         self.steps = self.row_steps = 0
+        self.continued = 0  # rows decoded from a kept row's cache (no prefill)
         self._newline: dict[int, bool] = {}
         self._suffix: list[int] | None = None
         self._option_ids: list[int] | None = None
+
+    @property
+    def rows(self) -> list[_Row]:
+        """The rows still decoding."""
+        return [row for row in self.slots if row is not None]
 
     @property
     def free(self) -> int:
@@ -135,23 +170,27 @@ class Decoder:
         if not requests:
             return
         start = time.perf_counter()
-        cached, fresh = [], []
+        cached, fresh, continued = [], [], []
         qc = self.question_cache
         for k, req in enumerate(requests):
-            if qc is not None and req.tree is not None and qc.extends(req.tree, req.prompt_ids):
+            if req.context is not None and not req.context.eos and req.context.ids == req.prompt_ids:
+                continued.append(k)
+            elif qc is not None and req.tree is not None and qc.extends(req.tree, req.prompt_ids):
                 cached.append(k)
             else:
                 fresh.append(k)
         parts = []
+        self.continued += len(continued)
+        if continued:
+            parts.append((continued, *self._stack([requests[k].context for k in continued])))
         if cached:
             parts.append((cached, *qc.prefill_ids([requests[k].tree for k in cached],
                                                   [requests[k].prompt_ids for k in cached])))
         if fresh:
             parts.append((fresh, *self._prefill_fresh([requests[k].prompt_ids for k in fresh])))
         order = [k for part in parts for k in part[0]]
-        for _, cache, mask, last in parts:
-            self._splice(cache, mask, last)
-        self.rows += [_Row(requests[k], torch.Generator().manual_seed(requests[k].seed)) for k in order]
+        self._rebuild([part[1:] for part in parts])
+        self.slots += [_Row(requests[k], torch.Generator().manual_seed(requests[k].seed)) for k in order]
         self.calls["prefill"] += 1
         self.timings["prefill"] += time.perf_counter() - start
 
@@ -176,27 +215,64 @@ class Decoder:
         last = torch.tensor([i[-1] for i in id_lists], device=self.device)
         return cache, mask.index_select(0, rows), last
 
-    def _splice(self, cache: DynamicCache, mask: torch.Tensor, last: torch.Tensor) -> None:
-        """Append rows (their cache, mask and pending token) to the batch, left-padding the
-        narrower side so the columns align."""
-        if self.cache is None:
-            self.cache, self.mask, self.pending = cache, mask, last
-            self._trim()
+    def _stack(self, rows: list[RowCache]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """(cache, mask, last token) of finished rows, left padded to a common width: their
+        caches continue as they are, nothing is recomputed."""
+        width = max(r.mask.shape[1] for r in rows)
+        cache = DynamicCache()
+        for layer_idx in range(len(rows[0].keys)):
+            cache.update(torch.cat([_left_pad(r.keys[layer_idx], width) for r in rows]),
+                         torch.cat([_left_pad(r.values[layer_idx], width) for r in rows]), layer_idx)
+        mask = torch.cat([_left_pad_mask(r.mask, width) for r in rows])
+        return cache, mask, torch.tensor([r.ids[-1] for r in rows], device=self.device)
+
+    def _rebuild(self, new: list[tuple[DynamicCache, torch.Tensor, torch.Tensor]]) -> None:
+        """One copy of the batch into fresh buffers with spare columns (:class:`_GrowingLayer`):
+        the live rows, then the ``new`` (cache, mask, last token) rows, left padded to a common
+        width; finished rows' slots and columns that are padding in every row are dropped."""
+        live = [r for r, row in enumerate(self.slots) if row is not None]
+        sources = []  # (layers, mask, pending, runs of rows to take)
+        if live:
+            runs = _runs(live)
+            sources.append((self.cache.layers, torch.cat([self.mask[a:b] for a, b in runs]),
+                            torch.cat([self.pending[a:b] for a, b in runs]), runs))
+        for cache, mask, last in new:
+            sources.append((cache.layers, mask, last, [(0, mask.shape[0])]))
+        if not sources:
+            self.slots, self.cache, self.mask, self.pending = [], None, None, None
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-        merged = DynamicCache()
-        for layer_idx, (old, new) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
-            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
-            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
-            merged.update(keys, values, layer_idx)
-        self.cache = merged
-        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], dim=0)
-        self.pending = torch.cat([self.pending, last])
+        firsts = [_first_real(mask) for _, mask, _, _ in sources]
+        width = max(mask.shape[1] - first for (_, mask, _, _), first in zip(sources, firsts, strict=True))
+        batch = sum(mask.shape[0] for _, mask, _, _ in sources)
+        cache = DynamicCache()
+        for layer_idx in range(len(sources[0][0])):
+            layer = _GrowingLayer()
+            ref = sources[0][0][layer_idx].keys
+            layer.lazy_initialization(ref, ref)
+            bufs = []
+            for attr in ("keys", "values"):
+                buf = ref.new_empty(batch, ref.shape[1], width + _GrowingLayer.spare, ref.shape[3])
+                row = 0
+                for (layers, _, _, runs), first in zip(sources, firsts, strict=True):
+                    t = getattr(layers[layer_idx], attr)
+                    cols = t.shape[2] - first
+                    for a, b in runs:
+                        buf[row:row + b - a, :, :width - cols].zero_()
+                        buf[row:row + b - a, :, width - cols:width].copy_(t[a:b, :, first:])
+                        row += b - a
+                bufs.append(buf)
+            layer._kbuf, layer._vbuf = bufs
+            layer.keys, layer.values = bufs[0][:, :, :width], bufs[1][:, :, :width]
+            cache.layers.append(layer)
+        self.cache = cache
+        self.mask = torch.cat([_left_pad_mask(mask[:, first:], width)
+                               for (_, mask, _, _), first in zip(sources, firsts, strict=True)])
+        self.pending = torch.cat([pending for _, _, pending, _ in sources])
+        self.slots = [self.slots[r] for r in live]
 
     def _trim(self) -> None:
-        """Drop leading columns that are padding in every row."""
-        real = self.mask.any(dim=0)
-        first = int(real.float().argmax()) if bool(real.any()) else self.mask.shape[1]
+        """Drop leading columns that are padding in every row (views: no copy)."""
+        first = _first_real(self.mask)
         if first == 0:
             return
         self.mask = self.mask[:, first:]
@@ -207,12 +283,15 @@ class Decoder:
     # ---- decoding ------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Result]:
-        """One decode step for every row; the rows that finished, removed from the batch
-        (pass them to :meth:`score` for their C(s))."""
-        if not self.rows:
+        """One decode step for every row; the rows that finished, taken out of the batch
+        (pass them to :meth:`score` for their C(s)). A finished row's slot stays, masked
+        out, until a refill or too many finished slots rebuild the batch (:meth:`_rebuild`),
+        so a step copies no cache."""
+        live = [r for r, row in enumerate(self.slots) if row is not None]
+        if not live:
             return []
         start = time.perf_counter()
-        batch = len(self.rows)
+        batch = len(self.slots)
         full_mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], dim=1)
         positions = self.mask.sum(dim=1, keepdim=True)
         out = self.model(input_ids=self.pending.unsqueeze(1), attention_mask=full_mask, position_ids=positions,
@@ -224,33 +303,32 @@ class Decoder:
         chosen = chosen_t.tolist()
         token_logp = logp.gather(1, chosen_t.unsqueeze(1)).squeeze(1).tolist()
         done = []
-        for r, (row, tok, lp) in enumerate(zip(self.rows, chosen, token_logp, strict=True)):
+        for r in live:
+            row, tok = self.slots[r], chosen[r]
             row.tokens.append(tok)
-            row.logprobs.append(lp)
+            row.logprobs.append(token_logp[r])
             if self._stops(row, tok):
                 done.append(r)
         self.pending = chosen_t
         self.steps += 1
         self.calls["decode"] += 1
-        self.row_steps += batch
+        self.row_steps += len(live)
         self.timings["decode"] += time.perf_counter() - start
         if not done:
             return []
-        results = [self._result(self.rows[r]) for r in done]
-        scored = [k for k, r in enumerate(done) if self.rows[r].request.score]
-        if scored:
-            self._park([results[k] for k in scored], [done[k] for k in scored])
+        results = [self._result(self.slots[r]) for r in done]
+        parked = [k for k, r in enumerate(done) if self.slots[r].request.score or self.slots[r].request.keep]
+        if parked:
+            self._park([results[k] for k in parked], [done[k] for k in parked])
         start = time.perf_counter()
-        gone = set(done)
-        keep = [r for r in range(batch) if r not in gone]
-        self.rows = [self.rows[r] for r in keep]
-        if keep:
-            index = torch.tensor(keep, device=self.device)
-            self.cache.batch_select_indices(index)
-            self.mask, self.pending = self.mask.index_select(0, index), self.pending.index_select(0, index)
-            self._trim()
+        for r in done:
+            self.slots[r] = None
+        self.mask.index_fill_(0, torch.tensor(done, device=self.device), 0)
+        dead = batch - len(live) + len(done)
+        if dead == batch or dead > self.max_dead * batch:
+            self._rebuild([])
         else:
-            self.cache = self.mask = self.pending = None
+            self._trim()
         self.timings["decode"] += time.perf_counter() - start
         return results
 
@@ -262,7 +340,9 @@ class Decoder:
         scores = logits / self.temperature if self.temperature != 1.0 else logits
         probs = torch.softmax(top_p_filter(scores, self.top_p), dim=-1)
         cdf = probs.cumsum(dim=-1)
-        uniform = torch.cat([torch.rand(1, generator=row.generator) for row in self.rows]).to(self.device)
+        zero = torch.zeros(1)  # a finished slot draws nothing from any generator
+        uniform = torch.cat([torch.rand(1, generator=row.generator) if row is not None else zero
+                             for row in self.slots]).to(self.device)
         chosen = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
         return chosen.clamp(max=probs.shape[1] - 1)
 
@@ -299,16 +379,21 @@ class Decoder:
                       cut, hit_eos)
 
     def _park(self, results: list[Result], rows: list[int]) -> None:
-        """Keep what scoring a finished row needs (its cache rows, mask, last token) until
-        :meth:`score` reads C(s) for it, so rows finishing at different steps share a forward."""
+        """Keep a finished row's cache (a :class:`RowCache`): until :meth:`score` reads C(s)
+        for it (so rows finishing at different steps share a forward), and with
+        ``request.keep`` as ``Result.context``, from which a request for its continuation
+        decodes without a prefill."""
         index = torch.tensor(rows, device=self.device)
         keys = [layer.keys.index_select(0, index) for layer in self.cache.layers]
         values = [layer.values.index_select(0, index) for layer in self.cache.layers]
         mask = self.mask.index_select(0, index)
         for k, (res, r) in enumerate(zip(results, rows, strict=True)):
             real = int(mask[k].argmax()) if bool(mask[k].any()) else mask.shape[1]  # drop leading padding
-            res._parked = ([t[k:k + 1, :, real:] for t in keys], [t[k:k + 1, :, real:] for t in values],
-                           mask[k:k + 1, real:], int(self.pending[r]), self.rows[r].eos)
+            row = self.slots[r]
+            state = RowCache(row.request.prompt_ids + row.tokens, [t[k:k + 1, :, real:] for t in keys],
+                             [t[k:k + 1, :, real:] for t in values], mask[k:k + 1, real:], row.eos)
+            res._parked = state if row.request.score else None
+            res.context = state if row.request.keep and not row.eos else None
 
     @torch.inference_mode()
     def score(self, results: list[Result]) -> None:
@@ -322,19 +407,15 @@ class Decoder:
         if self._suffix is None:
             self._suffix = self.tokenizer(selfeval.eval_suffix(self.tokenizer), add_special_tokens=False)["input_ids"]
             self._option_ids = selfeval.option_token_ids(self.tokenizer)
-        width = max(r._parked[2].shape[1] for r in parked)
-        cache = DynamicCache()
-        for layer_idx in range(len(parked[0]._parked[0])):
-            cache.update(torch.cat([_left_pad(r._parked[0][layer_idx], width) for r in parked]),
-                         torch.cat([_left_pad(r._parked[1][layer_idx], width) for r in parked]), layer_idx)
+        states = [r._parked for r in parked]
+        cache, prev_mask, last = self._stack(states)
+        width = prev_mask.shape[1]
         n = len(parked)
         suffix = torch.tensor(self._suffix, device=self.device).expand(n, -1)
-        last = torch.tensor([[r._parked[3]] for r in parked], device=self.device)
-        last_real = torch.tensor([[0 if r._parked[4] else 1] for r in parked], device=self.device)
-        prev_mask = torch.cat([_left_pad_mask(r._parked[2], width) for r in parked])
+        last_real = torch.tensor([[0 if r.eos else 1] for r in states], device=self.device)
         mask = torch.cat([prev_mask, last_real, torch.ones_like(suffix)], dim=1)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, width:]
-        logits = self.model(input_ids=torch.cat([last, suffix], dim=1), attention_mask=mask, position_ids=positions,
+        logits = self.model(input_ids=torch.cat([last.unsqueeze(1), suffix], dim=1), attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         for res, c in zip(parked, selfeval._option_probability(logits, self._option_ids), strict=True):
             res.confidence, res._parked = c, None
@@ -352,6 +433,69 @@ def empty_cache(model, batch: int, device) -> DynamicCache:
         empty = torch.zeros(batch, heads, 0, dim, dtype=model.dtype, device=device)
         cache.update(empty, empty.clone(), layer_idx)
     return cache
+
+
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose ``update`` writes into spare columns: ``keys``/``values`` are
+    views of buffers with room on the right, so a decode step copies one column per row
+    rather than the whole cache (DynamicLayer.update concatenates, copying all of it every
+    step). Slicing the views (trimming leading columns) keeps them in their buffers; any
+    other replacement of ``keys``/``values`` gets a fresh buffer at the next update."""
+
+    spare = 64  # columns of room each (re)allocation leaves
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        start = _column_offset(self.keys, getattr(self, "_kbuf", None))
+        if start is None or start != _column_offset(self.values, getattr(self, "_vbuf", None)) \
+                or start + self.keys.shape[-2] + n > self._kbuf.shape[-2]:
+            self._kbuf = _with_room(self.keys, key_states, n + self.spare)
+            self._vbuf = _with_room(self.values, value_states, n + self.spare)
+            start = 0
+        end = start + (self.keys.shape[-2] if self.keys.dim() == 4 else 0)
+        self._kbuf[:, :, end:end + n].copy_(key_states)
+        self._vbuf[:, :, end:end + n].copy_(value_states)
+        self.keys, self.values = self._kbuf[:, :, start:end + n], self._vbuf[:, :, start:end + n]
+        return self.keys, self.values
+
+
+def _column_offset(view: torch.Tensor | None, buf: torch.Tensor | None) -> int | None:
+    """s where ``view`` is ``buf[:, :, s:s + n]``, else None."""
+    if buf is None or view is None or view.dim() != 4 or view.shape[:2] != buf.shape[:2] \
+            or view.stride() != buf.stride() or view.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr():
+        return None
+    delta = view.storage_offset() - buf.storage_offset()
+    if delta < 0 or delta % buf.stride(2):
+        return None
+    return delta // buf.stride(2)
+
+
+def _with_room(t: torch.Tensor, like: torch.Tensor, room: int) -> torch.Tensor:
+    """A buffer holding ``t`` (4-d, or an empty initial tensor) with ``room`` columns more."""
+    cols = t.shape[2] if t.dim() == 4 else 0
+    buf = like.new_empty(like.shape[0], like.shape[1], cols + room, like.shape[3])
+    if cols:
+        buf[:, :, :cols].copy_(t)
+    return buf
+
+
+def _runs(index: list[int]) -> list[tuple[int, int]]:
+    """Sorted row numbers as [start, end) runs of consecutive rows."""
+    runs = []
+    for r in index:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def _first_real(mask: torch.Tensor) -> int:
+    """The first column that is not padding in every row."""
+    real = mask.any(dim=0)
+    return int(real.float().argmax()) if bool(real.any()) else mask.shape[1]
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

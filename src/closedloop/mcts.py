@@ -4,7 +4,7 @@ solutions into step-level preference pairs.
 Each shard searches its prompts in batches of ``trees_per_batch`` trees. The trees of a
 batch advance independently (:class:`Searcher`): each runs its own simulations and
 sends its expansions' sampling requests to one continuous-batching decode loop
-(``decode.py``) that drops finished rows every step and refills free slots with other
+(``decode.py``) that takes finished rows out every step and refills free slots with other
 trees' requests, so decode steps stay full. Each row stops at the end of its line (or
 EOS / max tokens for a forced completion); the prior p(a|s) comes from the decode
 loop's own logits (no second forward pass), and the self-evaluation C(s) of each new
@@ -13,7 +13,10 @@ the rows that finish together (``selfeval.py``). Completed batches are written t
 dir keyed by the config hash, so a killed shard resumes where it stopped with identical
 results (each batch has its own seed, each request its own generator).
 Each batch's question prompts are prefilled once and their KV cache reused by every
-expansion (``prefix_cache.py``), so a request prefills only the steps so far.
+expansion (``prefix_cache.py``), so a request prefills only the steps so far; and the
+cache of the row that wrote a node's step is kept until that node is expanded, so its
+children continue that row's cache with no prefill at all (unless re-tokenising the
+node's text changes the ids: then they take the question-cache path).
 ``sample_continuations`` (one ``generate`` call) remains for beam search (SPEC §1).
 """
 
@@ -160,8 +163,10 @@ class Searcher:
         self.model, self.tokenizer, self.m, self.policy = model, tokenizer, mcfg, policy
         self.policy_tokens = 0
         self.question_cache: QuestionCache | None = None
+        self._contexts: dict = {}
         self.timings = {"decode": 0.0, "prefill": 0.0, "self_eval": 0.0, "tree": 0.0, "total": 0.0}
         self.decode_steps = self.decode_row_steps = 0
+        self.continued_rows = 0  # rows decoded from their leaf's kept cache (no prefill)
         self.calls = {"decode": 0, "prefill": 0, "self_eval": 0}  # forward passes
 
     def prefix(self, row: dict, steps: list[str]) -> str:
@@ -179,6 +184,7 @@ class Searcher:
         decoder = Decoder(self.model, self.tokenizer, temperature=self.m.temperature, top_p=self.m.top_p,
                           max_rows=self.m.generate_batch_size, question_cache=self.question_cache)
         self._eval_seconds = 0.0
+        self._contexts = {}  # (tree, node) -> the finished row's cache (decode.RowCache) of that node's step
         programs = {i: self._tree(i, trees[i], rows[i], committed[i], base_seed) for i in range(len(rows))}
         queue: deque[Request] = deque()
         waiting: dict[int, list] = {}  # tree -> result slots of its outstanding requests
@@ -225,7 +231,7 @@ class Searcher:
                     complete.append(i)
             resume([(i, waiting.pop(i)) for i in sorted(complete)])
         assert not programs, "a tree stopped without finishing its search"
-        self.question_cache = None
+        self.question_cache, self._contexts = None, {}
         for key in ("decode", "prefill", "self_eval"):
             self.timings[key] += decoder.timings[key]
         self.timings["prefill"] += prefill0
@@ -237,6 +243,7 @@ class Searcher:
             self.calls[key] += n
         self.decode_steps += decoder.steps
         self.decode_row_steps += decoder.row_steps
+        self.continued_rows += decoder.continued
         return list(zip(trees, committed, strict=True))
 
     def _tree(self, i: int, tree: Tree, row: dict, committed: list[int], base_seed: int):
@@ -266,9 +273,11 @@ class Searcher:
         steps = tree.steps(leaf_id)
         ids = self.tokenizer(self.prefix(row, steps), add_special_tokens=False)["input_ids"]
         n = next(counter)
+        context = self._contexts.pop((i, leaf_id), None)  # the leaf's own row: its children need no prefill
         requests = [Request(ids, self.m.max_completion_tokens if complete else self.m.max_step_tokens,
                             one_line=not complete, seed=_request_seed(base_seed, i, n, k), tree=i,
-                            score=not self.m.self_eval_hint, tag=(i, k)) for k in range(b)]
+                            score=not self.m.self_eval_hint, tag=(i, k), keep=not complete, context=context)
+                    for k in range(b)]
         results = yield "generate", requests
         self.policy_tokens += sum(r.n_tokens for r in results)
         pending = [(r, complete) for r in results]
@@ -306,6 +315,10 @@ class Searcher:
                                 s.confidence, terminal, correct, s.n_tokens) for s, terminal, correct in scored]
         added = tree.add_children(leaf_id, candidates, self.m.max_children, self.m.outcome_reward,
                                   self.m.self_eval_depth_scaled)
+        if len(added) == len(scored):  # kept in the order add_children attaches them
+            for node_id, (sample, terminal, _) in zip(added, scored, strict=True):
+                if not terminal and getattr(sample, "context", None) is not None:
+                    self._contexts[(i, node_id)] = sample.context
         if not added and not leaf.children:
             leaf.terminal, leaf.correct = True, False  # a dead end: nothing usable sampled
 
