@@ -388,7 +388,7 @@ class Decoder:
         values = [layer.values.index_select(0, index) for layer in self.cache.layers]
         mask = self.mask.index_select(0, index)
         for k, (res, r) in enumerate(zip(results, rows, strict=True)):
-            real = int(mask[k].argmax()) if bool(mask[k].any()) else mask.shape[1]  # drop leading padding
+            real = _first_real(mask[k:k + 1])  # drop leading padding
             row = self.slots[r]
             state = RowCache(row.request.prompt_ids + row.tokens, [t[k:k + 1, :, real:] for t in keys],
                              [t[k:k + 1, :, real:] for t in values], mask[k:k + 1, real:], row.eos)

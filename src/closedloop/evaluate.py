@@ -60,17 +60,14 @@ def decode(model, tokenizer, rows: list[dict], ev, seed: int, desc: str) -> tupl
             temperature=ev.beam_temperature, max_step_tokens=ev.beam_step_tokens,
             batch_size=ev.batch_size * ev.beam_n, seed=seed)
         return [[t] for t in texts], n_tokens
-    sampling = mode in ("sampled", "self_consistency")
+    texts = [prompts.chat_prompt(tokenizer, r) for r in rows]
+    budget = ev.mc_max_new_tokens if mc else ev.max_new_tokens
     if mode == "greedy":
-        return decode_loop.greedy_generate(
-            model, tokenizer, [prompts.chat_prompt(tokenizer, r) for r in rows],
-            max_new_tokens=ev.mc_max_new_tokens if mc else ev.max_new_tokens, max_rows=ev.batch_size,
-            stop_at_answer=not mc, desc=desc)
-    completions, n_tokens = generation.generate(
-        model, tokenizer, [prompts.chat_prompt(tokenizer, r) for r in rows],
-        max_new_tokens=ev.mc_max_new_tokens if mc else ev.max_new_tokens,
-        batch_size=ev.batch_size, do_sample=sampling, temperature=ev.temperature, top_p=ev.top_p,
-        num_return_sequences=ev.k if sampling else 1, stop_at_answer=not mc, desc=desc,
+        return decode_loop.greedy_generate(model, tokenizer, texts, max_new_tokens=budget, max_rows=ev.batch_size,
+                                           stop_at_answer=not mc, desc=desc)
+    completions, n_tokens = generation.generate(  # sampled / self_consistency: k samples a question
+        model, tokenizer, texts, max_new_tokens=budget, batch_size=ev.batch_size, do_sample=True,
+        temperature=ev.temperature, top_p=ev.top_p, num_return_sequences=ev.k, stop_at_answer=not mc, desc=desc,
     )
     if mode == "self_consistency":
         completions = [[beam.majority_vote(c, r)] for c, r in zip(completions, rows, strict=True)]

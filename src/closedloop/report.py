@@ -82,7 +82,8 @@ def paired_table(cfg) -> str:
                 cells.append(f"+{change['gained']} / −{change['lost']}, p {change['p']:.2f}")
             lines.append(f"| {task} | {variant} | " + " | ".join(cells) + " |")
     return ("\n## Against SFT, question by question\n\nQuestions gained / lost against the SFT model on the same "
-            "held-out questions, exact McNemar p (two-sided, uncorrected).\n\n" + "\n".join(lines) + "\n")
+            f"{cl_config.enum_value(cfg.eval.split)} questions, exact McNemar p (two-sided, uncorrected).\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def _errorbars(ms: list[dict]) -> list[list[float]]:
