@@ -29,7 +29,8 @@ import time
 import torch
 
 from closedloop import config, models, prompts, synthetic
-from closedloop.mcts import Searcher, sample_continuations
+from closedloop.loop.search import Searcher
+from closedloop.sampling import sample_continuations
 
 
 class CountingSearcher(Searcher):

@@ -1,11 +1,11 @@
 # Shared helpers: the validated experiment config, the CLI call, per-job config views.
+# Nothing here imports torch or transformers: parsing the DAG stays fast.
 import json
 import os
 import sys
 from pathlib import Path
 
 from closedloop import config as cl_config
-from closedloop import dpo as cl_dpo
 from closedloop import launch as cl_launch
 from closedloop import paths
 
@@ -36,9 +36,9 @@ wildcard_constraints:
     decoding="greedy|sampled|self_consistency|beam_self_eval",
 
 
-def view_json(stage, tasks=(), iteration=None):
+def view_json(stage, tasks=(), iteration=None, model=None):
     """The config sections a job depends on: a change elsewhere does not rerun it."""
-    return json.dumps(cl_config.stage_view(CFG, stage, list(tasks), iteration), sort_keys=True)
+    return json.dumps(cl_config.stage_view(CFG, stage, list(tasks), iteration, model), sort_keys=True)
 
 
 def iterations():

@@ -2,7 +2,7 @@
 rule dpo:
     priority: LOOP_PRIORITY
     input:
-        pairs=lambda w: str(cl_dpo.pairs_artifact(CFG, int(w.k), paths.variant_of_prefix(w.loop))),
+        pairs=lambda w: str(paths.pairs_artifact(CFG, int(w.k), paths.variant_of_prefix(w.loop))),
         policy=lambda w: policy_artifact(w.loop, int(w.k) - 1),
         reference=lambda w: reference_artifact(w.loop, int(w.k)),
     output:

@@ -25,7 +25,7 @@ rule evaluate_decoding:
     output:
         directory(str(paths.decoding_eval_dir(CFG, "{model}", "{task}", "{decoding}"))),
     params:
-        cfg=lambda w: view_json("evaluate-decoding", [w.task]),
+        cfg=lambda w: view_json("evaluate_decoding", [w.task]),
     threads: 1
     conda:
         "../workflow/envs/closedloop.yaml"
@@ -34,6 +34,6 @@ rule evaluate_decoding:
     benchmark:
         str(LOGS / "decodings" / "{model}" / "{task}" / "{decoding}.benchmark.tsv")
     shell:
-        "OMP_NUM_THREADS={threads} closedloop run-stage evaluate-decoding --config-yaml {params.cfg:q}"
+        "OMP_NUM_THREADS={threads} closedloop run-stage evaluate_decoding --config-yaml {params.cfg:q}"
         " job.model={wildcards.model} job.task={wildcards.task} job.decoding={wildcards.decoding}"
         " 2>&1 | tee {log}"

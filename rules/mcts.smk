@@ -30,7 +30,7 @@ rule mcts_merge:
     output:
         directory(str(paths.mcts_dir(CFG, "{k}", "{loop}") / "merged")),
     params:
-        cfg=view_json("mcts", [CFG.mcts.task]),
+        cfg=view_json("mcts_merge", [CFG.mcts.task]),
         variant=lambda w: paths.variant_of_prefix(w.loop),
     # a few seconds of file work, but it holds every core so that no evaluation starts beside it
     # and then keeps the iteration's DPO (which needs all cores) waiting: measured ~100 s per iteration
@@ -40,5 +40,5 @@ rule mcts_merge:
     log:
         str(LOGS / "{loop}iter{k}" / "mcts" / "merge.log"),
     shell:
-        "closedloop run-stage mcts-merge --config-yaml {params.cfg:q} job.iteration={wildcards.k}"
+        "closedloop run-stage mcts_merge --config-yaml {params.cfg:q} job.iteration={wildcards.k}"
         " job.variant={params.variant} 2>&1 | tee {log}"

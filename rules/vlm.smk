@@ -1,7 +1,6 @@
 # V-DPO branch (SPEC §4): vlm_data -> vlm_sft -> vdpo_pairs -> {vdpo, dpo} -> pope -> vlm_report.
 # Its own target, `snakemake --cores 2 vdpo_all`; outputs under results/<experiment>/vlm/. Each job gets
-# only the vlm subsections it depends on (closedloop.vlm.stage_view), so the LLM experiment is untouched.
-from closedloop import vlm as cl_vlm
+# only the vlm subsections it depends on (the stage table's sections), so the LLM experiment is untouched.
 
 
 VLM_LOGS = LOGS / "vlm"
@@ -9,9 +8,9 @@ VLM_LOGS = LOGS / "vlm"
 
 rule vlm_data:
     output:
-        directory(str(cl_vlm.data_dir(CFG))),
+        directory(str(paths.vlm_data_dir(CFG))),
     params:
-        cfg=cl_vlm.view_json(CFG, "vlm_data"),
+        cfg=view_json("vlm_data"),
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
@@ -24,11 +23,11 @@ rule vlm_data:
 
 rule vlm_sft:
     input:
-        str(cl_vlm.data_dir(CFG)),
+        str(paths.vlm_data_dir(CFG)),
     output:
-        directory(str(cl_vlm.sft_dir(CFG))),
+        directory(str(paths.vlm_sft_dir(CFG))),
     params:
-        cfg=cl_vlm.view_json(CFG, "vlm_sft"),
+        cfg=view_json("vlm_sft"),
     threads: 8  # capped at --cores by Snakemake
     conda:
         "../workflow/envs/closedloop.yaml"
@@ -42,11 +41,11 @@ rule vlm_sft:
 
 rule vdpo_pairs:
     input:
-        [str(cl_vlm.data_dir(CFG))] + ([str(cl_vlm.sft_dir(CFG))] if CFG.vlm.pairs.alpha == "score" else []),
+        [str(paths.vlm_data_dir(CFG))] + ([str(paths.vlm_sft_dir(CFG))] if CFG.vlm.pairs.alpha == "score" else []),
     output:
-        directory(str(cl_vlm.pairs_dir(CFG))),
+        directory(str(paths.vdpo_pairs_dir(CFG))),
     params:
-        cfg=cl_vlm.view_json(CFG, "vdpo_pairs"),
+        cfg=view_json("vdpo_pairs"),
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
@@ -58,17 +57,17 @@ rule vdpo_pairs:
 
 
 # V-DPO (γ = vlm.vdpo.gamma) and its plain-DPO ablation (γ = 1) on the same pairs.
-rule vdpo_train:
+rule vdpo:
     input:
-        pairs=str(cl_vlm.pairs_dir(CFG)),
-        sft=str(cl_vlm.sft_dir(CFG)),
-        data=str(cl_vlm.data_dir(CFG)),
+        pairs=str(paths.vdpo_pairs_dir(CFG)),
+        sft=str(paths.vlm_sft_dir(CFG)),
+        data=str(paths.vlm_data_dir(CFG)),
     output:
-        directory(str(cl_vlm.run_dir(CFG) / "{variant}")),
+        directory(str(paths.vlm_run_dir(CFG) / "{variant}")),
     wildcard_constraints:
         variant="dpo|vdpo",
     params:
-        cfg=lambda w: cl_vlm.view_json(CFG, "vdpo", w.variant),
+        cfg=lambda w: view_json("vdpo", model=w.variant),
     threads: 8  # capped at --cores by Snakemake
     conda:
         "../workflow/envs/closedloop.yaml"
@@ -81,16 +80,16 @@ rule vdpo_train:
         " job.variant={wildcards.variant} 2>&1 | tee {log}"
 
 
-rule pope_eval:
+rule pope:
     input:
-        data=str(cl_vlm.data_dir(CFG)),
-        model=lambda w: str(cl_vlm.model_dir(CFG, w.vlm_model).parent),
+        data=str(paths.vlm_data_dir(CFG)),
+        model=lambda w: str(paths.vlm_model_dir(CFG, w.vlm_model).parent),
     output:
-        directory(str(cl_vlm.pope_dir(CFG, "{vlm_model}"))),
+        directory(str(paths.pope_dir(CFG, "{vlm_model}"))),
     wildcard_constraints:
         vlm_model="sft|dpo|vdpo",
     params:
-        cfg=lambda w: cl_vlm.view_json(CFG, "pope", w.vlm_model),
+        cfg=lambda w: view_json("pope", model=w.vlm_model),
     threads: 2
     conda:
         "../workflow/envs/closedloop.yaml"
@@ -105,11 +104,11 @@ rule pope_eval:
 
 rule vlm_report:
     input:
-        [str(cl_vlm.pope_dir(CFG, m)) for m in CFG.vlm.pope.models],
+        [str(paths.pope_dir(CFG, m)) for m in CFG.vlm.pope.models],
     output:
-        str(cl_vlm.report_file(CFG)),
+        str(paths.vlm_report_file(CFG)),
     params:
-        cfg=cl_vlm.view_json(CFG, "vlm_report"),
+        cfg=view_json("vlm_report"),
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
@@ -120,4 +119,4 @@ rule vlm_report:
 
 rule vdpo_all:
     input:
-        str(cl_vlm.report_file(CFG)),
+        str(paths.vlm_report_file(CFG)),

@@ -13,7 +13,7 @@ HEADER = """# The embedded default experiment: SmolLM2-135M-Instruct (shipped by
 # package) fine-tuned on the seeded synthetic step-by-step arithmetic task, then
 # closed-loop iterations policy_k -> MCTS -> cDPO -> policy_k+1 (SPEC §2-3); every policy
 # is evaluated on the held-out synthetic split, ARC-Challenge and SciQ.
-# Generated from the dataclass defaults in src/closedloop/config.py by
+# Generated from the dataclass defaults in src/closedloop/config/ by
 # scripts/write_default_yaml.py (a test keeps the two equal); a config of your own only
 # needs the keys it changes.
 """

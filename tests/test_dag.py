@@ -43,7 +43,7 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(smoke_local_run):
                              cwd=repo_copy, capture_output=True, text=True)
     assert lineage.returncode == 0, lineage.stderr
     assert {a["stage"] for a in json.loads(lineage.stdout)["artifacts"].values()} == {
-        "report", "evaluate", "dpo", "mcts-merge", "mcts", "sft", "data"}
+        "report", "evaluate", "dpo", "mcts_merge", "mcts", "sft", "data"}
     report = (run / "report.md").read_text()
     assert "n per task: 12 / 12" in report and "| iter2 | " in report
     assert "## MCTS data" in report and "| iter2 |" in report and "| synthetic | closedloop |" in report

@@ -7,8 +7,9 @@ from fractions import Fraction
 
 import pytest
 
-from closedloop import config, data, paths, synthetic, tasks
+from closedloop import config, paths, synthetic, tasks
 from closedloop.artifacts import read_jsonl
+from closedloop.stages import data
 
 KEYS = {"id", "question", "answer", "solution_steps", "choices"}
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import TopPLogitsWarper
 
-from closedloop import generation, mcts, models, selfeval, synthetic
+from closedloop import generation, models, selfeval, synthetic
 from closedloop.decode import Decoder, Request, decode_all, greedy_generate, top_p_filter
+from closedloop.loop import search
 from closedloop.prefix_cache import QuestionCache
 
 pytestmark = pytest.mark.slow
@@ -143,7 +144,7 @@ def test_a_tree_does_not_depend_on_the_rest_of_its_batch(tiny, smoke_cfg):
 
     def search(batch):
         torch.manual_seed(11)
-        return mcts.Searcher(model, tok, m, "p").search(batch)
+        return search.Searcher(model, tok, m, "p").search(batch)
 
     together = search(rows)
     assert [t.nodes for t, _ in search(rows)] == [t.nodes for t, _ in together]
@@ -161,7 +162,7 @@ def test_hinted_self_evaluation_and_gold_step_options_still_search(tiny, smoke_c
     m = copy.deepcopy(smoke_cfg.mcts)
     m.self_eval_hint, m.add_gold_step = True, True
     torch.manual_seed(1)
-    for tree, committed in mcts.Searcher(model, tok, m, "p").search(rows):
+    for tree, committed in search.Searcher(model, tok, m, "p").search(rows):
         assert tree[committed[-1]].terminal
         assert all(n.self_eval is not None and 0 <= n.self_eval <= 1 for n in tree.nodes[1:])
         assert any(n.parent == 0 for n in tree.nodes)

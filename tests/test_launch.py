@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from closedloop import config, launch
+from closedloop import config, launch, stage_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "workflow" / "profiles" / "slurm"
@@ -94,7 +94,7 @@ def test_mcts_call_without_a_shard_is_one_unit_per_shard_and_names_are_stable(sm
 
 
 def test_launch_settings_are_not_in_any_stage_view(smoke_cfg):
-    for stage in config.STAGE_SECTIONS:
+    for stage in stage_table.STAGES:
         view = config.stage_view(smoke_cfg, stage)
         assert not {"launcher", "slurm", "checkpoint_steps"} & set(view)
     assert "launcher" not in OmegaConf.to_container(smoke_cfg)

@@ -130,7 +130,7 @@ def records(repo: Path) -> dict[str, dict]:
 def test_every_stage_output_is_recorded_in_dvc(smoke_repo):
     recs = records(smoke_repo)
     stages = sorted(r["stage"] for r in recs.values())
-    assert stages.count("data") == 2 and stages.count("mcts") == 4 and stages.count("mcts-merge") == 2
+    assert stages.count("data") == 2 and stages.count("mcts") == 4 and stages.count("mcts_merge") == 2
     assert stages.count("dpo") == 2 and stages.count("evaluate") == 2 and stages.count("sft") == 1
     assert len(stages) == 13
     for rec_file, rec in recs.items():
@@ -158,7 +158,7 @@ def test_lineage_of_the_iteration_2_model_reaches_the_data(smoke_repo):
     graph = json.loads(out.stdout)
     arts, edges = graph["artifacts"], graph["edges"]
     assert graph["artifact"] == "results/smoke/iter2/dpo"
-    assert {a["stage"] for a in arts.values()} == {"dpo", "mcts-merge", "mcts", "sft", "data"}
+    assert {a["stage"] for a in arts.values()} == {"dpo", "mcts_merge", "mcts", "sft", "data"}
     assert all(e["from"] in arts and e["state"] == "ok" for e in edges), edges
 
     def chain(key: str) -> list[str]:  # follow the policy / pairs / data inputs back to the raw data
@@ -166,7 +166,7 @@ def test_lineage_of_the_iteration_2_model_reaches_the_data(smoke_repo):
         nxt = ins.get("pairs") or ins.get("shard0") or ins.get("policy") or ins.get("data")
         return [arts[key]["stage"]] + (chain(nxt) if nxt else [])
 
-    assert chain("results/smoke/iter2/dpo") == ["dpo", "mcts-merge", "mcts", "dpo", "mcts-merge", "mcts", "sft",
+    assert chain("results/smoke/iter2/dpo") == ["dpo", "mcts_merge", "mcts", "dpo", "mcts_merge", "mcts", "sft",
                                                  "data"]
     data = arts["data/smoke/synthetic"]
     assert data["config_diff"]["data.tasks.synthetic.n_train"] == [256, 32]

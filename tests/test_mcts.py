@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
-from closedloop import artifacts, config, data, mcts, models, paths, selfeval, sft
+from closedloop import artifacts, config, models, paths, sampling, selfeval
+from closedloop.prefix_cache import QuestionCache
+from closedloop.stages import data, mcts, mcts_merge, sft
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +51,7 @@ def test_prior_log_probs_come_from_the_generation_logits(tiny):
     model, tok = tiny
     torch.manual_seed(0)
     prompts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "Count: one two"]
-    samples = mcts.sample_continuations(model, tok, prompts, max_new_tokens=8, one_line=False,
+    samples = sampling.sample_continuations(model, tok, prompts, max_new_tokens=8, one_line=False,
                                         temperature=1.0, top_p=1.0)
     assert all(s.n_tokens == len(s.token_ids) > 0 for s in samples)
     for prompt, sample in zip(prompts, samples, strict=True):
@@ -72,7 +74,7 @@ def collect(cfg):
     for shard in range(cfg.mcts.n_shards):
         cfg.job.shard = shard
         mcts.main(cfg)
-    mcts.merge(cfg)
+    mcts_merge.main(cfg)
     return paths.mcts_dir(cfg, 1) / "merged"
 
 
@@ -139,7 +141,7 @@ def test_killed_shard_resumes_to_the_same_trees(smoke_cfg, tmp_path):
     rerun = subprocess.run(cmd, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     smoke_cfg.job.iteration = 1
-    mcts.merge(smoke_cfg)
+    mcts_merge.main(smoke_cfg)
     resumed = artifacts.read_jsonl(paths.mcts_dir(smoke_cfg, 1) / "merged" / "trees.jsonl")
     assert [t["tree_id"] for t in resumed] == [t["tree_id"] for t in expected]  # no duplicates, same order
     assert resumed == expected
@@ -152,7 +154,7 @@ def test_confidence_from_the_generation_cache_equals_a_fresh_read(tiny):
     contexts = ["<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n",
                 "<|im_start|>user\nA much longer question, padded on the left in the batch.<|im_end|>\n"
                 "<|im_start|>assistant\nFirst step.\n"]
-    samples = mcts.sample_continuations(model, tok, contexts, max_new_tokens=10, one_line=True,
+    samples = sampling.sample_continuations(model, tok, contexts, max_new_tokens=10, one_line=True,
                                         temperature=1.0, top_p=1.0, score=True)
     suffix = tok(selfeval.eval_suffix(tok), add_special_tokens=False)["input_ids"]
     fresh = selfeval.confidence_from_ids(
@@ -167,12 +169,12 @@ def test_question_cache_gives_the_same_priors_and_confidence_as_a_fresh_read(tin
     model, tok = tiny
     questions = ["<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n",
                  "<|im_start|>user\nA much longer question, padded on the left.<|im_end|>\n<|im_start|>assistant\n"]
-    cache = mcts.QuestionCache(model, tok, questions)
+    cache = QuestionCache(model, tok, questions)
     steps = questions[1] + "First step.\nSecond step is longer.\n"
     contexts = [questions[0], steps, questions[0] + "Go.\n", steps]  # two samples share one prefill
     trees = [0, 1, 0, 1]
     torch.manual_seed(5)
-    samples = mcts.sample_continuations(model, tok, contexts, max_new_tokens=10, one_line=True,
+    samples = sampling.sample_continuations(model, tok, contexts, max_new_tokens=10, one_line=True,
                                         temperature=1.0, top_p=1.0, score=True, prefix=(cache, trees))
     suffix = tok(selfeval.eval_suffix(tok), add_special_tokens=False)["input_ids"]
     for context, sample in zip(contexts, samples, strict=True):

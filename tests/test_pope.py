@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from closedloop import pope, stats
+from closedloop import stats
+from closedloop.vlm import pope
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from closedloop import artifacts, config, data, evaluate, models, paths, prompts, report, sft
+from closedloop import artifacts, config, models, paths, prompts, reporting
+from closedloop.stages import data, evaluate, evaluate_decoding, sft
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +147,7 @@ def test_search_decodings_score_one_answer_per_question(smoke_cfg, decoding):
 
 
 def test_decoding_comparison_runs_each_method_on_the_same_questions(smoke_cfg):
-    """evaluate-decoding: one dir per (model, task, decoding), the first n questions,
+    """evaluate_decoding: one dir per (model, task, decoding), the first n questions,
     generated tokens counted; the report lists each with its budget."""
     build_data(smoke_cfg, "synthetic")
     smoke_cfg.decodings.methods = [config.Decoding(d) for d in ("greedy", "self_consistency", "beam_self_eval")]
@@ -156,15 +157,15 @@ def test_decoding_comparison_runs_each_method_on_the_same_questions(smoke_cfg):
     smoke_cfg.job.model, smoke_cfg.job.task = "base", "synthetic"
     for decoding in ("greedy", "self_consistency", "beam_self_eval"):
         smoke_cfg.job.decoding = decoding
-        evaluate.main_decoding(smoke_cfg)
-    found = report.decoding_metrics(smoke_cfg)
+        evaluate_decoding.main(smoke_cfg)
+    found = reporting.decoding_metrics(smoke_cfg)
     assert sorted(d for _, _, d in found) == ["beam_self_eval", "greedy", "self_consistency"]
     for (_, _, decoding), m in found.items():
         assert m["n"] == 5 and m["decoding"] == decoding and m["generated_tokens"] > 0
         assert m["generated_tokens_per_question"] == pytest.approx(m["generated_tokens"] / 5)
     assert found[("base", "synthetic", "self_consistency")]["k"] == 4
-    section = report.decoding_section(smoke_cfg, found)
+    section = reporting.decoding_section(smoke_cfg, found)
     assert "| base | synthetic | beam_self_eval |" in section and "beams 2 × candidates 2" in section
     smoke_cfg.job.decoding = "sampled"
     with pytest.raises(config.ConfigError, match="job.decoding"):
-        evaluate.main_decoding(smoke_cfg)
+        evaluate_decoding.main(smoke_cfg)

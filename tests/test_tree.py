@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from closedloop.tree import Candidate, Tree, alpha, length_normalised_prior, node_value, preference_pairs
+from closedloop.loop.tree import Candidate, Tree, alpha, length_normalised_prior, node_value, preference_pairs
 
 
 def cand(text, prior, c, terminal=False, correct=None):
@@ -76,7 +76,7 @@ def test_equal_q_siblings_give_no_pair():
 
 
 def test_dpo_margin_keeps_pairs_with_a_clear_q_gap(tree):
-    from closedloop.dpo import confident_pairs
+    from closedloop.loop.pairs import confident_pairs
 
     tree.add_children(1, [cand("c", 0.4, 0.9, True, True), cand("d", 0.6, 0.2, True, False)], max_children=4)
     tree.backup([0, 1])

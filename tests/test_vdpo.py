@@ -10,9 +10,12 @@ from dpo_helpers import batch_of, perturbed_reference
 from PIL import Image
 from trl import DPOConfig, DPOTrainer
 
-from closedloop import config, vdpo, vlm, vlm_data
-from closedloop.vdpo_pairs import recolour_object, remove_object
-from closedloop.vdpo_trainer import VisionGuidedDPOTrainer, guided_log_prob
+from closedloop import config
+from closedloop.vlm import model as vlm
+from closedloop.vlm import scenes as vlm_data
+from closedloop.vlm import vdpo
+from closedloop.vlm.pairs import recolour_object, remove_object
+from closedloop.vlm.vdpo import VisionGuidedDPOTrainer, guided_log_prob
 
 pytestmark = pytest.mark.slow
 BETA = 0.1

@@ -5,7 +5,11 @@ import collections
 import numpy as np
 import pytest
 
-from closedloop import config, vdpo_pairs, vlm, vlm_data
+from closedloop import config, paths
+from closedloop.stages import vlm_data as vlm_data_stage
+from closedloop.vlm import model as vlm
+from closedloop.vlm import pairs as vdpo_pairs
+from closedloop.vlm import scenes as vlm_data
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -16,8 +20,8 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vlm")
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"], [f"data_dir={tmp / 'data'}", f"results_dir={tmp / 'r'}",
                                                               "vlm.data.n_pope_images=40"])
-    vlm_data.main(cfg)
-    return cfg, vlm.data_dir(cfg)
+    vlm_data_stage.main(cfg)
+    return cfg, paths.vlm_data_dir(cfg)
 
 
 @pytest.mark.parametrize("question,answer,facts", [
@@ -156,8 +160,8 @@ def test_validation_split_is_pope_style_and_disjoint_from_test_and_training(buil
 
 def test_presence_questions_can_be_switched_off(tmp_path):
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"], [f"data_dir={tmp_path}", "vlm.data.presence_pairs_per_image=0"])
-    vlm_data.main(cfg)
+    vlm_data_stage.main(cfg)
     from closedloop import artifacts
 
-    sft = artifacts.read_jsonl(vlm.data_dir(cfg) / "sft.jsonl")
+    sft = artifacts.read_jsonl(paths.vlm_data_dir(cfg) / "sft.jsonl")
     assert {r["source"] for r in sft} == {"easy_vqa", "describe"}

@@ -12,7 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from closedloop import artifacts, config, pope, vdpo, vdpo_pairs, vlm, vlm_data, vlm_sft
+from closedloop import artifacts, config, paths, training
+from closedloop.stages import pope, vdpo, vdpo_pairs, vlm_data, vlm_report, vlm_sft
+from closedloop.vlm import model as vlm
+from closedloop.vlm import pope as pope_scoring
+from closedloop.vlm import vdpo as vdpo_lib
+from closedloop.vlm import vision
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +28,7 @@ def test_the_branch_runs_end_to_end(tmp_path):
                       [f"data_dir={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}"])
     vlm_data.main(cfg)
     vlm_sft.main(cfg)
-    sft = vlm.sft_dir(cfg)
+    sft = paths.vlm_sft_dir(cfg)
     assert {p.name for p in sft.iterdir()} == {"config.yaml", "provenance.json", "model", "train_log.csv",
                                                "vision_log.csv", "heads.safetensors", "stats.json"}
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (sft / "model").iterdir())
@@ -35,11 +40,11 @@ def test_the_branch_runs_end_to_end(tmp_path):
                            trained["vision_tower.embeddings.patch_embedding.weight"])
 
     vdpo_pairs.main(cfg)
-    rows = artifacts.read_jsonl(vlm.pairs_dir(cfg) / "pairs.jsonl")
+    rows = artifacts.read_jsonl(paths.vdpo_pairs_dir(cfg) / "pairs.jsonl")
     assert len(rows) == 8 and all(0.0 <= r["alpha"] <= 0.5 for r in rows)
     image_rows = [r for r in rows if r["kind"] == "image"]
     assert len(image_rows) == 4 and {r["edit"]["kind"] for r in image_rows} == {"remove", "recolour"}
-    assert all((vlm.pairs_dir(cfg) / r["rejected_image"]).is_file() and r["edit"]["pixels_changed"] > 0
+    assert all((paths.vdpo_pairs_dir(cfg) / r["rejected_image"]).is_file() and r["edit"]["pixels_changed"] > 0
                for r in image_rows)
     assert all(r["chosen"] == r["rejected"] for r in image_rows)
     assert all(r["chosen"] != r["rejected"] for r in rows if r["kind"] != "image")
@@ -47,46 +52,46 @@ def test_the_branch_runs_end_to_end(tmp_path):
     for variant in ("vdpo", "dpo"):
         cfg.job.variant = variant
         vdpo.main(cfg)
-        stats = json.loads((vlm.train_dir(cfg, variant) / "stats.json").read_text())
+        stats = json.loads((paths.vdpo_dir(cfg, variant) / "stats.json").read_text())
         assert stats["steps"] == 2 and stats["alpha"]
         if variant == "dpo":
-            assert stats["gamma"] == 1.0 and not (vlm.train_dir(cfg, variant) / "gamma_selection.json").exists()
+            assert stats["gamma"] == 1.0 and not (paths.vdpo_dir(cfg, variant) / "gamma_selection.json").exists()
         else:  # γ chosen on the validation questions among vlm.vdpo.gamma_grid
-            selection = json.loads((vlm.train_dir(cfg, variant) / "gamma_selection.json").read_text())
+            selection = json.loads((paths.vdpo_dir(cfg, variant) / "gamma_selection.json").read_text())
             assert [r["gamma"] for r in selection["table"]] == [0.75, 0.5]
             assert all(r["val"]["n"] == 4 * 2 * 3 for r in selection["table"])
-            assert selection["chosen"] == stats["gamma"] == vdpo.best_gamma(selection["table"])["gamma"]
-            assert all((vlm.train_dir(cfg, variant) / "gamma" / f"{g:g}" / "train_log.csv").is_file()
+            assert selection["chosen"] == stats["gamma"] == vdpo_lib.best_gamma(selection["table"])["gamma"]
+            assert all((paths.vdpo_dir(cfg, variant) / "gamma" / f"{g:g}" / "train_log.csv").is_file()
                        for g in (0.75, 0.5))
-        prov = json.loads((vlm.train_dir(cfg, variant) / "provenance.json").read_text())
-        assert prov["inputs"]["pairs"]["sha256"] == artifacts.content_hash(vlm.pairs_dir(cfg))
+        prov = json.loads((paths.vdpo_dir(cfg, variant) / "provenance.json").read_text())
+        assert prov["inputs"]["pairs"]["sha256"] == artifacts.content_hash(paths.vdpo_pairs_dir(cfg))
 
     for tag in ("sft", "dpo", "vdpo"):
         cfg.job.model = tag
         pope.main(cfg)
-        out = vlm.pope_dir(cfg, tag)
+        out = paths.pope_dir(cfg, tag)
         metrics = json.loads((out / "metrics.json").read_text())
         preds = artifacts.read_jsonl(out / "predictions.jsonl")
         assert metrics["all"]["n"] == len(preds) == 6 * 2 * 3
         assert set(metrics["splits"]) == {"random", "popular", "adversarial"}
         labels = [p["label"] for p in preds]
-        answers = [pope.parse_answer(p["generation"]) for p in preds]
-        assert metrics["all"]["confusion"] == pope.confusion(labels, answers)
+        answers = [pope_scoring.parse_answer(p["generation"]) for p in preds]
+        assert metrics["all"]["confusion"] == pope_scoring.confusion(labels, answers)
         assert metrics["all"]["ci"]["f1"][0] <= metrics["all"]["f1"] <= metrics["all"]["ci"]["f1"][1]
-    pope.report(cfg)
-    report = vlm.report_file(cfg).read_text()
+    vlm_report.main(cfg)
+    report = paths.vlm_report_file(cfg).read_text()
     assert all(f"| {t} | " in report for t in ("sft", "dpo", "vdpo")) and "| adversarial |" in report
     assert "| γ | val accuracy |" in report and "| 0.5 | " in report
-    assert (vlm.run_dir(cfg) / "report.provenance.json").is_file()
+    assert (paths.vlm_run_dir(cfg) / "report.provenance.json").is_file()
 
 
 def test_stage_views_are_narrow():
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"])
-    assert set(vlm.stage_view(cfg, "vlm_data")["vlm"]) == {"data"}
-    assert set(vlm.stage_view(cfg, "pope", model="sft")["vlm"]) == {"model", "data", "sft", "pope"}
-    assert "vdpo" in vlm.stage_view(cfg, "pope", model="vdpo")["vlm"]
+    assert set(config.stage_view(cfg, "vlm_data")["vlm"]) == {"data"}
+    assert set(config.stage_view(cfg, "pope", model="sft")["vlm"]) == {"model", "data", "sft", "pope"}
+    assert "vdpo" in config.stage_view(cfg, "pope", model="vdpo")["vlm"]
     cfg.vlm.pairs.alpha = "none"
-    assert set(vlm.stage_view(cfg, "vdpo_pairs")["vlm"]) == {"data", "pairs"}
+    assert set(config.stage_view(cfg, "vdpo_pairs")["vlm"]) == {"data", "pairs"}
 
 
 def test_vdpo_all_dag(repo_copy):
@@ -97,7 +102,7 @@ def test_vdpo_all_dag(repo_copy):
     assert out.returncode == 0, out.stderr[-2000:]
     table = re.search(r"job\s+count\n[-\s]+\n(.*?)\ntotal", out.stdout, re.S)
     jobs = {m[0]: int(m[1]) for m in re.findall(r"(\w+)\s+(\d+)", table.group(1))}
-    assert jobs == {"vlm_data": 1, "vlm_sft": 1, "vdpo_pairs": 1, "vdpo_train": 2, "pope_eval": 3,
+    assert jobs == {"vlm_data": 1, "vlm_sft": 1, "vdpo_pairs": 1, "vdpo": 2, "pope": 3,
                     "vlm_report": 1, "vdpo_all": 1}
     assert "results/vlm_smoke/vlm/vdpo" in out.stdout and "results/vlm_smoke/vlm/dpo" in out.stdout
 
@@ -116,12 +121,12 @@ def test_best_gamma_prefers_accuracy_over_an_all_yes_f1():
     table = [{"gamma": 0.5, "val": {"accuracy": 0.5, "f1": 0.667}},
              {"gamma": 0.75, "val": {"accuracy": 0.8, "f1": 0.78}},
              {"gamma": 1.5, "val": {"accuracy": 0.8, "f1": 0.75}}]
-    assert vdpo.best_gamma(table)["gamma"] == 0.75
-    assert vdpo.best_gamma(table[2:] + table[1:2])["gamma"] == 0.75
+    assert vdpo_lib.best_gamma(table)["gamma"] == 0.75
+    assert vdpo_lib.best_gamma(table[2:] + table[1:2])["gamma"] == 0.75
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"])
-    assert vdpo.gammas_of(cfg, "dpo") == [1.0] and vdpo.gammas_of(cfg, "vdpo") == [0.75, 0.5]
+    assert vdpo_lib.gammas_of(cfg, "dpo") == [1.0] and vdpo_lib.gammas_of(cfg, "vdpo") == [0.75, 0.5]
     cfg.vlm.vdpo.gamma_grid = []
-    assert vdpo.gammas_of(cfg, "vdpo") == [0.75]
+    assert vdpo_lib.gammas_of(cfg, "vdpo") == [0.75]
 
 
 def _tiny(tmp_path, *overrides):
@@ -134,13 +139,13 @@ def test_standardized_vision_output_is_centred_unit_scale_and_keeps_the_heads(tm
     cfg, model, processor = _tiny(tmp_path)
     tower = model.model.vision_tower
     torch.manual_seed(0)
-    heads = vlm_sft.SceneHeads(tower.config.hidden_size)
+    heads = vision.SceneHeads(tower.config.hidden_size)
     with torch.no_grad():  # a tower whose features are large and mostly one vector, as after vision pretraining
         tower.encoder.layers[-1].mlp.fc2.bias.add_(30.0)
     pixels = torch.randn(8, 3, 64, 64)
     with torch.no_grad():
         before = heads(tower, pixels)
-        vlm_sft.standardize_vision_output(tower, heads, pixels)
+        vision.standardize_vision_output(tower, heads, pixels)
         after = heads(tower, pixels)
         features = tower(pixel_values=pixels).last_hidden_state[:, 1:]
     assert features.mean(dim=(0, 1)).abs().max() < 1e-3
@@ -165,9 +170,12 @@ def test_lora_trains_adapters_and_projector_not_the_base_weights(tmp_path):
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable == set(lora) | {n for n in names if "modules_to_save" in n}
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
-    rows = artifacts.read_jsonl(vlm.data_dir(cfg) / "sft.jsonl")
-    trainer = SFTTrainer(model=peft_model, args=vlm_sft.training_args(cfg, tmp_path / "trainer"),
-                         train_dataset=vlm_sft.sft_dataset(rows, vlm.data_dir(cfg), processor.tokenizer.eos_token),
+    rows = artifacts.read_jsonl(paths.vlm_data_dir(cfg) / "sft.jsonl")
+    args = training.trainer_args("sft", cfg.vlm.sft, tmp_path / "trainer", cfg.seed, cfg.vlm.model.bf16_training,
+                                 max_length=None, completion_only_loss=True, remove_unused_columns=False,
+                                 dataloader_pin_memory=False)
+    trainer = SFTTrainer(model=peft_model, args=args,
+                         train_dataset=vision.sft_dataset(rows, paths.vlm_data_dir(cfg), processor.tokenizer.eos_token),
                          processing_class=processor)
     trainer.train()
     after = dict(trainer.model.named_parameters())
@@ -190,10 +198,10 @@ def test_lora_vdpo_runs_with_the_guided_hook(tmp_path):
     vdpo_pairs.main(cfg)
     cfg.job.variant = "vdpo"
     vdpo.main(cfg)
-    stats = json.loads((vlm.train_dir(cfg, "vdpo") / "stats.json").read_text())
+    stats = json.loads((paths.vdpo_dir(cfg, "vdpo") / "stats.json").read_text())
     assert stats["gamma"] == 0.75 and stats["steps"] == 1
-    sft = load_file(vlm.model_dir(cfg, "sft") / "model.safetensors")
-    trained = load_file(vlm.model_dir(cfg, "vdpo") / "model.safetensors")
+    sft = load_file(paths.vlm_model_dir(cfg, "sft") / "model.safetensors")
+    trained = load_file(paths.vlm_model_dir(cfg, "vdpo") / "model.safetensors")
     assert set(sft) == set(trained)
     assert torch.equal(sft["vision_tower.encoder.layers.0.self_attn.q_proj.weight"],
                        trained["vision_tower.encoder.layers.0.self_attn.q_proj.weight"])

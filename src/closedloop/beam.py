@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from closedloop import answers, prompts
 from closedloop.generation import FINAL_ANSWER
-from closedloop.mcts import sample_continuations
 from closedloop.prefix_cache import QuestionCache
+from closedloop.sampling import sample_continuations
 
 
 def step_score(sum_logprob: float, n_tokens: int, confidence: float, lam: float) -> float:

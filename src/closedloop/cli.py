@@ -19,26 +19,7 @@ import sys
 from omegaconf import OmegaConf
 
 from closedloop import config as cl_config
-from closedloop import launch, paths
-
-STAGES = {  # stage name -> "module:function" taking the resolved config
-    "data": "data:main",
-    "sft": "sft:main",
-    "evaluate": "evaluate:main",
-    "evaluate-decoding": "evaluate:main_decoding",
-    "mcts": "mcts:main",
-    "mcts-merge": "mcts:merge",
-    "instance": "instance:main",
-    "dpo": "dpo:main",
-    "report": "report:main",
-    # V-DPO branch (SPEC §4), target `snakemake vdpo_all` (rules/vlm.smk)
-    "vlm_data": "vlm_data:main",
-    "vlm_sft": "vlm_sft:main",
-    "vdpo_pairs": "vdpo_pairs:main",
-    "vdpo": "vdpo:main",
-    "pope": "pope:main",
-    "vlm_report": "pope:report",
-}
+from closedloop import launch, paths, stage_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                             ("show-config", "print the resolved config as YAML")):
         p = sub.add_parser(name, help=help_text)
         if name == "run-stage":
-            p.add_argument("stage", choices=list(STAGES))
+            p.add_argument("stage", choices=list(stage_table.STAGES))
         p.add_argument("--config", action="append", default=[], metavar="FILE",
                        help="YAML file merged over the embedded defaults (repeatable, in order)")
         p.add_argument("--config-yaml", default=None, help=argparse.SUPPRESS)
@@ -94,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(paths.report_file(cfg).resolve() if args.report_path else OmegaConf.to_yaml(cfg), end="\n" * args.report_path)
         return 0
     try:  # here, or as a Slurm job when the launch settings say so (launch.py)
-        return launch.run_stage(args.stage, STAGES[args.stage], cfg)
+        return launch.run_stage(args.stage, cfg)
     except cl_config.ConfigError as err:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         return 2

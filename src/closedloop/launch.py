@@ -1,5 +1,8 @@
 """Run a stage in this process (``local``) or as a Slurm job through submitit (``slurm``).
 
+Longer than 400 lines because the launch settings schema, the resources and the submit-and-wait
+loop of the one Slurm launcher are read together.
+
 Every Snakemake rule calls ``closedloop run-stage``; the rule itself always runs on the
 machine that runs Snakemake. With the ``slurm`` launcher the CLI submits the stage with
 submitit, waits for it and fails with the job's state, log paths and stderr tail when it
@@ -29,16 +32,16 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from closedloop import config as cl_config
-from closedloop import paths
+from closedloop import paths, stage_table
 
 ENV_FILES = "CLOSEDLOOP_LAUNCH_CONFIG"
 ENV_LAUNCHER = "CLOSEDLOOP_LAUNCHER"
 PROFILE_FILE = "closedloop.yaml"
-HEAVY = ("sft", "dpo", "mcts", "evaluate", "evaluate-decoding", "instance", "vlm_sft", "vdpo", "pope")
-"""Stages that go to Slurm under the slurm launcher; the others (data, mcts-merge, report, vlm_data,
-vdpo_pairs, vlm_report) stay local. The V-DPO stages run one rank and restart on requeue."""
-TRAINING = ("sft", "dpo")
+TRAINING = tuple(stage_table.names(stage_table.TRAINING))
 """Stages that may run several ranks (torch.distributed through the HF Trainer)."""
+HEAVY = tuple(stage_table.names(stage_table.HEAVY)) + TRAINING
+"""Stages that go to Slurm under the slurm launcher (the stage table's launch class); the others
+stay where Snakemake runs."""
 
 
 class Launcher(str, Enum):
@@ -74,7 +77,7 @@ class SlurmConfig:
 
     defaults: SlurmResources = field(default_factory=_default_resources)
     resources: dict[str, SlurmResources] = field(default_factory=dict)
-    """Per stage (sft, dpo, mcts, evaluate, evaluate-decoding, instance), merged over ``defaults``."""
+    """Per stage (any of :data:`HEAVY`), merged over ``defaults``."""
     job_name_prefix: str = "cl"
     log_dir: str | None = None
     """submitit's folder (one subdir per job); default ``<results_dir>/<experiment>/logs/slurm``."""
@@ -104,7 +107,7 @@ def load_settings(files: list[str | Path] = (), launcher: str | None = None) -> 
     """Defaults ← each YAML file ← ``launcher``; errors name the file and the dotted key."""
     cfg = OmegaConf.structured(LaunchConfig)
     for path in files:
-        cfg = cl_config.merge(cfg, cl_config._load_yaml(Path(path)), str(path))
+        cfg = cl_config.merge(cfg, cl_config.load_yaml(Path(path)), str(path))
     if launcher:
         cfg = cl_config.merge(cfg, {"launcher": launcher}, f"${ENV_LAUNCHER}")
     unknown = sorted(set(cfg.slurm.resources) - set(HEAVY))
@@ -182,7 +185,7 @@ def job_name(stage: str, cfg: DictConfig, prefix: str) -> str:
         parts.append(paths.model_tag(job.iteration or 1, variant).replace("/", "-"))
     elif stage.startswith("evaluate"):
         parts += [str(job.model).replace("/", "-"), str(job.task)]
-        if job.get("decoding"):  # evaluate-decoding (the decoding comparison on main)
+        if job.get("decoding"):  # evaluate_decoding (the decoding comparison)
             parts.append(str(job.decoding))
     return "-".join(parts)
 
@@ -231,9 +234,11 @@ def executor_parameters(res: dict, name: str, slurm: DictConfig) -> dict:
 # ---- running ---------------------------------------------------------------------------
 
 
-def stage_function(target: str):
-    module, function = target.split(":")
-    return getattr(importlib.import_module(f"closedloop.{module}"), function)
+def stage_function(stage: str):
+    """The entry function of ``stage`` (the stage table's row), imported only now: in the
+    process that runs it, never in Snakemake's or a waiting one."""
+    module, function = stage_table.stage(stage).entry.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -245,8 +250,8 @@ class StageJob(submitit.helpers.Checkpointable):
     MCTS). Its artifact is only renamed into place once complete.
     """
 
-    def __init__(self, target: str, cwd: str):
-        self.target, self.cwd = target, cwd
+    def __init__(self, stage: str, cwd: str):
+        self.stage, self.cwd = stage, cwd
 
     def __call__(self, cfg: DictConfig) -> str:
         os.chdir(self.cwd)
@@ -266,27 +271,27 @@ class StageJob(submitit.helpers.Checkpointable):
             dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
             print(f"closedloop: rank {dist.rank}/{dist.world_size} (local {dist.local_rank}) "
                   f"master {dist.master_addr}:{dist.master_port}", flush=True)
-        stage_function(self.target)(cfg)
-        return f"{self.target} done in job {env.job_id} rank {env.global_rank}"
+        stage_function(self.stage)(cfg)
+        return f"{self.stage} done in job {env.job_id} rank {env.global_rank}"
 
     def checkpoint(self, *args, **kwargs):
         print("closedloop: checkpoint signal: requeueing; the stage resumes from its work dir", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def run_stage(stage: str, target: str, cfg: DictConfig, launch: DictConfig | None = None) -> int:
-    """Run ``stage`` (``module:function`` ``target``) here or on Slurm; the CLI's exit status."""
+def run_stage(stage: str, cfg: DictConfig, launch: DictConfig | None = None) -> int:
+    """Run ``stage`` here or on Slurm; the CLI's exit status."""
     launch = settings() if launch is None else launch
-    function = stage_function(target)
     todo = units(stage, cfg)
     if launch.launcher != Launcher.slurm or stage not in HEAVY:
+        function = stage_function(stage)
         for unit in todo:
             function(unit)
         return 0
-    return submit_and_wait(stage, target, todo, launch.slurm)
+    return submit_and_wait(stage, todo, launch.slurm)
 
 
-def submit_and_wait(stage: str, target: str, todo: list[DictConfig], slurm: DictConfig) -> int:
+def submit_and_wait(stage: str, todo: list[DictConfig], slurm: DictConfig) -> int:
     """Submit ``todo`` as one job (or one array of jobs) and wait; report failures on stderr."""
     res = resources(stage, slurm)
     folder = Path(slurm.log_dir) if slurm.log_dir else paths.run_dir(todo[0]) / "logs" / "slurm"
@@ -294,7 +299,7 @@ def submit_and_wait(stage: str, target: str, todo: list[DictConfig], slurm: Dict
     names = [job_name(stage, unit, slurm.job_name_prefix) for unit in todo]
     name = names[0]  # an array's elements share the name (mcts: the iteration); the shard is the array index
     executor.update_parameters(**executor_parameters(res, name, slurm))
-    call = StageJob(target, os.getcwd())
+    call = StageJob(stage, os.getcwd())
     try:
         if len(todo) == 1:
             jobs = [executor.submit(call, todo[0])]

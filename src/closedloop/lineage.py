@@ -1,5 +1,8 @@
 """``closedloop lineage``: where an artifact came from, and whether it is still what was recorded.
 
+Longer than 400 lines because the CLI, the walk back through provenance records and the
+verify/push/pull commands share one record format and are read together.
+
     closedloop lineage results/default/iter2/dpo            # the chain back to the data, as a tree
     closedloop lineage results/default/report.md --json     # the same graph as JSON (--mermaid, --dot)
     closedloop lineage verify [PATH]                        # re-hash; name every artifact that changed

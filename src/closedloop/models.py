@@ -48,7 +48,7 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build_once(target: Path, build) -> Path:
+def build_once(target: Path, build) -> Path:
     """Run ``build(tmp_dir)`` unless ``target`` exists; publish it by atomic rename."""
     if target.is_dir():
         return target
@@ -89,7 +89,7 @@ def _convert_smollm2(out: Path) -> None:
 
 
 def embedded_dir(mcfg) -> Path:
-    return _build_once(cache_root(mcfg) / "smollm2-135m-instruct", _convert_smollm2)
+    return build_once(cache_root(mcfg) / "smollm2-135m-instruct", _convert_smollm2)
 
 
 def _tiny_key(tiny) -> str:
@@ -122,7 +122,7 @@ def tiny_dir(mcfg) -> Path:
         LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
-    return _build_once(cache_root(mcfg) / f"tiny-llama-{_tiny_key(tiny)}", build)
+    return build_once(cache_root(mcfg) / f"tiny-llama-{_tiny_key(tiny)}", build)
 
 
 def base_source(mcfg) -> str:

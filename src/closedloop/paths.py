@@ -60,6 +60,12 @@ def policy_dir(cfg, k: int | str, variant: str = CLOSED_LOOP) -> Path:
     return sft_dir(cfg) / "model" if int(k) == 0 else dpo_dir(cfg, k, variant) / "model"
 
 
+def reference_dir(cfg, reference: str, k: int, variant: str = CLOSED_LOOP) -> Path:
+    """The from_pretrained dir of the DPO reference of iteration k: the SFT model (``sft``,
+    SPEC §3) or policy_{k−1} (``previous``)."""
+    return policy_dir(cfg, 0) if reference == "sft" else policy_dir(cfg, k - 1, variant)
+
+
 def mcts_dir(cfg, k: int | str, variant: str = CLOSED_LOOP) -> Path:
     """``.../iter<k>/mcts/``: shards/<i>/ and merged/ (trees.jsonl, pairs.jsonl, stats.json)."""
     return iter_dir(cfg, k, variant) / "mcts"
@@ -72,6 +78,18 @@ def mcts_shard_dir(cfg, k: int | str, shard: int | str, variant: str = CLOSED_LO
 def instance_dir(cfg, k: int | str, variant: str = "instance_online") -> Path:
     """``.../iter<k>/instance/``: sampled full solutions and instance-level pairs."""
     return iter_dir(cfg, k, variant) / "instance"
+
+
+def pairs_artifact(cfg, k: int, variant: str = CLOSED_LOOP) -> Path:
+    """The artifact dir whose ``pairs.jsonl`` trains policy_k of ``variant``. Every MCTS
+    variant's first search runs the SFT policy with the same search config and seed, so
+    iteration 1 of each reads the closed loop's iteration-1 search instead of repeating it;
+    offline MCTS reads it at every iteration; instance-level online reads its own samples."""
+    if variant == "instance_online":
+        return instance_dir(cfg, k)
+    if variant == "offline_mcts" or int(k) == 1:
+        return mcts_dir(cfg, 1) / "merged"
+    return mcts_dir(cfg, k, variant) / "merged"
 
 
 def model_tag(k: int, variant: str = CLOSED_LOOP) -> str:
@@ -135,3 +153,51 @@ def eval_model_tags(cfg) -> list[str]:
     """Every model the experiment evaluates: ``eval.models`` plus policy_1..N of each loop."""
     return list(cfg.eval.models) + [model_tag(k, v) for v in loop_variants(cfg)
                                     for k in range(1, cfg.loop.iterations + 1)]
+
+
+# ---- the V-DPO branch (SPEC §4): results/<experiment>/vlm/ -------------------------------
+
+VLM_MODELS = ("sft", "dpo", "vdpo")
+"""Model tags of the branch: the SFT model, the plain-DPO ablation (γ = 1) and V-DPO."""
+
+
+def vlm_data_dir(cfg) -> Path:
+    """``data/<experiment>/vlm/``: images/, scenes.jsonl, sft.jsonl, pope.jsonl, val.jsonl, stats.json."""
+    return Path(cfg.data_dir) / cfg.experiment / "vlm"
+
+
+def vlm_run_dir(cfg) -> Path:
+    return run_dir(cfg) / "vlm"
+
+
+def vlm_sft_dir(cfg) -> Path:
+    """``results/<experiment>/vlm/sft/``: model/, train_log.csv, vision_log.csv, heads.safetensors."""
+    return vlm_run_dir(cfg) / "sft"
+
+
+def vdpo_pairs_dir(cfg) -> Path:
+    """``results/<experiment>/vlm/pairs/``: pairs.jsonl, edited/ (PNG), stats.json."""
+    return vlm_run_dir(cfg) / "pairs"
+
+
+def vdpo_dir(cfg, tag: str) -> Path:
+    """``results/<experiment>/vlm/<dpo|vdpo>/``: model/, train_log.csv, stats.json."""
+    if tag not in ("dpo", "vdpo"):
+        raise cl_config.ConfigError(f"key 'job.variant': expected 'dpo' or 'vdpo', got {tag!r}")
+    return vlm_run_dir(cfg) / tag
+
+
+def vlm_model_dir(cfg, tag: str) -> Path:
+    """The from_pretrained dir of VLM model ``tag`` (one of :data:`VLM_MODELS`)."""
+    if tag not in VLM_MODELS:
+        raise cl_config.ConfigError(f"key 'vlm.pope.models': unknown model {tag!r} (expected one of {list(VLM_MODELS)})")
+    return (vlm_sft_dir(cfg) if tag == "sft" else vdpo_dir(cfg, tag)) / "model"
+
+
+def pope_dir(cfg, tag: str) -> Path:
+    """``results/<experiment>/vlm/pope/<tag>/``: predictions.jsonl, metrics.json."""
+    return vlm_run_dir(cfg) / "pope" / tag
+
+
+def vlm_report_file(cfg) -> Path:
+    return vlm_run_dir(cfg) / "report.md"

@@ -12,7 +12,7 @@ masked, and generate derives position ids from the full mask, so each row sees e
 the sequence it would see without the cache.
 
 :meth:`QuestionCache.prefill_ids` does the same for the MCTS decode loop
-(``decode.py``), which feeds each row's last context token itself.
+(:mod:`closedloop.decode`), which feeds each row's last context token itself.
 
 transformers supports a pre-filled cache in ``generate`` (prefix caching); building
 per-row caches from a batch cache by row selection is written here because no library

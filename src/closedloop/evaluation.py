@@ -1,4 +1,5 @@
-"""Stage ``evaluate``: decode a model on a held-out split and score it (SPEC §7).
+"""Evaluation (SPEC §7): decode a model on a split and score it; the stages ``evaluate``
+and ``evaluate_decoding`` call :func:`evaluate`.
 
 Decoding: ``greedy`` (one completion, through the continuous-batching decode loop of
 :mod:`closedloop.decode`, ``batch_size`` rows at a time); ``sampled`` (``k`` completions at the configured
@@ -16,7 +17,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 from transformers import set_seed
 
 from closedloop import answers, artifacts, beam, generation, models, paths, prompts, stats
@@ -86,35 +86,6 @@ def split_rows(cfg, task: str, ev) -> list[dict]:
         raise cl_config.ConfigError(f"key 'eval.split': {path} has no rows (for validation set "
                                     f"data.tasks.{task}.n_validation > 0)")
     return rows
-
-
-def main(cfg) -> None:
-    """Evaluate model ``cfg.job.model`` on task ``cfg.job.task``'s ``eval.split`` split."""
-    tag, task = cfg.job.model, cfg.job.task
-    if tag is None or task is None:
-        raise cl_config.ConfigError("evaluate: keys 'job.model' and 'job.task' are required")
-    rows = split_rows(cfg, task, cfg.eval)
-    evaluate(cfg, tag, task, cfg.eval, rows, paths.eval_dir(cfg, tag, task),
-             cl_config.stage_view(cfg, "evaluate", [task]), "evaluate")
-
-
-def main_decoding(cfg) -> None:
-    """Stage ``evaluate-decoding``: one decoding of ``decodings.methods`` on the first
-    ``decodings.n_questions`` held-out questions, for the matched-budget comparison
-    (SPEC §1); the generated tokens are counted in metrics.json."""
-    tag, task, decoding = cfg.job.model, cfg.job.task, cfg.job.decoding
-    if tag is None or task is None or decoding is None:
-        raise cl_config.ConfigError("evaluate-decoding: keys 'job.model', 'job.task', 'job.decoding' are required")
-    methods = [cl_config.enum_value(d) for d in cfg.decodings.methods]
-    if decoding not in methods:
-        raise cl_config.ConfigError(f"key 'job.decoding': expected one of decodings.methods {methods}, "
-                                    f"got {decoding!r}")
-    rows = split_rows(cfg, task, cfg.eval)
-    rows = rows[: cfg.decodings.n_questions] if cfg.decodings.n_questions else rows
-    d = cfg.decodings
-    ev = OmegaConf.merge(cfg.eval, {"decoding": decoding, "k": d.samples, "beam_k": d.beam_k, "beam_n": d.beam_n})
-    evaluate(cfg, tag, task, ev, rows, paths.decoding_eval_dir(cfg, tag, task, decoding),
-             cl_config.stage_view(cfg, "evaluate-decoding", [task]), "evaluate-decoding")
 
 
 def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view: dict, stage: str) -> None:

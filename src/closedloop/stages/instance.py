@@ -13,22 +13,11 @@ import random
 
 from transformers import set_seed
 
-from closedloop import answers, artifacts, generation, models, paths, prompts
+from closedloop import artifacts, generation, models, paths, prompts
 from closedloop import config as cl_config
+from closedloop.loop.pairs import make_pairs
 
 VARIANT = "instance_online"
-
-
-def make_pairs(row: dict, prompt: str, solutions: list[str], rng: random.Random, policy: str, k: int) -> list[dict]:
-    """At most one (correct, incorrect) pair per prompt, picked at random among each kind."""
-    graded = [(s, answers.is_correct(answers.extract(s, row), row)) for s in solutions if s.strip()]
-    good = [s for s, ok in graded if ok]
-    bad = [s for s, ok in graded if not ok]
-    if not good or not bad:
-        return []
-    return [{"prompt": prompt, "chosen": rng.choice(good), "rejected": rng.choice(bad), "q_chosen": 1.0,
-             "q_rejected": -1.0, "n_chosen": None, "n_rejected": None, "alpha": 0.0, "depth": 0,
-             "tree_id": f"iter{k}-{row['id']}", "policy": policy}]
 
 
 def main(cfg) -> None:

@@ -1,4 +1,4 @@
-"""Stage ``vlm_data``: easy-VQA scenes, SFT questions and a POPE-style held-out set (SPEC §4).
+"""The V-DPO branch's data (stage ``vlm_data``): easy-VQA scenes, SFT questions and a POPE-style held-out set (SPEC §4).
 
 easy-VQA (package ``easy-vqa`` 1.0) ships 64×64 images with one shape of one colour on a
 plain background, and questions about them; it has no per-image labels. The scene of an
@@ -32,7 +32,6 @@ balanced yes/no presence pairs in the POPE templates (:func:`presence_questions`
 from __future__ import annotations
 
 import collections
-import json
 import random
 import re
 import shutil
@@ -42,7 +41,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from closedloop import artifacts, vlm
+from closedloop import artifacts
+from closedloop.vlm import model as vlm
 
 NEGATION = re.compile(r"\b(not|no)\b")
 SPLITS = ("random", "popular", "adversarial")
@@ -267,14 +267,3 @@ def build(cfg, out: Path) -> dict:
             "val_rows": len(val),
             "pope_rows": len(pope), "pope_per_split": dict(collections.Counter(r["split"] for r in pope)),
             "shape_popularity": dict(counts.most_common()), "color_table": table}
-
-
-def main(cfg) -> None:
-    """Build the V-DPO branch's data from the easy-vqa package."""
-    out_dir = vlm.data_dir(cfg)
-    view = vlm.stage_view(cfg, "vlm_data")
-    with artifacts.artifact_dir(out_dir, "vlm_data", view, {}, cfg.seed) as out:
-        stats = build(cfg, out)
-        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"vlm_data: {stats['sft_rows']} SFT rows on {stats['train_images']} images, "
-          f"{stats['pope_rows']} POPE questions on {stats['pope_images']} images -> {out_dir}")

@@ -1,5 +1,6 @@
-"""Stage ``pope``: POPE-style object-presence evaluation of the branch's LLaVAs (SPEC §4),
-and stage ``vlm_report`` (:func:`report`): the table of all of them.
+"""POPE-style object-presence evaluation of the branch's LLaVAs (SPEC §4): generation,
+answer parsing, scores with CIs, and the branch report's tables (stages ``pope`` and
+``vlm_report``).
 
 Scoring follows POPE's reference evaluation: the answer is the first sentence of the
 generation; if it contains the word "no" or "not" (punctuation stripped, any case) the
@@ -19,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import set_seed
 
-from closedloop import artifacts, stats, vlm
-from closedloop import config as cl_config
-from closedloop.vlm_data import SPLITS, load_rgb
+from closedloop import artifacts, paths, stats
+from closedloop.vlm import model as vlm
+from closedloop.vlm.scenes import SPLITS, load_rgb
 
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
@@ -97,31 +97,6 @@ def generate(model, processor, rows: list[dict], data: Path, batch_size: int, ma
     return [t.strip() for t in texts]
 
 
-def main(cfg) -> None:
-    """Evaluate model ``job.model`` (sft, dpo or vdpo) on the POPE-style held-out set."""
-    tag = cfg.job.model
-    if tag is None:
-        raise cl_config.ConfigError("pope: key 'job.model' is required (one of sft, dpo, vdpo)")
-    source, data = vlm.model_dir(cfg, tag), vlm.data_dir(cfg)
-    rows = artifacts.read_jsonl(data / "pope.jsonl")
-    p = cfg.vlm.pope
-    view = vlm.stage_view(cfg, "pope", model=tag)
-    with artifacts.artifact_dir(vlm.pope_dir(cfg, tag), "pope", view, {"data": data, "model": source.parent},
-                                cfg.seed) as out:
-        set_seed(cfg.seed)
-        model, processor = vlm.load(source, cfg.vlm.model)
-        generations = generate(model, processor, rows, data, p.batch_size, p.max_new_tokens)
-        metrics = pope_metrics(cfg, tag, source, data, rows, generations)
-        with open(out / "predictions.jsonl", "w") as fh:
-            artifacts.write_jsonl(fh, ({"id": r["id"], "split": r["split"], "question": r["question"],
-                                        "label": r["label"], "generation": g, "answer": parse_answer(g)}
-                                       for r, g in zip(rows, generations, strict=True)))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    a = metrics["all"]
-    print(f"pope: {tag}: F1 {a['f1']:.3f} [{a['ci']['f1'][0]:.3f}, {a['ci']['f1'][1]:.3f}] "
-          f"acc {a['accuracy']:.3f} yes-ratio {a['yes_ratio']:.3f} n={a['n']}")
-
-
 def pope_metrics(cfg, tag: str, source: Path, data: Path, rows: list[dict], generations: list[str]) -> dict:
     """metrics.json: overall and per-split scores of one model's generations."""
     p = cfg.vlm.pope
@@ -154,10 +129,10 @@ def _seconds(path: Path) -> str:
         return "?"
 
 
-def report(cfg) -> None:
-    """Stage ``vlm_report``: POPE table (all and per split, with CIs) and time per stage."""
+def render_report(cfg) -> str:
+    """The branch report: POPE table (all and per split, with CIs), the γ selection, time per stage."""
     tags = list(cfg.vlm.pope.models)
-    results = {t: json.loads((vlm.pope_dir(cfg, t) / "metrics.json").read_text()) for t in tags}
+    results = {t: json.loads((paths.pope_dir(cfg, t) / "metrics.json").read_text()) for t in tags}
     level = int(100 * cfg.vlm.pope.ci_level)
     lines = ["# V-DPO branch (SPEC §4): POPE-style evaluation on easy-VQA", "",
              f"Held-out easy-VQA test images; yes/no object-presence questions, balanced yes/no per split; "
@@ -171,7 +146,7 @@ def report(cfg) -> None:
               "|---|" + "---|" * len(SPLITS)]
     for t, m in results.items():
         lines.append(f"| {t} | " + " | ".join(_fmt(m["splits"][s], "f1") for s in SPLITS) + " |")
-    selection = vlm.train_dir(cfg, "vdpo") / "gamma_selection.json" if "vdpo" in tags else None
+    selection = paths.vdpo_dir(cfg, "vdpo") / "gamma_selection.json" if "vdpo" in tags else None
     if selection is not None and selection.is_file():
         sel = json.loads(selection.read_text())
         lines += ["", f"V-DPO γ, chosen on the validation questions (training-split images, never the held-out "
@@ -179,16 +154,9 @@ def report(cfg) -> None:
                   "| γ | val accuracy | val F1 | val yes-ratio | n |", "|---|---|---|---|---|"]
         lines += [f"| {r['gamma']:g} | {100 * r['val']['accuracy']:.1f} | {100 * r['val']['f1']:.1f} | "
                   f"{100 * r['val']['yes_ratio']:.1f} | {r['val']['n']} |" for r in sel["table"]]
-    stages = [("vlm_data", vlm.data_dir(cfg)), ("vlm_sft", vlm.sft_dir(cfg)), ("vdpo_pairs", vlm.pairs_dir(cfg))]
-    stages += [(f"train {t}", vlm.train_dir(cfg, t)) for t in tags if t != "sft"]
-    stages += [(f"pope {t}", vlm.pope_dir(cfg, t)) for t in tags]
+    stages = [("vlm_data", paths.vlm_data_dir(cfg)), ("vlm_sft", paths.vlm_sft_dir(cfg)), ("vdpo_pairs", paths.vdpo_pairs_dir(cfg))]
+    stages += [(f"train {t}", paths.vdpo_dir(cfg, t)) for t in tags if t != "sft"]
+    stages += [(f"pope {t}", paths.pope_dir(cfg, t)) for t in tags]
     lines += ["", "Time per stage (seconds, from provenance):", "", "| stage | s |", "|---|---|"]
     lines += [f"| {name} | {_seconds(path)} |" for name, path in stages]
-    view = vlm.stage_view(cfg, "vlm_report")
-    out = vlm.report_file(cfg)
-    started = artifacts.now()
-    with artifacts.atomic_file(out) as fh:
-        fh.write("\n".join(lines) + "\n")
-    artifacts.write_sidecars(out.parent, "vlm_report", view, {t: vlm.pope_dir(cfg, t) for t in tags}, started,
-                             cfg.seed, prefix="report.")
-    print(f"vlm_report: -> {out}")
+    return "\n".join(lines) + "\n"

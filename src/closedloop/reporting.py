@@ -1,6 +1,7 @@
-"""Stage ``report``: ``results/<experiment>/report.md`` plus PNG plots, each plot marked
-for ``snakemake --report``: held-out accuracy with CIs per model and task, accuracy per
-closed-loop iteration (and per ablation) for every task, training losses, MCTS data."""
+"""The experiment report's pieces (stage ``report``): the markdown tables of report.md and
+its PNG plots: held-out accuracy with CIs per model and task, accuracy per closed-loop
+iteration (and per ablation) for every task, the paired table against SFT, training
+losses, MCTS data, the decoding comparison."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from closedloop import artifacts, dvc_store, paths, stats  # noqa: E402
+from closedloop import artifacts, paths, stats  # noqa: E402
 from closedloop import config as cl_config  # noqa: E402
 
 PLOTS = ("accuracy.png", "iterations.png", "training_loss.png")
@@ -237,30 +238,3 @@ Final logged losses: {final or 'n/a'}.
 
 {sources}
 """
-
-
-def main(cfg) -> None:
-    """Write the report of ``cfg.experiment`` from its metrics, training logs and MCTS stats."""
-    metrics, logs, stats = collect(cfg), training_logs(cfg), mcts_stats(cfg)
-    decodings = decoding_metrics(cfg)
-    plots = paths.plots_dir(cfg)
-    started = artifacts.now()
-    plot_accuracy(cfg, metrics, plots / "accuracy.png")
-    plot_iterations(cfg, metrics, plots / "iterations.png")
-    plot_losses(logs, plots / "training_loss.png")
-    inputs = {f"eval/{tag}/{task}": paths.eval_dir(cfg, tag, task) / "metrics.json" for tag, task in metrics}
-    inputs.update({f"eval/{tag}/{task}/predictions": paths.eval_dir(cfg, tag, task) / "predictions.jsonl"
-                   for tag, task in metrics})
-    inputs.update({f"mcts/iter{k}": paths.mcts_dir(cfg, k) / "merged" / "stats.json" for k in stats})
-    inputs.update({f"decodings/{tag}/{task}/{d}": paths.decoding_eval_dir(cfg, tag, task, d) / "metrics.json"
-                   for tag, task, d in decodings})
-    view = cl_config.stage_view(cfg, "report")
-    with artifacts.atomic_file(paths.report_file(cfg)) as fh:
-        fh.write(render(cfg, metrics, logs, stats, decodings))
-    run, md = paths.run_dir(cfg), paths.report_file(cfg)
-    files = {md.name: artifacts.sha256_file(md)}
-    files.update({f"{plots.name}/{rel}": sha for rel, sha in artifacts.file_hashes(plots).items()})
-    artifacts.write_sidecars(run, "report", view, inputs, started, cfg.seed, prefix="report.",
-                             output=artifacts.output_record(md, files, primary=md.name))
-    dvc_store.record([md, plots, run / f"report.{artifacts.CONFIG}", run / f"report.{artifacts.PROVENANCE}"])
-    print(f"report: {md.resolve()}")

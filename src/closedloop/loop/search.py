@@ -1,148 +1,38 @@
-"""Stage ``mcts``: MCTS as a data engine (SPEC §2) turning the policy's own step-by-step
-solutions into step-level preference pairs.
+"""MCTS as a data engine (SPEC §2): the search that turns a policy's own step-by-step
+solutions into step-level preference pairs, and the records it writes.
 
-Each shard searches its prompts in batches of ``trees_per_batch`` trees. The trees of a
-batch advance independently (:class:`Searcher`): each runs its own simulations and
-sends its expansions' sampling requests to one continuous-batching decode loop
-(``decode.py``) that takes finished rows out every step and refills free slots with other
-trees' requests, so decode steps stay full. Each row stops at the end of its line (or
-EOS / max tokens for a forced completion); the prior p(a|s) comes from the decode
-loop's own logits (no second forward pass), and the self-evaluation C(s) of each new
-node is read by continuing the row's KV cache with the evaluation suffix, batched over
-the rows that finish together (``selfeval.py``). Completed batches are written to a work
-dir keyed by the config hash, so a killed shard resumes where it stopped with identical
-results (each batch has its own seed, each request its own generator).
-Each batch's question prompts are prefilled once and their KV cache reused by every
-expansion (``prefix_cache.py``), so a request prefills only the steps so far; and the
-cache of the row that wrote a node's step is kept until that node is expanded, so its
-children continue that row's cache with no prefill at all (unless re-tokenising the
-node's text changes the ids: then they take the question-cache path).
-``sample_continuations`` (one ``generate`` call) remains for beam search (SPEC §1).
+The trees of a batch advance independently (:class:`Searcher`): each runs its own
+simulations and sends its expansions' sampling requests to one continuous-batching decode
+loop (:mod:`closedloop.decode`) that takes finished rows out every step and refills free
+slots with other trees' requests, so decode steps stay full. Each row stops at the end of
+its line (or EOS / max tokens for a forced completion); the prior p(a|s) comes from the
+decode loop's own logits (no second forward pass), and the self-evaluation C(s) of each new
+node is read by continuing the row's KV cache with the evaluation suffix, batched over the
+rows that finish together (:mod:`closedloop.selfeval`). Each batch's question prompts are
+prefilled once and their KV cache reused by every expansion (:mod:`closedloop.prefix_cache`),
+so a request prefills only the steps so far; and the cache of the row that wrote a node's
+step is kept until that node is expanded, so its children continue that row's cache with no
+prefill at all (unless re-tokenising the node's text changes the ids: then they take the
+question-cache path). The stages ``mcts`` and ``mcts_merge`` run it and write its output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import random
-import re
-import shutil
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from closedloop import answers, artifacts, models, paths, prompts, selfeval
-from closedloop import config as cl_config
+from closedloop import answers, artifacts, paths, prompts, selfeval
 from closedloop.decode import Decoder, Request
 from closedloop.generation import FINAL_ANSWER
-from closedloop.prefix_cache import PrefixMismatch, QuestionCache
-from closedloop.tree import Candidate, Node, Tree, length_normalised_prior, preference_pairs
-
-
-class LogprobRecorder(LogitsProcessor):
-    """Records log p(token) of each sampled token from the raw logits generate sees.
-
-    Placed among the custom processors, it runs before temperature/top-p warping, so
-    the log-probs are the policy's own. At step t it gathers the log-prob of the token
-    chosen at step t−1 (now the last input id); :meth:`finish` gathers the last one.
-    """
-
-    def __init__(self):
-        self.previous: torch.Tensor | None = None
-        self.logprobs: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.previous is not None:
-            self.logprobs.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def finish(self, sequences: torch.LongTensor) -> torch.Tensor:
-        """[batch, new_tokens] log-probs of the generated tokens."""
-        if self.previous is not None:
-            self.logprobs.append(self.previous.gather(1, sequences[:, -1:]).squeeze(1))
-        return torch.stack(self.logprobs, dim=1)
-
-
-class LineStop(StoppingCriteria):
-    """Stop a row once it has produced a non-empty line (one step = one line)."""
-
-    def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        return torch.tensor([bool(re.search(r"\S[^\n]*\n", t)) for t in texts], device=input_ids.device)
-
-
-@dataclass
-class Sample:
-    text: str
-    sum_logprob: float
-    n_tokens: int
-    ended: bool  # the policy ended the solution (EOS) rather than a line
-    token_ids: tuple[int, ...] = ()
-    confidence: float | None = None  # C(s) of the step, when scored from the generation's KV cache
-
-
-def sample_continuations(model, tokenizer, prompts_: list[str], *, max_new_tokens: int, one_line: bool,
-                         temperature: float, top_p: float, score: bool = False,
-                         prefix: tuple[QuestionCache, list[int]] | None = None) -> list[Sample]:
-    """One sampled continuation per prompt, with its summed log-prob under the policy and,
-    with ``score``, its self-evaluation C(s) read by continuing the same KV cache.
-
-    With ``prefix`` = (question cache, tree index of each prompt) only the part of each
-    prompt after its tree's cached question is prefilled (:mod:`closedloop.prefix_cache`).
-    """
-    enc = _encode(model, tokenizer, prompts_, prefix)
-    prompt_len = enc["input_ids"].shape[1]
-    recorder = LogprobRecorder()
-    stops = StoppingCriteriaList([LineStop(tokenizer, prompt_len)] if one_line else [])
-    with torch.inference_mode():
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             logits_processor=LogitsProcessorList([recorder]), stopping_criteria=stops,
-                             return_dict_in_generate=True)
-    seq = out.sequences
-    new = seq[:, prompt_len:]
-    logprobs = recorder.finish(seq)
-    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    samples, kept = [], []
-    for row in range(new.shape[0]):
-        tokens = new[row].tolist()
-        cut = next((j for j, t in enumerate(tokens) if t in ends), len(tokens))
-        text = tokenizer.decode(tokens[:cut], skip_special_tokens=True).lstrip("\n")
-        # a line ends in a newline; a row that stopped without one hit EOS: the solution is over
-        hit_eos = cut < len(tokens) and (not one_line or "\n" not in text)
-        if one_line:
-            text = text.split("\n", 1)[0]
-        kept.append(cut)
-        samples.append(Sample(text.strip(), float(logprobs[row, :cut].sum()), cut, hit_eos, tuple(tokens[:cut])))
-    if score:
-        confidences = selfeval.continue_confidence(model, tokenizer, seq, out.past_key_values,
-                                                   enc["attention_mask"], torch.tensor(kept, device=seq.device))
-        for sample, c in zip(samples, confidences, strict=True):
-            sample.confidence = c
-    return samples
-
-
-def _encode(model, tokenizer, prompts_: list[str], prefix) -> dict:
-    """generate's inputs: the prompts left padded, or their uncached suffixes after the
-    cached questions (falling back to a full prefill if tokenisation crosses the boundary)."""
-    if prefix is not None:
-        try:
-            input_ids, mask, cache = prefix[0].inputs(prefix[1], prompts_)
-            return {"input_ids": input_ids, "attention_mask": mask, "past_key_values": cache}
-        except PrefixMismatch:
-            pass
-    tokenizer.padding_side = "left"
-    return dict(tokenizer(prompts_, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device))
+from closedloop.loop.tree import Candidate, Node, Tree, length_normalised_prior, preference_pairs
+from closedloop.prefix_cache import QuestionCache
+from closedloop.sampling import Sample
 
 
 class Searcher:
@@ -386,53 +276,6 @@ def batch_seed(cfg, iteration: int, shard: int, batch: int) -> int:
     return int(digest[:8], 16)
 
 
-def main(cfg) -> None:
-    """Search shard ``job.shard`` of iteration ``job.iteration`` of loop ``job.variant``
-    with that loop's policy_{k−1}."""
-    shard, k, variant = cfg.job.shard, cfg.job.iteration or 1, cfg.job.variant
-    if shard is None or not 0 <= shard < cfg.mcts.n_shards:
-        raise cl_config.ConfigError(f"key 'job.shard': expected 0..{cfg.mcts.n_shards - 1}, got {shard}")
-    policy_dir = paths.policy_dir(cfg, k - 1, variant)
-    view = cl_config.stage_view(cfg, "mcts", [cfg.mcts.task])
-    work = paths.mcts_dir(cfg, k, variant) / ".work" / f"shard{shard}-{cl_config.config_hash(view)[:12]}"
-    work.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = models.load_dir(policy_dir, cfg.model, inference=True)
-    searcher = Searcher(model, tokenizer, cfg.mcts, str(policy_dir))
-    rows = shard_rows(cfg, shard)
-    size = cfg.mcts.trees_per_batch
-    batches = range(0, len(rows), size)
-    for b, start in enumerate(tqdm(batches, desc=f"mcts {paths.model_tag(k, variant)} shard{shard}", unit="batch")):
-        done = work / f"batch{b:05d}.jsonl"
-        if done.exists():
-            continue  # resumed: this batch was searched before the job stopped
-        torch.manual_seed(batch_seed(cfg, k, shard, b))
-        batch_rows = rows[start:start + size]
-        results = searcher.search(batch_rows)
-        with artifacts.atomic_file(done) as fh:
-            artifacts.write_jsonl(fh, (tree_record(t, c, r, f"iter{k}-{r['id']}", str(policy_dir))
-                                       for (t, c), r in zip(results, batch_rows, strict=True)))
-    records = [rec for b in range(len(batches)) for rec in artifacts.read_jsonl(work / f"batch{b:05d}.jsonl")]
-    by_id = {r["id"]: r for r in rows}
-    inputs = {"data": paths.data_dir(cfg, cfg.mcts.task), "policy": policy_dir}
-    out_dir = paths.mcts_shard_dir(cfg, k, shard, variant)
-    with artifacts.artifact_dir(out_dir, "mcts", view, inputs, cfg.seed) as out:
-        with open(out / "trees.jsonl", "w") as fh:
-            artifacts.write_jsonl(fh, records)
-        with open(out / "pairs.jsonl", "w") as fh:
-            artifacts.write_jsonl(fh, (p for rec in records if keep_tree(rec, cfg.mcts)
-                                       for p in pairs_from_record(rec, by_id[rec["row_id"]], tokenizer,
-                                                                  cfg.mcts, cfg.seed)))
-        (out / "stats.json").write_text(json.dumps(shard_stats(records, out / "pairs.jsonl",
-                                                               searcher.policy_tokens), indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"mcts: {paths.model_tag(k, variant)} shard{shard}: {len(records)} trees -> {out_dir}")
-    if searcher.decode_steps:  # batches searched in this run (not resumed ones)
-        phases = ", ".join(f"{key} {searcher.timings[key]:.1f} s" for key in ("decode", "prefill", "self_eval", "tree"))
-        print(f"mcts: searched in {searcher.timings['total']:.1f} s ({phases}); {searcher.policy_tokens} policy tokens, "
-              f"{searcher.decode_steps} decode steps, "
-              f"{searcher.decode_row_steps / searcher.decode_steps:.1f} active rows per step")
-
-
 def keep_tree(record: dict, mcfg) -> bool:
     return record["correct"] or not mcfg.drop_wrong_trees
 
@@ -443,32 +286,10 @@ def shard_stats(records: list[dict], pairs_path: Path, policy_tokens: int) -> di
             "nodes": sum(len(r["nodes"]) for r in records), "policy_tokens_this_run": policy_tokens}
 
 
-def merge(cfg) -> None:
-    """Concatenate the shards of one iteration of one loop variant (stage ``mcts-merge``)."""
-    k, variant = cfg.job.iteration or 1, cfg.job.variant
-    shards = [paths.mcts_shard_dir(cfg, k, s, variant) for s in range(cfg.mcts.n_shards)]
-    view = cl_config.stage_view(cfg, "mcts", [cfg.mcts.task])
-    inputs = {f"shard{s}": d for s, d in enumerate(shards)}
-    with artifacts.artifact_dir(paths.mcts_dir(cfg, k, variant) / "merged", "mcts-merge", view, inputs,
-                                cfg.seed) as out:
-        for name in ("trees.jsonl", "pairs.jsonl"):
-            with open(out / name, "w") as fh:
-                for d in shards:
-                    fh.write((d / name).read_text())
-        records = artifacts.read_jsonl(out / "trees.jsonl")
-        pairs = artifacts.read_jsonl(out / "pairs.jsonl")
-        stats = {"trees": len(records), "pairs": len(pairs),
-                 "pairs_per_tree": len(pairs) / max(len(records), 1),
-                 "committed_accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
-                 "alpha": _describe([p["alpha"] for p in pairs])}
-        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"mcts-merge: {paths.model_tag(k, variant)}: {stats['trees']} trees, {stats['pairs']} pairs")
-
-
 ALPHA_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-def _describe(values: list[float]) -> dict:
+def describe_alpha(values: list[float]) -> dict:
     """Summary of the α values: mean, quartiles and counts per 0.1-wide bin (0.5 in the last)."""
     if not values:
         return {"n": 0}

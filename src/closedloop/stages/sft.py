@@ -8,41 +8,13 @@ by default) and ``train_log.csv`` (step, loss, lr).
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from datasets import Dataset
 from transformers import set_seed
 
-from closedloop import artifacts, checkpoints, models, paths, prompts
+from closedloop import artifacts, checkpoints, models, paths, prompts, training
 from closedloop import config as cl_config
-from closedloop.checkpoints import CsvLogCallback  # noqa: F401  (re-exported: dpo and others import it from here)
-
-
-def training_args(cfg, output_dir: Path):
-    from trl import SFTConfig as TrlSFTConfig
-
-    s = cfg.sft
-    return TrlSFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=s.epochs,
-        max_steps=s.max_steps,
-        learning_rate=s.learning_rate,
-        lr_scheduler_type=s.lr_scheduler,
-        warmup_steps=s.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=s.weight_decay,
-        per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.grad_accum,
-        max_length=s.max_length,
-        logging_steps=s.logging_steps,
-        logging_first_step=True,
-        train_sampling_strategy="group_by_length" if s.group_by_length else "random",
-        completion_only_loss=True,
-        save_strategy="no",
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        **models.trainer_precision(cfg.model.bf16_training),
-    )
+from closedloop.checkpoints import CsvLogCallback
 
 
 def train_examples(cfg) -> Dataset:
@@ -70,7 +42,10 @@ def main(cfg) -> None:
     resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
     with artifacts.artifact_dir(paths.sft_dir(cfg), "sft", view, {"data": data}, cfg.seed) as out:
         trainer = SFTTrainer(
-            model=model, args=checkpoints.enable(training_args(cfg, work / "trainer")), train_dataset=dataset,
+            model=model, args=training.trainer_args(
+                "sft", cfg.sft, work / "trainer", cfg.seed, cfg.model.bf16_training, max_length=cfg.sft.max_length,
+                train_sampling_strategy="group_by_length" if cfg.sft.group_by_length else "random",
+                completion_only_loss=True), train_dataset=dataset,
             processing_class=tokenizer, callbacks=[CsvLogCallback(work / "train_log.csv", resume_step)],
         )
         checkpoints.train(trainer, work / "trainer", "sft")

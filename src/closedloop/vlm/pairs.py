@@ -1,4 +1,4 @@
-"""Stage ``vdpo_pairs``: response-contrast and image-contrast preference pairs (SPEC §4).
+"""The V-DPO branch's preference pairs (stage ``vdpo_pairs``): response-contrast and image-contrast preference pairs (SPEC §4).
 
 From the training images of ``vlm_data`` (one shape of one colour each):
 
@@ -34,9 +34,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from closedloop import artifacts, vlm
+from closedloop import artifacts, paths
 from closedloop import config as cl_config
-from closedloop.vlm_data import background, load_rgb
+from closedloop.vlm import model as vlm
+from closedloop.vlm.scenes import background, load_rgb, object_color
+from closedloop.vlm.vision import SceneHeads
 
 
 def remove_object(pixels: np.ndarray) -> np.ndarray:
@@ -53,8 +55,6 @@ def recolour_object(pixels: np.ndarray, new_rgb) -> np.ndarray:
     Each non-background pixel is bg + a·(fill − bg) (anti-aliasing blends the fill into
     the background); a is recovered by projection and the pixel rebuilt as bg + a·(new − bg).
     """
-    from closedloop.vlm_data import object_color
-
     bg = background(pixels).astype(float)
     fill = object_color(pixels).astype(float)
     diff = fill - bg
@@ -113,13 +113,11 @@ class SceneScore:
     """S(v, claim) from the SFT stage's vision tower and shape/colour heads (stand-in for CLIP)."""
 
     def __init__(self, cfg):
-        from closedloop.vlm_sft import SceneHeads
-
-        heads_file = vlm.sft_dir(cfg) / "heads.safetensors"
+        heads_file = paths.vlm_sft_dir(cfg) / "heads.safetensors"
         if not heads_file.is_file():
             raise cl_config.ConfigError(f"key 'vlm.pairs.alpha': 'score' needs {heads_file} (vision pretraining of a "
                                         "tiny model); use 'none' or 'fixed' for this model")
-        model, self.processor = vlm.load(vlm.model_dir(cfg, "sft"), cfg.vlm.model)
+        model, self.processor = vlm.load(paths.vlm_model_dir(cfg, "sft"), cfg.vlm.model)
         self.tower = model.model.vision_tower
         self.heads = SceneHeads(self.tower.config.hidden_size)
         self.heads.load_state_dict(load_file(heads_file))
@@ -142,7 +140,7 @@ def alpha_from_scores(s_w: float, s_l: float) -> float:
 
 def build(cfg, out: Path) -> dict:
     p = cfg.vlm.pairs
-    data = vlm.data_dir(cfg)
+    data = paths.vlm_data_dir(cfg)
     stats_in = json.loads((data / "stats.json").read_text())
     table = stats_in["color_table"]
     scenes = [r for r in artifacts.read_jsonl(data / "scenes.jsonl") if r["split"] == "train"]
@@ -184,15 +182,3 @@ def build(cfg, out: Path) -> dict:
     alphas = [r["alpha"] for r in rows if "alpha" in r]
     return {"pairs": len(rows), "kinds": dict(kinds), "edits": dict(edits), "alpha": mode,
             "mean_alpha": float(np.mean(alphas)) if alphas else 0.0}
-
-
-def main(cfg) -> None:
-    """Build the V-DPO preference pairs from ``vlm_data``'s training scenes."""
-    view = vlm.stage_view(cfg, "vdpo_pairs")
-    inputs = {"data": vlm.data_dir(cfg)}
-    if cfg.vlm.pairs.alpha == "score":
-        inputs["sft"] = vlm.sft_dir(cfg)
-    with artifacts.artifact_dir(vlm.pairs_dir(cfg), "vdpo_pairs", view, inputs, cfg.seed) as out:
-        stats = build(cfg, out)
-        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"vdpo_pairs: {stats['pairs']} pairs {stats['kinds']} -> {vlm.pairs_dir(cfg)}")

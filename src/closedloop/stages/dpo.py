@@ -8,7 +8,7 @@ Where the pairs come from depends on the loop variant:
 - ``offline_mcts``: the closed loop's iteration-1 pairs (searched by the SFT policy),
   reused at every iteration;
 - ``instance_online``: full solutions sampled from policy_{k−1}, correct vs incorrect,
-  α = 0 (``instance.py``).
+  α = 0 (stage ``instance``).
 
 The reference model is the SFT model (SPEC §3, default) or policy_{k−1}
 (``dpo.reference: previous``). Output: ``iter<k>/dpo/{model/, train_log.csv}``.
@@ -18,69 +18,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
-from datasets import Dataset
 from transformers import set_seed
 
-from closedloop import artifacts, checkpoints, models, paths
+from closedloop import artifacts, checkpoints, models, paths, training
 from closedloop import config as cl_config
-from closedloop.sft import CsvLogCallback
-
-ALPHA_FREE = ("plain_dpo", "instance_online")
-
-
-def pairs_artifact(cfg, k: int, variant: str) -> Path:
-    """The artifact dir whose ``pairs.jsonl`` trains policy_k of ``variant``. Every MCTS
-    variant's first search runs the SFT policy with the same search config and seed, so
-    iteration 1 of each reads the closed loop's iteration-1 search instead of repeating it;
-    offline MCTS reads it at every iteration."""
-    if variant == "instance_online":
-        return paths.instance_dir(cfg, k)
-    if variant == "offline_mcts" or k == 1:
-        return paths.mcts_dir(cfg, 1) / "merged"
-    return paths.mcts_dir(cfg, k, variant) / "merged"
-
-
-def pairs_path(cfg, k: int, variant: str) -> Path:
-    return pairs_artifact(cfg, k, variant) / "pairs.jsonl"
-
-
-def uses_alpha(d, variant: str) -> bool:
-    return d.use_alpha and variant not in ALPHA_FREE
-
-
-def confident_pairs(rows: list[dict], margin: float) -> list[dict]:
-    """Pairs whose search values differ by more than ``margin`` (Q_w − Q_l > margin); pairs
-    without Q values (instance-level ablation) are all kept."""
-    if margin <= 0:
-        return rows
-    return [r for r in rows if "q_chosen" not in r or r["q_chosen"] - r["q_rejected"] > margin]
-
-
-def preference_dataset(rows: list[dict], with_alpha: bool) -> Dataset:
-    keep = ["prompt", "chosen", "rejected"] + (["alpha"] if with_alpha else [])
-    return Dataset.from_list([{k: r[k] for k in keep} for r in rows])
-
-
-def training_args(cfg, d, output_dir: Path):
-    """TRL's DPOConfig from our settings ``d`` of one iteration (sigmoid loss; α is added by cDPO)."""
-    from trl import DPOConfig as TrlDPOConfig
-
-    return TrlDPOConfig(
-        output_dir=str(output_dir), beta=d.beta, loss_type=["sigmoid"],
-        learning_rate=d.learning_rate, lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_ratio,
-        weight_decay=d.weight_decay, num_train_epochs=d.epochs, max_steps=d.max_steps,
-        per_device_train_batch_size=d.batch_size, gradient_accumulation_steps=d.grad_accum,
-        max_length=d.max_length, logging_steps=d.logging_steps, logging_first_step=True,
-        precompute_ref_log_probs=d.precompute_ref, save_strategy="no", report_to="none",
-        seed=cfg.seed, data_seed=cfg.seed, **models.trainer_precision(cfg.model.bf16_training),
-    )
-
-
-def reference_dir(cfg, d, k: int, variant: str) -> Path:
-    ref = cl_config.enum_value(d.reference)
-    return paths.policy_dir(cfg, 0) if ref == "sft" else paths.policy_dir(cfg, k - 1, variant)
+from closedloop.checkpoints import CsvLogCallback
+from closedloop.loop.pairs import confident_pairs, preference_dataset, uses_alpha
 
 
 def main(cfg) -> None:
@@ -92,14 +36,14 @@ def main(cfg) -> None:
         raise cl_config.ConfigError(f"key 'job.iteration': expected an integer >= 1, got {k}")
     set_seed(cfg.seed)
     d = cl_config.dpo_for(cfg, k)
-    source = pairs_path(cfg, k, variant)
+    source = paths.pairs_artifact(cfg, k, variant) / "pairs.jsonl"
     searched = artifacts.read_jsonl(source)
     rows = confident_pairs(searched, d.min_q_margin)
     if not rows:
         raise ValueError(f"{source}: no preference pairs to train on ({len(searched)} searched, none with "
                          f"Q_w - Q_l > dpo.min_q_margin = {d.min_q_margin})")
     with_alpha = uses_alpha(d, variant)
-    policy_in, ref_in = paths.policy_dir(cfg, k - 1, variant), reference_dir(cfg, d, k, variant)
+    policy_in, ref_in = paths.policy_dir(cfg, k - 1, variant), paths.reference_dir(cfg, cl_config.enum_value(d.reference), k, variant)
     model, tokenizer = models.load_dir(policy_in, cfg.model)
     ref_model, _ = models.load_dir(ref_in, cfg.model)
     lora = cfg.model.lora
@@ -112,7 +56,9 @@ def main(cfg) -> None:
     resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
     with artifacts.artifact_dir(out_dir, "dpo", view, inputs, cfg.seed) as out:
         trainer = ConservativeDPOTrainer(
-            model=model, ref_model=ref_model, args=checkpoints.enable(training_args(cfg, d, work / "trainer")),
+            model=model, ref_model=ref_model, args=training.trainer_args(
+                "dpo", d, work / "trainer", cfg.seed, cfg.model.bf16_training, beta=d.beta, loss_type=["sigmoid"],
+                max_length=d.max_length, precompute_ref_log_probs=d.precompute_ref),
             train_dataset=preference_dataset(rows, with_alpha), processing_class=tokenizer,
             callbacks=[CsvLogCallback(work / "train_log.csv", resume_step)], peft_config=peft_config,
         )

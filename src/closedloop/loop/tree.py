@@ -1,6 +1,6 @@
 """The MCTS tree of SPEC §2 as plain data: PUCT selection, backup, commit, pairs.
 
-No model in here: the stage (``mcts.py``) fills nodes with generated steps, priors and
+No model in here: the search (:mod:`closedloop.loop.search`) fills nodes with generated steps, priors and
 self-evaluations; this module does the arithmetic, so tests can check it by hand.
 
 Conventions (SPEC §2): a node is a partial solution; ``q`` on a node is Q(parent, a)

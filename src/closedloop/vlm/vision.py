@@ -1,6 +1,4 @@
-"""Stage ``vlm_sft``: supervised fine-tuning of the LLaVA on easy-VQA (SPEC §4's SFT model).
-
-Two phases in one stage:
+"""The V-DPO branch's SFT model (SPEC §4), built by stage ``vlm_sft`` in two phases:
 
 1. (``kind: tiny`` only) the vision tower, trained from scratch, learns the scene:
    shape and colour classification from the max over its patch features (the
@@ -20,19 +18,14 @@ Output ``results/<experiment>/vlm/sft/``: ``model/`` (from_pretrained dir with p
 from __future__ import annotations
 
 import csv
-import json
-import shutil
 from pathlib import Path
 
 import torch
 from datasets import Dataset, Image, List
-from safetensors.torch import save_file
-from transformers import set_seed
 
-from closedloop import artifacts, models, vlm
-from closedloop import config as cl_config
-from closedloop.sft import CsvLogCallback
-from closedloop.vlm_data import load_rgb
+from closedloop import artifacts
+from closedloop.vlm import model as vlm
+from closedloop.vlm.scenes import load_rgb
 
 
 class SceneHeads(torch.nn.Module):
@@ -130,52 +123,3 @@ def sft_dataset(rows: list[dict], data: Path, eos: str) -> Dataset:
     ds = Dataset.from_list([{"images": [str(data / r["image"])], "prompt": r["prompt"],
                              "completion": r["completion"] + eos} for r in rows])
     return ds.cast_column("images", List(Image()))
-
-
-def training_args(cfg, output_dir: Path):
-    from trl import SFTConfig as TrlSFTConfig
-
-    s = cfg.vlm.sft
-    return TrlSFTConfig(
-        output_dir=str(output_dir), num_train_epochs=s.epochs, max_steps=s.max_steps,
-        learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_ratio,
-        per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
-        max_length=None, logging_steps=s.logging_steps, logging_first_step=True, completion_only_loss=True,
-        save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-        bf16=models.bf16_training(cpu=False), fp16=False, remove_unused_columns=False, dataloader_pin_memory=False,
-    )
-
-
-def main(cfg) -> None:
-    """Fine-tune the configured LLaVA on the easy-VQA SFT rows of ``vlm_data``."""
-    from trl import SFTTrainer
-
-    set_seed(cfg.seed)
-    data = vlm.data_dir(cfg)
-    rows = artifacts.read_jsonl(data / "sft.jsonl")
-    model, processor = vlm.load(vlm.base_source(cfg.vlm.model), cfg.vlm.model)
-    tiny = cl_config.enum_value(cfg.vlm.model.kind) == "tiny"
-    standardized = None
-    view = vlm.stage_view(cfg, "vlm_sft")
-    with artifacts.artifact_dir(vlm.sft_dir(cfg), "vlm_sft", view, {"data": data}, cfg.seed) as out:
-        if tiny and cfg.vlm.sft.vision_pretrain_steps > 0:
-            heads = pretrain_vision(model, processor, cfg, data, out / "vision_log.csv")
-            scenes = [r for r in artifacts.read_jsonl(data / "scenes.jsonl") if r["split"] == "train"][:256]
-            model.model.vision_tower.eval()
-            standardized = standardize_vision_output(model.model.vision_tower, heads,
-                                                     pixel_values(processor, [data / r["image"] for r in scenes]))
-            save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, out / "heads.safetensors")
-        vlm.freeze_vision_tower(model, cfg.vlm.model)
-        model = vlm.add_lora(model, cfg.vlm.model)
-        model.train()
-        trainer = SFTTrainer(
-            model=model, args=training_args(cfg, out / "trainer"),
-            train_dataset=sft_dataset(rows, data, processor.tokenizer.eos_token), processing_class=processor,
-            callbacks=[CsvLogCallback(out / "train_log.csv")],
-        )
-        trainer.train()
-        vlm.save(trainer.model, processor, out / "model", cfg.vlm.model.lora.merge_after_training)
-        (out / "stats.json").write_text(json.dumps({"rows": len(rows), "steps": trainer.state.global_step,
-                                                    "vision_standardized": standardized}, indent=2) + "\n")
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-    print(f"vlm_sft: {len(rows)} rows, {trainer.state.global_step} steps -> {vlm.sft_dir(cfg)}")

@@ -1,5 +1,4 @@
-"""Shared pieces of the V-DPO branch (SPEC §4): where its artifacts live, the config view
-each of its stages depends on, the prompt format, and the LLaVA model it trains.
+"""The V-DPO branch's model (SPEC §4): the prompt format and the LLaVA it trains.
 
 The model is always transformers' ``LlavaForConditionalGeneration`` with its
 ``LlavaProcessor``, so the same stage code trains ``llava-hf/llava-1.5-7b-hf`` on a cluster
@@ -12,7 +11,6 @@ puts SmolLM2-135M's weights and tokenizer there instead). Every stage output is 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -26,89 +24,6 @@ BUILD_VERSION = 2
 """Part of the tiny model's cache key: bump when :func:`_build_tiny` changes."""
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
-TRAINED = ("sft", "dpo", "vdpo")
-"""Model tags of the branch: the SFT model, the plain-DPO ablation (γ = 1) and V-DPO."""
-
-# The vlm subsections each stage's output depends on (besides the shared keys).
-SECTIONS = {
-    "vlm_data": ("data",),
-    "vlm_sft": ("model", "data", "sft"),
-    "vdpo_pairs": ("model", "data", "sft", "pairs"),
-    "vdpo": ("model", "data", "sft", "pairs", "vdpo"),
-    "pope": ("model", "data", "sft", "pairs", "vdpo", "pope"),
-    "vlm_report": ("pope",),
-}
-
-
-def stage_view(cfg, stage: str, model: str | None = None) -> dict:
-    """The part of ``cfg`` one V-DPO-branch job depends on, as a plain dict.
-
-    Narrower than :func:`closedloop.config.stage_view`: a change to ``vlm.vdpo`` does not
-    rerun the data or SFT; POPE of the SFT model does not depend on ``vlm.vdpo`` either.
-    """
-    if stage not in SECTIONS:
-        raise cl_config.ConfigError(f"unknown V-DPO stage {stage!r} (expected one of {sorted(SECTIONS)})")
-    full = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    sections = SECTIONS[stage]
-    if stage == "vdpo_pairs" and cfg.vlm.pairs.alpha != "score":
-        sections = ("data", "pairs")  # only the α score reads the SFT model
-    elif stage == "pope" and model == "sft":
-        sections = SECTIONS["vlm_sft"] + ("pope",)
-    elif stage == "vdpo" and model == "dpo":
-        sections = SECTIONS["vdpo"]  # γ is ignored (fixed to 1) but the rest of vlm.vdpo applies
-    view = {k: full[k] for k in cl_config.SHARED_KEYS}
-    view["vlm"] = {k: full["vlm"][k] for k in sections}
-    if model is not None:
-        view["job"] = {"model": model}
-    return view
-
-
-def view_json(cfg, stage: str, model: str | None = None) -> str:
-    """:func:`stage_view` as the canonical JSON a Snakemake rule passes to ``--config-yaml``."""
-    return json.dumps(stage_view(cfg, stage, model), sort_keys=True)
-
-
-# ---- paths -------------------------------------------------------------------------------
-
-def data_dir(cfg) -> Path:
-    """``data/<experiment>/vlm/``: images/, scenes.jsonl, sft.jsonl, pope.jsonl, stats.json."""
-    return Path(cfg.data_dir) / cfg.experiment / "vlm"
-
-
-def run_dir(cfg) -> Path:
-    return Path(cfg.results_dir) / cfg.experiment / "vlm"
-
-
-def sft_dir(cfg) -> Path:
-    """``results/<experiment>/vlm/sft/``: model/, train_log.csv, vision_log.csv, heads.safetensors."""
-    return run_dir(cfg) / "sft"
-
-
-def pairs_dir(cfg) -> Path:
-    """``results/<experiment>/vlm/pairs/``: pairs.jsonl, edited/ (PNG), stats.json."""
-    return run_dir(cfg) / "pairs"
-
-
-def train_dir(cfg, tag: str) -> Path:
-    """``results/<experiment>/vlm/<dpo|vdpo>/``: model/, train_log.csv, stats.json."""
-    if tag not in ("dpo", "vdpo"):
-        raise cl_config.ConfigError(f"key 'job.variant': expected 'dpo' or 'vdpo', got {tag!r}")
-    return run_dir(cfg) / tag
-
-
-def model_dir(cfg, tag: str) -> Path:
-    if tag not in TRAINED:
-        raise cl_config.ConfigError(f"key 'vlm.pope.models': unknown model {tag!r} (expected one of {list(TRAINED)})")
-    return (sft_dir(cfg) if tag == "sft" else train_dir(cfg, tag)) / "model"
-
-
-def pope_dir(cfg, tag: str) -> Path:
-    """``results/<experiment>/vlm/pope/<tag>/``: predictions.jsonl, metrics.json."""
-    return run_dir(cfg) / "pope" / tag
-
-
-def report_file(cfg) -> Path:
-    return run_dir(cfg) / "report.md"
 
 
 # ---- prompts ----------------------------------------------------------------------------
@@ -221,10 +136,10 @@ def base_source(mcfg) -> str:
     if kind == "hf":
         return mcfg.name_or_path
     fields = {k: cl_config.enum_value(v) for k, v in OmegaConf.to_container(mcfg).items()
-              if k not in ("kind", "name_or_path", "revision", "trust_remote_code", "dtype", "lora")}
+              if k not in ("kind", "name_or_path", "revision", "trust_remote_code", "dtype", "bf16_training", "lora")}
     key = cl_config.config_hash({**fields, "build": BUILD_VERSION})[:12]
     root = Path(models.cache_root(OmegaConf.create({"cache_dir": None})))
-    return str(models._build_once(root / f"tiny-llava-{key}", lambda out: _build_tiny(mcfg, out)))
+    return str(models.build_once(root / f"tiny-llava-{key}", lambda out: _build_tiny(mcfg, out)))
 
 
 def load(source: str | Path, mcfg):

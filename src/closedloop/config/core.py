@@ -1,0 +1,77 @@
+"""Config plumbing shared by every schema: the error type, merging with explained errors,
+YAML loading, and the canonical hash of a config view. Imports no schema."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+
+def enum_value(value: Any) -> str:
+    """The string of a config choice: a validated config holds the Enum, a stage's plain view the str."""
+    return str(getattr(value, "value", value))
+
+
+def explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "<root>"
+    msg = str(err).splitlines()[0]
+    expected = ""
+    ref = getattr(err, "ref_type", None)
+    if ref is not None and "not in" not in msg:
+        expected = f" (expected {getattr(ref, '__name__', ref)})"
+    return ConfigError(f"{source}: key '{key}': {msg}{expected}")
+
+
+def load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got a list")
+    return loaded
+
+
+
+
+def _string_iteration_keys(layer: Any) -> Any:
+    """YAML reads ``per_iteration: {2: ...}`` with an int key, Snakemake's --config with a
+    str key; the schema keys iterations by string."""
+    if isinstance(layer, DictConfig):
+        layer = OmegaConf.to_container(layer)
+    if isinstance(layer, dict) and isinstance(layer.get("dpo"), dict) \
+            and isinstance(layer["dpo"].get("per_iteration"), dict):
+        layer["dpo"]["per_iteration"] = {str(k): v for k, v in layer["dpo"]["per_iteration"].items()}
+    return layer
+
+
+def merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    """Merge ``layer`` into the structured ``base``, explaining any mismatch."""
+    layer = _string_iteration_keys(layer)
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        raise explain(err, source) from err
+
+
+
+def to_yaml(cfg: DictConfig | dict) -> str:
+    return OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg))
+
+
+def config_hash(view: dict) -> str:
+    """sha256 of a config view's canonical JSON (provenance key)."""
+    blob = json.dumps(view, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()

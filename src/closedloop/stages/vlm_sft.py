@@ -1,0 +1,87 @@
+"""Stage ``vlm_sft``: supervised fine-tuning of the LLaVA on easy-VQA (SPEC §4's SFT model):
+the vision phase, then TRL's ``SFTTrainer`` (:mod:`closedloop.vlm.vision`).
+
+Output ``results/<experiment>/vlm/sft/``: ``model/`` (from_pretrained dir with processor),
+``train_log.csv``, ``vision_log.csv``, ``heads.safetensors``, ``stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from safetensors.torch import save_file
+from transformers import set_seed
+
+from closedloop import artifacts, checkpoints, paths, training
+from closedloop import config as cl_config
+from closedloop.checkpoints import CsvLogCallback
+from closedloop.vlm import model as vlm
+from closedloop.vlm.vision import pixel_values, pretrain_vision, sft_dataset, standardize_vision_output
+
+
+def main(cfg) -> None:
+    """Fine-tune the configured LLaVA on the easy-VQA SFT rows of ``vlm_data``.
+
+    Resumable after a requeue: the model after the vision phase and the SFT checkpoints live in
+    a work dir keyed by the config view (:mod:`closedloop.checkpoints`)."""
+    from trl import SFTTrainer
+
+    set_seed(cfg.seed)
+    data, out_dir, mcfg = paths.vlm_data_dir(cfg), paths.vlm_sft_dir(cfg), cfg.vlm.model
+    rows = artifacts.read_jsonl(data / "sft.jsonl")
+    view = cl_config.stage_view(cfg, "vlm_sft")
+    work = checkpoints.work_dir(out_dir, view)
+    with artifacts.artifact_dir(out_dir, "vlm_sft", view, {"data": data}, cfg.seed) as out:
+        standardized = None
+        if cl_config.enum_value(mcfg.kind) == "tiny" and cfg.vlm.sft.vision_pretrain_steps > 0:
+            vision = vision_phase(cfg, data, work / "vision")
+            model, processor = vlm.load(vision / "model", mcfg)
+            for name in ("heads.safetensors", "vision_log.csv"):
+                shutil.copyfile(vision / name, out / name)
+            standardized = json.loads((vision / "standardized.json").read_text())
+        else:
+            model, processor = vlm.load(vlm.base_source(mcfg), mcfg)
+        vlm.freeze_vision_tower(model, mcfg)
+        model = vlm.add_lora(model, mcfg)
+        model.train()
+        resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
+        trainer = SFTTrainer(
+            model=model, args=training.trainer_args(
+                "sft", cfg.vlm.sft, work / "trainer", cfg.seed, mcfg.bf16_training, max_length=None,
+                completion_only_loss=True, remove_unused_columns=False, dataloader_pin_memory=False),
+            train_dataset=sft_dataset(rows, data, processor.tokenizer.eos_token), processing_class=processor,
+            callbacks=[CsvLogCallback(work / "train_log.csv", resume_step)],
+        )
+        checkpoints.train(trainer, work / "trainer", "vlm_sft")
+        vlm.save(trainer.model, processor, out / "model", mcfg.lora.merge_after_training)
+        shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
+        (out / "stats.json").write_text(json.dumps({"rows": len(rows), "steps": trainer.state.global_step,
+                                                    "vision_standardized": standardized}, indent=2) + "\n")
+    checkpoints.finish(work)
+    print(f"vlm_sft: {len(rows)} rows, {trainer.state.global_step} steps -> {out_dir}")
+
+
+def vision_phase(cfg, data, vision):
+    """Phase 1 (``kind: tiny``): train the vision tower from scratch on shape and colour, then
+    standardize its output (:mod:`closedloop.vlm.vision`). Written to ``vision`` (the model,
+    ``heads.safetensors``, ``vision_log.csv``, ``standardized.json``) by atomic rename, so a
+    requeued job skips it."""
+    if (vision / "model").is_dir():
+        print(f"vlm_sft: vision phase finished before the requeue, reused from {vision}")
+        return vision
+    model, processor = vlm.load(vlm.base_source(cfg.vlm.model), cfg.vlm.model)
+    tmp = vision.with_name(vision.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    heads = pretrain_vision(model, processor, cfg, data, tmp / "vision_log.csv")
+    scenes = [r for r in artifacts.read_jsonl(data / "scenes.jsonl") if r["split"] == "train"][:256]
+    model.model.vision_tower.eval()
+    standardized = standardize_vision_output(model.model.vision_tower, heads,
+                                             pixel_values(processor, [data / r["image"] for r in scenes]))
+    save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, tmp / "heads.safetensors")
+    (tmp / "standardized.json").write_text(json.dumps(standardized))
+    vlm.save(model, processor, tmp / "model")
+    os.replace(tmp, vision)
+    return vision
