@@ -214,7 +214,3 @@ def check_disjoint(splits: dict[str, list[dict]], name: str) -> None:
             for key in (f"id:{row['id']}", f"q:{row['question']}"):
                 if seen.setdefault(key, split) != split:
                     raise DataError(f"task {name}: {split} row {row['id']!r} also appears in the {seen[key]} split")
-
-
-def is_multiple_choice(row: dict) -> bool:
-    return bool(row.get("choices"))
