@@ -142,13 +142,13 @@ def test_a_tree_does_not_depend_on_the_rest_of_its_batch(tiny, smoke_cfg):
     rows = synthetic.generate("t", 3, 2, 3, 20, 1)
     m = smoke_cfg.mcts
 
-    def search(batch):
+    def run_search(batch):
         torch.manual_seed(11)
         return search.Searcher(model, tok, m, "p").search(batch)
 
-    together = search(rows)
-    assert [t.nodes for t, _ in search(rows)] == [t.nodes for t, _ in together]
-    alone, _ = search(rows[:1])[0]
+    together = run_search(rows)
+    assert [t.nodes for t, _ in run_search(rows)] == [t.nodes for t, _ in together]
+    alone, _ = run_search(rows[:1])[0]
     first, committed = together[0]
     assert [(n.text, n.visits, n.parent) for n in alone.nodes] == [(n.text, n.visits, n.parent) for n in first.nodes]
     assert [n.prior for n in alone.nodes] == pytest.approx([n.prior for n in first.nodes], abs=1e-5)
