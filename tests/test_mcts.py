@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from closedloop import artifacts, config, models, paths, sampling, selfeval
-from closedloop.prefix_cache import QuestionCache
+from closedloop.prefix_cache import PrefixMismatch, QuestionCache
 from closedloop.stages import data, mcts, mcts_merge, sft
 
 pytestmark = pytest.mark.slow
@@ -186,5 +186,5 @@ def test_question_cache_gives_the_same_priors_and_confidence_as_a_fresh_read(tin
         assert sample.sum_logprob == pytest.approx(float(manual), abs=1e-3)
         fresh = selfeval.confidence_from_ids(model, tok, [p_ids + list(sample.token_ids) + suffix])[0]
         assert sample.confidence == pytest.approx(fresh, abs=1e-4)
-    with pytest.raises(mcts.PrefixMismatch):
+    with pytest.raises(PrefixMismatch):
         cache.inputs([1], [questions[0]])  # not tree 1's prompt
