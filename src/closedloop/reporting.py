@@ -1,18 +1,25 @@
 """The experiment report's pieces (stage ``report``): the markdown tables of report.md and
 its PNG plots: held-out accuracy with CIs per model and task, accuracy per closed-loop
 iteration (and per ablation) for every task, the paired table against SFT, training
-losses, MCTS data, the decoding comparison."""
+losses with DPO's reward margin and preference accuracy, MCTS data, the decoding comparison.
+
+For ``snakemake --report`` the same report is also written as reStructuredText
+(:func:`md_to_rst`: every table a captioned ``list-table``) after an overview of the run
+(:func:`overview_rst`: commit, seeds, base model, the config's difference from the defaults),
+which the HTML report's landing page includes (``workflow/report/workflow.rst``)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from closedloop import artifacts, paths, stats  # noqa: E402
 from closedloop import config as cl_config  # noqa: E402
@@ -36,7 +43,9 @@ def accuracy_table(cfg, metrics) -> str:
     lines = [f"| model | {' | '.join(tasks)} |", "|---|" + "---|" * len(tasks)]
     for tag in paths.eval_model_tags(cfg):
         lines.append(f"| {tag} | " + " | ".join(cell(metrics[(tag, t)]) for t in tasks) + " |")
-    return f"n per task: {n}\n\n" + "\n".join(lines)
+    level = int(100 * cfg.eval.ci_level)
+    return (f"Held-out accuracy (%) with {level}% bootstrap intervals; n per task: {n}\n\n"
+            + "\n".join(lines))
 
 
 def iteration_series(cfg, metrics, variant: str, task: str) -> list[tuple[int, dict]]:
@@ -116,11 +125,15 @@ def plot_iterations(cfg, metrics, path: Path) -> None:
             ms = [m for _, m in series]
             ax.errorbar([k for k, _ in series], [100 * m["accuracy"] for m in ms], yerr=_errorbars(ms),
                         marker="o", capsize=3, label=variant)
-        ax.set_title(task)
+        low, high = ax.get_ylim()
+        low, high = max(0.0, low), min(100.0, max(high, low + 5.0))  # accuracy lives in 0–100; at least 5 points
+        ax.set_ylim(low, high)
+        ax.set_title(f"{task}\n(own y-axis: {low:.0f}–{high:.0f}%)", fontsize=9)
         ax.set_xlabel("iteration (0 = SFT)")
+        ax.set_ylabel("accuracy (%)")
         ax.set_xticks(range(cfg.loop.iterations + 1))
-    axes[0][0].set_ylabel("accuracy (%)")
     axes[0][0].legend(fontsize=7)
+    fig.suptitle("Held-out accuracy per iteration, 95% CI. Each panel has its own y-axis range.", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -140,18 +153,34 @@ def training_logs(cfg) -> dict[str, list[dict]]:
     return {name: log for name, log in logs.items() if log}
 
 
+TRAINING_PANELS = (("loss", "SFT loss", "loss"), ("loss", "DPO loss per iteration", "loss"),
+                   ("reward_margin", "DPO reward margin", "mean β·h (chosen − rejected reward)"),
+                   ("reward_accuracy", "DPO preference accuracy", "fraction of pairs, chosen reward > rejected"))
+
+
 def plot_losses(logs: dict[str, list[dict]], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for name, log in logs.items():
-        ax = axes[0] if name == "sft" else axes[1]
-        ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker=".", label=name)
-    axes[0].set_title("SFT")
-    axes[1].set_title("cDPO per iteration")
-    for ax in axes:
+    """SFT's loss, then per DPO run its loss, TRL's ``rewards/margins`` and ``rewards/accuracies``
+    per logged step, one panel each with its own labelled y-axis (accuracy on 0–1)."""
+    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(15, 3.4))
+    for ax, (column, title, ylabel) in zip(axes, TRAINING_PANELS, strict=True):
+        sft_panel = title.startswith("SFT")
+        for name, log in logs.items():
+            if (name == "sft") != sft_panel:
+                continue
+            rows = [r for r in log if column in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[column] for r in rows], marker=".", label=name)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel, fontsize=8)
+        if column == "reward_accuracy":
+            ax.set_ylim(-0.05, 1.05)
         if ax.lines:
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle("Training logs per logged step (each panel has its own y-axis)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -213,10 +242,7 @@ def render(cfg, metrics, logs, stats, decodings=None) -> str:
         f"data sha256 `{m['data']['sha256'][:12]}`, {m['decoding']} k={m['k']}, "
         f"{m['generated_tokens']} generated tokens, seed {m['seed']}"
         for (tag, task), m in metrics.items())
-    final = ", ".join(f"{name} {log[-1]['loss']:.3f} (step {int(log[-1]['step'])})" for name, log in logs.items())
     return f"""# {cfg.report.title}: `{cfg.experiment}`
-
-Held-out accuracy (%) with {int(100 * cfg.eval.ci_level)}% bootstrap intervals.
 
 {accuracy_table(cfg, metrics)}
 
@@ -230,7 +256,9 @@ Held-out accuracy (%) with {int(100 * cfg.eval.ci_level)}% bootstrap intervals.
 {paired_table(cfg)}
 ## Training
 
-Final logged losses: {final or 'n/a'}.
+Last logged values of each training run (DPO: TRL's rewards/margins and rewards/accuracies).
+
+{training_summary(logs) or 'No training logs.'}
 
 ![training loss](plots/training_loss.png)
 {mcts_section(stats)}{decoding_section(cfg, decodings or {})}
@@ -238,3 +266,139 @@ Final logged losses: {final or 'n/a'}.
 
 {sources}
 """
+
+
+def training_summary(logs: dict[str, list[dict]]) -> str:
+    """One table: each training run's last logged loss, and for DPO its reward margin and accuracy."""
+    if not logs:
+        return ""
+    lines = ["| run | last logged step | loss | reward margin | preference accuracy |", "|---|---|---|---|---|"]
+    for name, log in logs.items():
+        last = log[-1]
+        margin = f"{last['reward_margin']:.4f}" if "reward_margin" in last else "–"
+        acc = f"{last['reward_accuracy']:.2f}" if "reward_accuracy" in last else "–"
+        lines.append(f"| {name} | {int(last['step'])} | {last['loss']:.4f} | {margin} | {acc} |")
+    return "\n".join(lines)
+
+
+# ---- reStructuredText for the HTML report (snakemake --report) --------------------------------
+
+_TABLE_ROW = re.compile(r"^\|(.*)\|\s*$")
+_RULE = re.compile(r"^\|[-:| ]+\|\s*$")
+
+
+def _inline(text: str) -> str:
+    """Markdown inline text as RST: `code` -> ``code``, markup characters escaped elsewhere."""
+    parts = re.split(r"(`[^`]*`)", text)
+    out = []
+    for part in parts:
+        if part.startswith("`") and part.endswith("`") and len(part) > 1:
+            out.append(f"``{part[1:-1]}``" if part[1:-1] else "")
+        else:
+            part = re.sub(r"([\\*_|<>])", r"\\\1", part).replace(r"\*\*", "**")
+            out.append(part)
+    return "".join(out)
+
+
+def _list_table(rows: list[list[str]], caption: str) -> str:
+    lines = [f".. list-table:: {_inline(caption)}", "   :header-rows: 1", "   :class: closedloop-table", ""]
+    for row in rows:
+        for i, cell in enumerate(row):
+            lines.append(("   * - " if i == 0 else "     - ") + (_inline(cell.strip()) or ".."))
+    return "\n".join(lines)
+
+
+def md_to_rst(md: str) -> str:
+    """The subset of Markdown our reports use (headings, paragraphs, lists, tables; image lines
+    dropped: the plots are their own report entries) as RST; each table becomes a ``list-table``
+    whose caption is the paragraph just above it, else its section's heading."""
+    out: list[str] = []
+    heading, paragraph, table = "", [], []
+    in_paragraph, paragraph_at = False, 0
+
+    def flush_table():
+        if table:
+            caption = " ".join(paragraph) or heading
+            if paragraph:  # the paragraph becomes the caption: not written twice
+                del out[paragraph_at:paragraph_at + len(paragraph)]
+            out.extend([_list_table(table, caption.strip().rstrip(":") or "table"), ""])
+            table.clear()
+            paragraph.clear()
+
+    for line in md.splitlines():
+        if _RULE.match(line):
+            continue
+        row = _TABLE_ROW.match(line)
+        if row:
+            table.append(row.group(1).split("|"))
+            continue
+        flush_table()
+        level = len(line) - len(line.lstrip("#"))
+        if line.startswith("!["):
+            continue
+        if level and line[level:level + 1] == " ":
+            heading = line[level + 1:].strip()
+            text = _inline(heading)
+            out += [text, "=-~"[min(level, 3) - 1] * max(len(text), 3), ""]
+            paragraph.clear()
+            in_paragraph = False
+        elif line.strip():
+            if not in_paragraph:
+                paragraph.clear()
+                paragraph_at = len(out)
+            out.append(_inline(line))
+            paragraph.append(line.strip())
+            in_paragraph = True
+        else:
+            out.append("")
+            in_paragraph = False
+    flush_table()
+    return "\n".join(out).rstrip() + "\n"
+
+
+def run_overview(starts: list[Path], root: Path = Path(".")) -> dict:
+    """What the report's inputs came from, read from their provenance records and those of
+    everything they derive from (:func:`closedloop.lineage.graph`): git commits, seeds, the base
+    model, and each setting that differs from the embedded defaults with the stages it reached."""
+    from closedloop import lineage
+
+    nodes: dict = {}
+    for start in starts:
+        if artifacts.producer_of(Path(start)) is not None:
+            nodes.update(lineage.graph(Path(start), root)[1])
+    commits, seeds, diff, base = {}, set(), {}, None
+    for node in nodes.values():
+        code = node.record.get("code") or {}
+        commits.setdefault(code.get("git_commit") or "unknown", set()).add(bool(code.get("dirty")))
+        if node.record.get("seed") is not None:
+            seeds.add(node.record["seed"])
+        base = base or node.record.get("base_model")
+        for key, (default, value) in lineage.config_diff(node).items():
+            entry = diff.setdefault(key, {"default": default, "values": {}})
+            entry["values"].setdefault(json.dumps(value), set()).add(node.stage)
+    return {"artifacts": len(nodes), "commits": commits, "seeds": sorted(seeds), "base_model": base, "diff": diff}
+
+
+def overview_rst(cfg, overview: dict, title: str) -> str:
+    """The landing page's section: what the experiment was (commit, seeds, base model, config
+    difference from the defaults), as RST."""
+    commits = ", ".join(f"``{c[:12]}``" + (" (with uncommitted changes)" if True in dirty else "")
+                        for c, dirty in overview["commits"].items()) or "unknown"
+    base = overview["base_model"] or {}
+    lines = [title, "=" * max(len(title), 3), "",
+             f"Experiment ``{cfg.experiment}``, results in ``{paths.run_dir(cfg)}``; "
+             f"{overview['artifacts']} artifacts with provenance records. Code: git commit {commits}. "
+             f"Seeds: {', '.join(map(str, overview['seeds'])) or 'none recorded'}.", ""]
+    if base:
+        lines += [_list_table([["base model", "value"]] + [[k, str(v)] for k, v in base.items() if v is not None],
+                              "Base model (from the provenance records)"), ""]
+    rows = [["setting", "default", "this run", "stages"]]
+    for key, entry in sorted(overview["diff"].items()):
+        for value, stages in entry["values"].items():
+            rows.append([key, json.dumps(entry["default"]), value, ", ".join(sorted(stages))])
+    if len(rows) > 1:
+        lines += [_list_table(rows, "Settings that differ from the embedded defaults (configs/default.yaml)"), ""]
+    else:
+        lines += ["Every setting is the embedded default (configs/default.yaml).", ""]
+    lines += ["Plots: the *Evaluation* and *Training* categories of this report. Tables: below.", ""]
+    return "\n".join(lines)

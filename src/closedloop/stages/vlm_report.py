@@ -1,10 +1,12 @@
 """Stage ``vlm_report``: the V-DPO branch's report, ``results/<experiment>/vlm/report.md``
-(:func:`closedloop.vlm.pope.render_report`), with its sidecars."""
+(:func:`closedloop.vlm.pope.render_report`) and the same tables as ``report.rst`` for
+``snakemake --report``'s landing page (:func:`closedloop.reporting.md_to_rst`), with its sidecars."""
 
 from __future__ import annotations
 
 from closedloop import artifacts, paths
 from closedloop import config as cl_config
+from closedloop.reporting import md_to_rst
 from closedloop.vlm.pope import render_report
 
 
@@ -14,8 +16,11 @@ def main(cfg) -> None:
     view = cl_config.stage_view(cfg, "vlm_report")
     out = paths.vlm_report_file(cfg)
     started = artifacts.now()
+    markdown = render_report(cfg)
     with artifacts.atomic_file(out) as fh:
-        fh.write(render_report(cfg))
+        fh.write(markdown)
+    with artifacts.atomic_file(paths.vlm_report_rst(cfg)) as fh:
+        fh.write(md_to_rst(markdown))
     artifacts.write_sidecars(out.parent, "vlm_report", view, {t: paths.pope_dir(cfg, t) for t in tags}, started,
                              cfg.seed, prefix="report.")
     print(f"vlm_report: -> {out}")
