@@ -14,13 +14,14 @@ def main(cfg) -> None:
     """Write the POPE table of every model in ``vlm.pope.models``."""
     tags = list(cfg.vlm.pope.models)
     view = cl_config.stage_view(cfg, "vlm_report")
-    out = paths.vlm_report_file(cfg)
+    out, rst = paths.vlm_report_file(cfg), paths.vlm_report_rst(cfg)
     started = artifacts.now()
     markdown = render_report(cfg)
     with artifacts.atomic_file(out) as fh:
         fh.write(markdown)
-    with artifacts.atomic_file(paths.vlm_report_rst(cfg)) as fh:
+    with artifacts.atomic_file(rst) as fh:
         fh.write(md_to_rst(markdown))
+    files = {out.name: artifacts.sha256_file(out), rst.name: artifacts.sha256_file(rst)}
     artifacts.write_sidecars(out.parent, "vlm_report", view, {t: paths.pope_dir(cfg, t) for t in tags}, started,
-                             cfg.seed, prefix="report.")
+                             cfg.seed, prefix="report.", output=artifacts.output_record(out, files, primary=out.name))
     print(f"vlm_report: -> {out}")
