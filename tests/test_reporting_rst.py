@@ -2,7 +2,7 @@
 
 from docutils.core import publish_parts
 
-from closedloop.reporting import md_to_rst
+from closedloop.report_rst import md_to_rst
 
 MD = """# Report: `smoke`
 

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from closedloop import artifacts, dvc_store, paths
 from closedloop import config as cl_config
+from closedloop.report_rst import md_to_rst, overview_rst, run_overview
 from closedloop.reporting import (
     collect,
     decoding_metrics,
     mcts_stats,
-    md_to_rst,
-    overview_rst,
     plot_accuracy,
     plot_iterations,
     plot_losses,
     render,
-    run_overview,
     training_logs,
 )
 

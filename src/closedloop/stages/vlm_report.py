@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from closedloop import artifacts, paths
 from closedloop import config as cl_config
-from closedloop.reporting import md_to_rst
+from closedloop.report_rst import md_to_rst
 from closedloop.vlm.pope import render_report
 
 
