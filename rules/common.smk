@@ -5,11 +5,23 @@ import os
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from closedloop import config as cl_config
 from closedloop import launch as cl_launch
 from closedloop import paths
 
-CFG = cl_config.from_dict(config, source=" + ".join(map(str, workflow.configfiles)) or "snakemake config")
+def _config_layers():
+    """What Snakemake merged into `config`, in order and by name: the Snakefile's config file, each
+    --configfile, then --config; a bad value's error names the one that set it."""
+    cli_files = [str(f) for f in workflow.config_settings.configfiles]
+    files = [str(f) for f in workflow.configfiles if str(f) not in cli_files] + cli_files
+    layers = [(os.path.relpath(f), OmegaConf.to_container(cl_config.load_yaml(Path(f)))) for f in files]
+    return layers + [("snakemake --config", dict(workflow.config_settings.config))]
+
+
+CFG = cl_config.from_dict(config, source=" + ".join(map(str, workflow.configfiles)) or "snakemake config",
+                          layers=_config_layers())
 # Where heavy stages run (local, or Slurm via submitit): the active profile's closedloop.yaml, passed to the
 # rules' CLI calls through the environment, never through params (switching launcher reruns nothing).
 LAUNCH = cl_launch.export_for_snakemake(sys.argv)

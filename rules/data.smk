@@ -10,7 +10,7 @@ rule data:
     benchmark:
         str(LOGS / "data" / "{task}.benchmark.tsv")
     shell:
-        "closedloop run-stage data --config-yaml {params.cfg:q} job.task={wildcards.task} 2>&1 | tee {log}"
+        "closedloop run-stage data --config-yaml {params.cfg:q} job.task={wildcards.task} --log {log}"
 
 
 rule track_data:

@@ -15,7 +15,7 @@ rule evaluate:
         str(LOGS / "evaluate" / "{model}" / "{task}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage evaluate --config-yaml {params.cfg:q}"
-        " job.model={wildcards.model} job.task={wildcards.task} 2>&1 | tee {log}"
+        " job.model={wildcards.model} job.task={wildcards.task} --log {log}"
 
 
 rule evaluate_decoding:
@@ -36,4 +36,4 @@ rule evaluate_decoding:
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage evaluate_decoding --config-yaml {params.cfg:q}"
         " job.model={wildcards.model} job.task={wildcards.task} job.decoding={wildcards.decoding}"
-        " 2>&1 | tee {log}"
+        " --log {log}"

@@ -20,7 +20,7 @@ rule mcts:
         str(LOGS / "{loop}iter{k}" / "mcts" / "shards.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage mcts --config-yaml {params.cfg:q}"
-        " job.iteration={wildcards.k} job.variant={params.variant} 2>&1 | tee {log}"
+        " job.iteration={wildcards.k} job.variant={params.variant} --log {log}"
 
 
 rule mcts_merge:
@@ -41,4 +41,4 @@ rule mcts_merge:
         str(LOGS / "{loop}iter{k}" / "mcts" / "merge.log"),
     shell:
         "closedloop run-stage mcts_merge --config-yaml {params.cfg:q} job.iteration={wildcards.k}"
-        " job.variant={params.variant} 2>&1 | tee {log}"
+        " job.variant={params.variant} --log {log}"

@@ -1,3 +1,9 @@
+# The report: report.md, report.rst (the same tables with the run's overview) and the plots. For
+# `snakemake --report report.html` the landing page (workflow/report/workflow.rst) includes every
+# report.rst marked below (and the V-DPO branch's, rules/vlm.smk); the plots are captioned entries.
+report: "../workflow/report/workflow.rst"
+
+
 rule report:
     input:
         eval_dirs(),
@@ -5,6 +11,12 @@ rule report:
         decoding_dirs(),
     output:
         md=str(paths.report_file(CFG)),
+        rst=report(
+            str(paths.report_rst(CFG)),
+            caption="../workflow/report/tables.rst",
+            category="Tables",
+            labels={"report": "closed loop"},
+        ),
         accuracy=report(
             str(paths.plots_dir(CFG) / "accuracy.png"),
             caption="../workflow/report/accuracy.rst",
@@ -29,4 +41,4 @@ rule report:
     benchmark:
         str(LOGS / "report.benchmark.tsv")
     shell:
-        "closedloop run-stage report --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+        "closedloop run-stage report --config-yaml {params.cfg:q} --log {log}"

@@ -18,7 +18,7 @@ rule vlm_data:
     benchmark:
         str(VLM_LOGS / "vlm_data.benchmark.tsv")
     shell:
-        "closedloop run-stage vlm_data --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+        "closedloop run-stage vlm_data --config-yaml {params.cfg:q} --log {log}"
 
 
 rule vlm_sft:
@@ -36,7 +36,7 @@ rule vlm_sft:
     benchmark:
         str(VLM_LOGS / "vlm_sft.benchmark.tsv")
     shell:
-        "OMP_NUM_THREADS={threads} closedloop run-stage vlm_sft --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} closedloop run-stage vlm_sft --config-yaml {params.cfg:q} --log {log}"
 
 
 rule vdpo_pairs:
@@ -53,7 +53,7 @@ rule vdpo_pairs:
     benchmark:
         str(VLM_LOGS / "vdpo_pairs.benchmark.tsv")
     shell:
-        "closedloop run-stage vdpo_pairs --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+        "closedloop run-stage vdpo_pairs --config-yaml {params.cfg:q} --log {log}"
 
 
 # V-DPO (γ = vlm.vdpo.gamma) and its plain-DPO ablation (γ = 1) on the same pairs.
@@ -77,7 +77,7 @@ rule vdpo:
         str(VLM_LOGS / "{variant}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage vdpo --config-yaml {params.cfg:q}"
-        " job.variant={wildcards.variant} 2>&1 | tee {log}"
+        " job.variant={wildcards.variant} --log {log}"
 
 
 rule pope:
@@ -99,14 +99,20 @@ rule pope:
         str(VLM_LOGS / "pope" / "{vlm_model}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage pope --config-yaml {params.cfg:q}"
-        " job.model={wildcards.vlm_model} 2>&1 | tee {log}"
+        " job.model={wildcards.vlm_model} --log {log}"
 
 
 rule vlm_report:
     input:
         [str(paths.pope_dir(CFG, m)) for m in CFG.vlm.pope.models],
     output:
-        str(paths.vlm_report_file(CFG)),
+        md=str(paths.vlm_report_file(CFG)),
+        rst=report(
+            str(paths.vlm_report_rst(CFG)),
+            caption="../workflow/report/vlm_tables.rst",
+            category="Tables",
+            labels={"report": "V-DPO"},
+        ),
     params:
         cfg=view_json("vlm_report"),
     conda:
@@ -114,7 +120,7 @@ rule vlm_report:
     log:
         str(VLM_LOGS / "vlm_report.log"),
     shell:
-        "closedloop run-stage vlm_report --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+        "closedloop run-stage vlm_report --config-yaml {params.cfg:q} --log {log}"
 
 
 rule vdpo_all:

@@ -22,4 +22,16 @@ if [ "${CLOSEDLOOP_SLURM:-auto}" != off ]; then
     echo "test.sh: not root or no apt-get: no local Slurm, the Slurm tests will be skipped" >&2
   fi
 fi
+# Debian's chromium for tests/test_report_html.py (the HTML report in a real headless browser), installed like
+# Slurm: only as root with apt-get, and only in CI (CI=true) or when asked (CLOSEDLOOP_CHROMIUM=1); otherwise
+# the browser tests skip and say why.
+if command -v chromium >/dev/null; then
+  export CLOSEDLOOP_REQUIRE_CHROMIUM=1
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { [ "${CI:-}" = true ] || [ "${CLOSEDLOOP_CHROMIUM:-}" = 1 ]; }; then
+  echo "test.sh: installing chromium (Debian) for the HTML report test"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  export CLOSEDLOOP_REQUIRE_CHROMIUM=1
+else
+  echo "test.sh: no chromium (install it, or run as root with CI=true or CLOSEDLOOP_CHROMIUM=1): the browser tests will be skipped" >&2
+fi
 python -m pytest -q "$@"

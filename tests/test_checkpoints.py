@@ -33,9 +33,22 @@ def test_train_log_keeps_rows_up_to_the_resumed_step(tmp_path, monkeypatch):
         state.global_step = step
         second.on_log(None, state, None, logs={"loss": 0.5, "learning_rate": 0.1})
     rows = log.read_text().splitlines()
-    assert rows[0] == "step,loss,lr" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    assert rows[0] == "step,loss,lr,reward_margin,reward_accuracy"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    assert rows[1] == "1,1.0,0.1,," and rows[-1] == "6,0.5,0.1,,"  # an SFT log: no rewards
     monkeypatch.setenv("RANK", "1")  # another rank of a DDP job neither truncates nor writes
     checkpoints.CsvLogCallback(log)
     state.is_world_process_zero = False
     second.on_log(None, state, None, logs={"loss": 9.0})
     assert log.read_text().splitlines() == rows
+
+
+def test_train_log_keeps_trl_dpo_reward_margin_and_accuracy(tmp_path):
+    """TRL's DPOTrainer logs rewards/margins and rewards/accuracies beside the loss; the log keeps them."""
+    log = tmp_path / "train_log.csv"
+    callback = checkpoints.CsvLogCallback(log)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=3)
+    callback.on_log(None, state, None, logs={"loss": 0.69, "learning_rate": 5e-6, "rewards/margins": 0.012,
+                                             "rewards/accuracies": 0.75, "rewards/chosen": 0.01})
+    callback.on_log(None, state, None, logs={"train_runtime": 1.0})  # the end-of-training summary: no row
+    assert log.read_text().splitlines() == ["step,loss,lr,reward_margin,reward_accuracy", "3,0.69,5e-06,0.012,0.75"]

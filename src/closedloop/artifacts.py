@@ -169,6 +169,18 @@ def _process_started() -> str:
 PROCESS_STARTED = _process_started()
 
 
+def base_model(view: dict) -> dict | None:
+    """The identity of the base model the view's ``model`` (or ``vlm.model``) section names
+    (:func:`closedloop.models.base_model_identity`: source, file, sha256, quantisation); None for a
+    stage that loads no model (``data``, ``report``). Imports torch only for a stage that has a model."""
+    section = view.get("model") or (view.get("vlm") or {}).get("model")
+    if not section:
+        return None
+    from closedloop import models
+
+    return models.base_model_identity(section)
+
+
 def provenance(stage: str, view: dict, inputs: dict[str, Path], started: str, seed: int,
                output: dict | None = None) -> dict:
     """The record of SPEC §7: what produced an artifact, from what, with which code."""
@@ -176,6 +188,7 @@ def provenance(stage: str, view: dict, inputs: dict[str, Path], started: str, se
         "stage": stage,
         "command": sys.argv,
         "config_hash": cl_config.config_hash(view),
+        "base_model": base_model(view),
         "artifact": output,
         "inputs": {name: input_record(Path(path)) for name, path in inputs.items()},
         "code": code_version(),

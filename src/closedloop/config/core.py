@@ -3,8 +3,12 @@ YAML loading, and the canonical hash of a config view. Imports no schema."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +26,40 @@ def enum_value(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+def type_name(tp: Any) -> str:
+    """A field's annotation as a reader writes it: ``int``, ``float or null``, ``list of str``,
+    ``one of [greedy, sampled]`` for an Enum, the section's name for a nested dataclass."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return f"mapping of {type_name(args[0])} to {type_name(args[1])}" if args else "mapping"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return f"one of [{', '.join(str(m.value) for m in tp)}]"
+    if dataclasses.is_dataclass(tp):
+        return f"a {tp.__name__} mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_type(owner: Any, key: Any) -> str | None:
+    """The type of field ``key`` of the dataclass ``owner`` (None when either is unknown)."""
+    if not (isinstance(owner, type) and dataclasses.is_dataclass(owner)) or not isinstance(key, str):
+        return None
+    hints = typing.get_type_hints(owner)
+    return type_name(hints[key]) if key in hints else None
+
+
 def explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    """``<source>: key '<dotted key>': <what is wrong> (expected <the field's type>)``; ``source``
+    names what set the value: a YAML file, ``snakemake --config`` or the command line."""
     key = getattr(err, "full_key", None) or "<root>"
     msg = str(err).splitlines()[0]
-    expected = ""
-    ref = getattr(err, "ref_type", None)
-    if ref is not None and "not in" not in msg:
-        expected = f" (expected {getattr(ref, '__name__', ref)})"
-    return ConfigError(f"{source}: key '{key}': {msg}{expected}")
+    expected = field_type(getattr(err, "object_type", None), getattr(err, "key", None))
+    suffix = f" (expected {expected})" if expected and "expected one of" not in msg and "not in" not in msg else ""
+    return ConfigError(f"{source}: key '{key}': {msg}{suffix}")
 
 
 def load_yaml(path: Path) -> DictConfig:

@@ -51,20 +51,35 @@ def load(
     return cfg
 
 
-def from_dict(data: dict, source: str) -> DictConfig:
-    """Validate a plain mapping (Snakemake's ``config``) against the schema.
-
-    Top-level keys with dots (``snakemake --config sft.learning_rate=3e-5``) are
-    applied as dotted overrides after the nested keys.
-    """
-    nested = {k: v for k, v in data.items() if "." not in k}
-    cfg = merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(nested), source)
+def _apply(cfg: DictConfig, data: dict, source: str) -> DictConfig:
+    """Merge a Snakemake-style mapping into ``cfg``: nested keys first, then top-level keys
+    with dots (``snakemake --config sft.learning_rate=3e-5``) as dotted overrides."""
+    cfg = merge(cfg, OmegaConf.create({k: v for k, v in data.items() if "." not in k}), source)
     for key, value in data.items():
         if "." in key:
             try:
                 OmegaConf.update(cfg, key, value, merge=True)
             except OmegaConfBaseException as err:
-                raise explain(err, f"{source} (--config {key}=...)") from err
+                raise explain(err, f"{source} ({key}=...)") from err
+    return cfg
+
+
+def from_dict(data: dict, source: str, layers: list[tuple[str, dict]] = ()) -> DictConfig:
+    """Validate a plain mapping (Snakemake's ``config``) against the schema.
+
+    ``layers``: the mappings Snakemake merged into ``data``, in order, each with its name (every
+    config file, then ``snakemake --config``); when ``data`` is invalid they are applied one by
+    one, so the error names the layer that set the bad value rather than ``source``.
+    """
+    try:
+        cfg = _apply(OmegaConf.structured(ExperimentConfig), dict(data), source)
+    except ConfigError:
+        if not layers:
+            raise
+        layered = OmegaConf.structured(ExperimentConfig)
+        for name, layer in layers:
+            layered = _apply(layered, dict(layer), name)  # raises, naming the layer at fault
+        raise  # each layer alone is fine: report the merged config's error
     check(cfg)
     return cfg
 

@@ -58,6 +58,7 @@ class Searcher:
         self.decode_steps = self.decode_row_steps = 0
         self.continued_rows = 0  # rows decoded from their leaf's kept cache (no prefill)
         self.calls = {"decode": 0, "prefill": 0, "self_eval": 0}  # forward passes
+        self.on_tree_done = None  # called with no argument each time a tree of a batch finishes (progress)
 
     def prefix(self, row: dict, steps: list[str]) -> str:
         return prompts.chat_prompt(self.tokenizer, row) + "".join(s + "\n" for s in steps)
@@ -89,6 +90,8 @@ class Searcher:
                         kind, payload = programs[i].send(value)
                     except StopIteration:
                         del programs[i]
+                        if self.on_tree_done is not None:
+                            self.on_tree_done()
                         continue
                     if kind == "generate":
                         waiting[i] = [None] * len(payload)

@@ -17,7 +17,6 @@ The reference model is the SFT model (SPEC §3, default) or policy_{k−1}
 from __future__ import annotations
 
 import json
-import shutil
 
 from transformers import set_seed
 
@@ -65,7 +64,7 @@ def main(cfg) -> None:
         checkpoints.train(trainer, work / "trainer", "dpo")
         if checkpoints.is_main_process():
             models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
-            shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
+            training.save_logs(work, out)
             (out / "stats.json").write_text(json.dumps(
                 {"pairs": len(rows), "pairs_searched": len(searched), "min_q_margin": d.min_q_margin,
                  "bf16_autocast": trainer.args.bf16,

@@ -42,16 +42,21 @@ def main(cfg) -> None:
     rows = shard_rows(cfg, shard)
     size = cfg.mcts.trees_per_batch
     batches = range(0, len(rows), size)
-    for b, start in enumerate(tqdm(batches, desc=f"mcts {paths.model_tag(k, variant)} shard{shard}", unit="batch")):
+    # one tick per finished tree (a batch's trees finish at different times), not per batch
+    progress = tqdm(total=len(rows), desc=f"mcts {paths.model_tag(k, variant)} shard{shard}", unit="tree")
+    searcher.on_tree_done = lambda: progress.update(1)
+    for b, start in enumerate(batches):
         done = work / f"batch{b:05d}.jsonl"
         if done.exists():
-            continue  # resumed: this batch was searched before the job stopped
+            progress.update(len(rows[start:start + size]))  # resumed: searched before the job stopped
+            continue
         torch.manual_seed(batch_seed(cfg, k, shard, b))
         batch_rows = rows[start:start + size]
         results = searcher.search(batch_rows)
         with artifacts.atomic_file(done) as fh:
             artifacts.write_jsonl(fh, (tree_record(t, c, r, f"iter{k}-{r['id']}", str(policy_dir))
                                        for (t, c), r in zip(results, batch_rows, strict=True)))
+    progress.close()
     records = [rec for b in range(len(batches)) for rec in artifacts.read_jsonl(work / f"batch{b:05d}.jsonl")]
     by_id = {r["id"]: r for r in rows}
     inputs = {"data": paths.data_dir(cfg, cfg.mcts.task), "policy": policy_dir}

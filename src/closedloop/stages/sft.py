@@ -7,8 +7,6 @@ by default) and ``train_log.csv`` (step, loss, lr).
 
 from __future__ import annotations
 
-import shutil
-
 from datasets import Dataset
 from transformers import set_seed
 
@@ -52,7 +50,7 @@ def main(cfg) -> None:
         lora = cfg.model.lora
         if checkpoints.is_main_process():
             models.save_policy(trainer.model, tokenizer, out / "model", lora.enabled and lora.merge_after_training)
-            shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
+            training.save_logs(work, out)
     checkpoints.finish(work)
     print(f"sft: {len(dataset)} examples, {trainer.state.global_step} steps (bf16 autocast: {trainer.args.bf16})"
           f" -> {paths.sft_dir(cfg)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from closedloop import artifacts, checkpoints, paths
+from closedloop import artifacts, checkpoints, paths, training
 from closedloop import config as cl_config
 from closedloop.vlm import model as vlm
 from closedloop.vlm.vdpo import best_gamma, gammas_of, train_one, validation_score
@@ -48,7 +48,7 @@ def main(cfg) -> None:
         entry = best_gamma(table) if select else table[0]
         chosen = work / f"gamma-{entry['gamma']:g}"
         shutil.copytree(chosen / "model", out / "model")
-        shutil.copyfile(chosen / "train_log.csv", out / "train_log.csv")
+        training.save_logs(chosen, out)
         if select:
             for row in table:
                 (out / "gamma" / f"{row['gamma']:g}").mkdir(parents=True)

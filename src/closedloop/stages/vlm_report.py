@@ -1,10 +1,12 @@
 """Stage ``vlm_report``: the V-DPO branch's report, ``results/<experiment>/vlm/report.md``
-(:func:`closedloop.vlm.pope.render_report`), with its sidecars."""
+(:func:`closedloop.vlm.pope.render_report`) and the same tables as ``report.rst`` for
+``snakemake --report``'s landing page (:func:`closedloop.reporting.md_to_rst`), with its sidecars."""
 
 from __future__ import annotations
 
 from closedloop import artifacts, paths
 from closedloop import config as cl_config
+from closedloop.report_rst import md_to_rst
 from closedloop.vlm.pope import render_report
 
 
@@ -12,10 +14,14 @@ def main(cfg) -> None:
     """Write the POPE table of every model in ``vlm.pope.models``."""
     tags = list(cfg.vlm.pope.models)
     view = cl_config.stage_view(cfg, "vlm_report")
-    out = paths.vlm_report_file(cfg)
+    out, rst = paths.vlm_report_file(cfg), paths.vlm_report_rst(cfg)
     started = artifacts.now()
+    markdown = render_report(cfg)
     with artifacts.atomic_file(out) as fh:
-        fh.write(render_report(cfg))
+        fh.write(markdown)
+    with artifacts.atomic_file(rst) as fh:
+        fh.write(md_to_rst(markdown))
+    files = {out.name: artifacts.sha256_file(out), rst.name: artifacts.sha256_file(rst)}
     artifacts.write_sidecars(out.parent, "vlm_report", view, {t: paths.pope_dir(cfg, t) for t in tags}, started,
-                             cfg.seed, prefix="report.")
+                             cfg.seed, prefix="report.", output=artifacts.output_record(out, files, primary=out.name))
     print(f"vlm_report: -> {out}")

@@ -49,14 +49,14 @@ def main(cfg) -> None:
         resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
         trainer = SFTTrainer(
             model=model, args=training.trainer_args(
-                "sft", cfg.vlm.sft, work / "trainer", cfg.seed, mcfg.bf16_training, max_length=None,
+                "sft", cfg.vlm.sft, work / "trainer", cfg.seed, mcfg.bf16_training, section="vlm.sft", max_length=None,
                 completion_only_loss=True, remove_unused_columns=False, dataloader_pin_memory=False),
             train_dataset=sft_dataset(rows, data, processor.tokenizer.eos_token), processing_class=processor,
             callbacks=[CsvLogCallback(work / "train_log.csv", resume_step)],
         )
         checkpoints.train(trainer, work / "trainer", "vlm_sft")
         vlm.save(trainer.model, processor, out / "model", mcfg.lora.merge_after_training)
-        shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
+        training.save_logs(work, out)
         (out / "stats.json").write_text(json.dumps({"rows": len(rows), "steps": trainer.state.global_step,
                                                     "vision_standardized": standardized}, indent=2) + "\n")
     checkpoints.finish(work)

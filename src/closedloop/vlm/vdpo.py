@@ -162,7 +162,8 @@ def train_one(cfg, gamma: float, rows, pairs: Path, data: Path, sft: Path, with_
     resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
     trainer = VisionGuidedDPOTrainer(
         model=model, ref_model=ref_model, gamma=gamma,
-        args=training.trainer_args("dpo", d, work / "trainer", cfg.seed, cfg.vlm.model.bf16_training, beta=d.beta,
+        args=training.trainer_args("dpo", d, work / "trainer", cfg.seed, cfg.vlm.model.bf16_training, section="vlm.vdpo",
+                                   beta=d.beta,
                                    loss_type=["sigmoid"], max_length=None, precompute_ref_log_probs=False,
                                    dataloader_pin_memory=False),
         train_dataset=preference_dataset(rows, pairs, data, processor.tokenizer.eos_token, with_alpha),
