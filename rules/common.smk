@@ -12,7 +12,8 @@ from closedloop import paths
 CFG = cl_config.from_dict(config, source=" + ".join(map(str, workflow.configfiles)) or "snakemake config")
 # Where heavy stages run (local, or Slurm via submitit): the active profile's closedloop.yaml, passed to the
 # rules' CLI calls through the environment, never through params (switching launcher reruns nothing).
-LAUNCH = cl_launch.export_for_snakemake(sys.argv)
+# Snakemake's own --default-resources/--set-resources (slurm_account, gpus, mem_mb, ...) travel the same way.
+LAUNCH = cl_launch.export_for_snakemake(sys.argv, resource_settings=workflow.resource_settings)
 envvars:
     "PATH",
 

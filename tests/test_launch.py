@@ -110,3 +110,35 @@ def test_switching_to_the_slurm_profile_reruns_nothing(smoke_local_run):
                           "configs/smoke.yaml"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Using profile slurm" in out.stderr and "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_snakemake_resource_flags_layer_over_the_launch_settings(tmp_path):
+    """--default-resources sits over slurm.defaults and under slurm.resources.<stage>; --set-resources
+    over everything (Snakemake's own ranking); Snakemake's built-in mem/disk expressions never count."""
+    from snakemake.cli import parse_set_resources
+    from snakemake.resources import Resources
+    from snakemake.settings.types import ResourceSettings
+
+    given = ResourceSettings(
+        default_resources=Resources.parse(["slurm_account=lab", "slurm_partition='gpu'", "runtime=2h", "gpus=0"],
+                                          allow_expressions=True, defaults="full"),
+        overwrite_resources=parse_set_resources(["sft:gpus=4", "sft:mem_mb=3072", "sft:cpus_per_task=3",
+                                                 "dpo:nodes=2", "report:mem_mb=1"]))
+    assert launch.snakemake_resources(given) == {
+        "defaults": {"account": "lab", "partition": "gpu", "timeout_min": 120, "gpus_per_node": 0},
+        "resources": {"sft": {"gpus_per_node": 4, "mem_gb": 3.0, "cpus_per_task": 3}, "dpo": {"nodes": 2}}}
+    env = {launch.ENV_FILES: str(PROFILE / "closedloop.yaml")}
+    s = launch.export_for_snakemake(["snakemake"], env, resource_settings=given)
+    sft, dpo, evaluate = (launch.resources(stage, s.slurm) for stage in ("sft", "dpo", "evaluate"))
+    assert (sft["account"], sft["partition"], sft["gpus_per_node"], sft["tasks_per_node"]) == ("lab", "gpu", 4, 4)
+    assert (sft["mem_gb"], sft["cpus_per_task"], sft["timeout_min"]) == (3.0, 3, 720)  # the profile's sft timeout wins
+    assert dpo["gpus_per_node"] == 1 and dpo["nodes"] == 2 and dpo["mem_gb"] == 64  # profile's dpo over defaults
+    assert evaluate["gpus_per_node"] == 1 and evaluate["timeout_min"] == 120  # 2h over the profile's default 240
+    params = launch.executor_parameters(dpo, "cl-dpo-iter1", s.slurm)
+    assert params["nodes"] == 2 and params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
+    assert launch.export_for_snakemake(["snakemake"], env) and launch.ENV_SNAKEMAKE not in env
+    with pytest.raises(config.ConfigError, match=r"--set-resources sft:...: resource 'gpus': expected a number"):
+        launch.snakemake_resources(ResourceSettings(overwrite_resources=parse_set_resources(["sft:gpus=2*input.size_mb"])))
+    s = settings(tmp_path, "slurm: {resources: {evaluate: {nodes: 2}}}")
+    with pytest.raises(config.ConfigError, match=r"'slurm.resources.evaluate.nodes': evaluate runs one rank"):
+        launch.resources("evaluate", s.slurm)
