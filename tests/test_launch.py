@@ -142,3 +142,29 @@ def test_snakemake_resource_flags_layer_over_the_launch_settings(tmp_path):
     s = settings(tmp_path, "slurm: {resources: {evaluate: {nodes: 2}}}")
     with pytest.raises(config.ConfigError, match=r"'slurm.resources.evaluate.nodes': evaluate runs one rank"):
         launch.resources("evaluate", s.slurm)
+
+
+def test_sacct_rows_are_read_by_job_and_array_element():
+    from closedloop import slurm_jobs
+
+    text = "12|RUNNING|None\n13_[0-2,5%2]|PENDING|JobHeldUser\n13_3|CANCELLED by 0|None\n14_1|COMPLETED|None\n\n"
+    states = slurm_jobs.parse_sacct(text)
+    assert sorted(states) == ["12", "13_0", "13_1", "13_2", "13_3", "13_5", "14_1"]
+    assert states["13_5"] == slurm_jobs.JobState("PENDING", "JobHeldUser") and states["13_5"].active
+    assert states["13_3"].state == "CANCELLED" and not states["13_3"].active and states["12"].active
+
+
+def test_a_second_holder_of_a_stage_call_lock_is_refused_with_the_holder(tmp_path):
+    from closedloop import slurm_jobs
+
+    with slurm_jobs.CallLock(tmp_path / "call"):
+        slurm_jobs.write_record(tmp_path / "call", {"jobs": [["7", 2]]})
+        code = ("import sys; from closedloop import slurm_jobs\n"
+                "try:\n    slurm_jobs.CallLock(sys.argv[1]).__enter__()\nexcept slurm_jobs.CallBusy as e:\n    print(e)")
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "call")], capture_output=True, text=True)
+        assert f"call/lock is held by pid {os.getpid()} on " in out.stdout, out.stderr
+        assert slurm_jobs.read_record(tmp_path / "call")["jobs"] == [["7", 2]]
+        slurm_jobs.clear(tmp_path / "call")
+    assert not (tmp_path / "call").exists()
+    with slurm_jobs.CallLock(tmp_path / "call"):  # free again once released
+        pass

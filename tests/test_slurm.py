@@ -337,3 +337,38 @@ def test_snakemake_resource_flags_reach_sbatch(slurm, repo_copy):
     assert fields["NumCPUs"] == "2" and fields["CPUs/Task"] == "1", show  # 2 ranks (one per GPU) x 1 CPU
     assert "gres/gpu=2" in fields["TRES"] and fields["MinMemoryNode"] == "1.50G", show
     assert f"Slurm job {job} failed" in output, output[-2000:]
+
+
+def test_waiters_of_one_run_share_one_sacct_call_per_interval(slurm, tmp_path):
+    """Six pollers asking within one interval cost one sacct call (counted by a wrapper around the
+    real sacct); a forced refresh sees a cancelled job at once."""
+    from closedloop import slurm_jobs
+
+    (tmp_path / "bin").mkdir()
+    calls = tmp_path / "calls"
+    (tmp_path / "bin" / "sacct").write_text(f"#!/bin/sh\necho x >> {calls}\nexec {shutil.which('sacct')} \"$@\"\n")
+    (tmp_path / "bin" / "sacct").chmod(0o755)
+    ids = [subprocess.run(["sbatch", "--parsable", "--hold", "-J", "clpoll", "-o", "/dev/null", "--wrap", "true"],
+                          capture_output=True, text=True, check=True).stdout.strip() for _ in range(3)]
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{old_path}"
+    try:
+        poller = slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=3)
+        deadline = time.time() + 60
+        held = slurm_jobs.JobState("PENDING", "JobHeldUser")
+        while any(s != held for s in poller.states(ids, force=True).values()):  # slurmdbd lags sbatch
+            assert time.time() < deadline
+            time.sleep(0.5)
+        time.sleep(3.1)  # the cache is stale now
+        calls.write_text("")
+        seen = [slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=3).states(ids) for _ in range(6)]
+        assert calls.read_text().count("x") == 1
+        assert all(s[i] == held for s in seen for i in ids), seen
+        subprocess.run(["scancel", *ids], check=True)
+        deadline = time.time() + 30
+        while slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=3).states(ids, force=True)[ids[0]].active:
+            assert time.time() < deadline
+            time.sleep(0.5)
+    finally:
+        os.environ["PATH"] = old_path
+        subprocess.run(["scancel", *ids], check=False)

@@ -72,9 +72,11 @@ class SharedPoller:
 
     ``folder`` is the run's submitit folder (``logs/slurm``). Each waiter registers its ids
     under ``.inflight/`` (touched at every poll); :meth:`states` returns the cached states
-    when the cache is younger than ``max_age_s`` and holds every asked id, else refreshes it
-    under an exclusive ``flock`` with one ``sacct`` call over all registered ids (ids not
-    touched for ``3 * max_age_s + 60`` s, e.g. of a killed waiter, are dropped).
+    when the cache is younger than ``max_age_s``, else refreshes it under an exclusive
+    ``flock`` with one ``sacct`` call over all registered ids (ids not touched for
+    ``3 * max_age_s + 60`` s, e.g. of a killed waiter, are dropped). A job submitted since
+    the last refresh reads ``UNKNOWN`` (still waiting) until the next one: twenty waiters
+    that submit within one interval cost one ``sacct`` call, not twenty.
     """
 
     def __init__(self, folder: Path, max_age_s: float):
@@ -91,13 +93,13 @@ class SharedPoller:
             (self.inflight / job).unlink(missing_ok=True)
 
     def states(self, job_ids: list[str], force: bool = False) -> dict[str, JobState]:
-        """States of ``job_ids`` (``UNKNOWN`` for a job sacct does not list yet)."""
+        """States of ``job_ids`` (``UNKNOWN`` for a job the cache does not list yet); ``force``: refresh now."""
         self.register(job_ids)
         with open(self.folder / CACHE_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             cached = self._read()
             fresh = time.time() - cached.get("time", 0) < self.max_age_s
-            if force or not fresh or not set(job_ids) <= set(cached.get("states", {})):
+            if force or not fresh:
                 cached = self._refresh()
         known = cached["states"]
         return {j: JobState(*known[j]) if j in known else JobState("UNKNOWN") for j in job_ids}
