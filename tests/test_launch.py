@@ -168,3 +168,25 @@ def test_a_second_holder_of_a_stage_call_lock_is_refused_with_the_holder(tmp_pat
     assert not (tmp_path / "call").exists()
     with slurm_jobs.CallLock(tmp_path / "call"):  # free again once released
         pass
+
+
+def test_local_slurm_starts_only_when_asked_and_never_over_a_foreign_config(tmp_path):
+    """scripts/slurm/up.sh changes the machine: without CI=true or CLOSEDLOOP_START_SLURM=1 it does
+    nothing; with it, a slurm.conf that is not its own link is refused and left as it was."""
+    up = ROOT / "scripts" / "slurm" / "up.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "CLOSEDLOOP_START_SLURM")}
+    env.update(SLURM_CI_DIR=str(tmp_path / "ci"), SLURM_ETC=str(tmp_path / "etc"))
+    out = subprocess.run(["bash", str(up)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 3 and "Set CLOSEDLOOP_START_SLURM=1 (or CI=true" in out.stderr, out.stderr
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "slurm.conf").write_text("ClusterName=lab\n")
+    (tmp_path / "etc" / "gres.conf").symlink_to(tmp_path / "elsewhere.conf")
+    for opt_in in ({"CLOSEDLOOP_START_SLURM": "1"}, {"CI": "true"}):
+        out = subprocess.run(["bash", str(up)], env={**env, **opt_in}, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 3, out.stdout + out.stderr
+        assert f"refusing to touch {tmp_path}/etc/slurm.conf: it is not this script's link" in out.stderr
+        assert "a regular file). This machine has its own Slurm config: left alone." in out.stderr
+    (tmp_path / "etc" / "slurm.conf").unlink()
+    out = subprocess.run(["bash", str(up)], env={**env, "CI": "true"}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 3 and f"it is a link to {tmp_path}/elsewhere.conf)" in out.stderr, out.stderr
+    assert not (tmp_path / "ci").exists() and os.readlink(tmp_path / "etc" / "gres.conf") == str(tmp_path / "elsewhere.conf")

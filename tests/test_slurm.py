@@ -1,4 +1,5 @@
-"""Issue 6 on a real single-node Slurm (``scripts/slurm/up.sh``; ``scripts/test.sh`` starts it).
+"""Issues 6 and 20 on a real single-node Slurm (``scripts/slurm/up.sh``; ``scripts/test.sh`` starts it under
+``CI=true`` or ``CLOSEDLOOP_START_SLURM=1``).
 
 The smoke DAG through ``snakemake --profile slurm`` (sacct: one job per heavy stage, GPUs
 where configured, outputs equal to a local run), requeue + resume from a Trainer
@@ -26,14 +27,16 @@ CI_LAUNCH = ROOT / "tests" / "slurm_launch.yaml"
 
 def _slurm_missing() -> str | None:
     if not shutil.which("sbatch"):
-        return "no sbatch on PATH: start a local Slurm with `bash scripts/slurm/up.sh` (needs root and apt)"
+        return ("no sbatch on PATH: start a local Slurm with `CLOSEDLOOP_START_SLURM=1 bash scripts/slurm/up.sh` "
+                "(root and apt; it installs packages and links /etc/slurm/*.conf)")
     for cmd in (["sinfo", "-h", "-o", "%t"], ["sacct", "-n", "-X", "-S", "now"]):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
         except (OSError, subprocess.TimeoutExpired) as err:
-            return f"`{' '.join(cmd)}` did not answer ({err}): is scripts/slurm/up.sh running?"
+            return f"`{' '.join(cmd)}` did not answer ({err}): start Slurm with CLOSEDLOOP_START_SLURM=1 scripts/slurm/up.sh"
         if out.returncode != 0:
-            return f"`{' '.join(cmd)}` failed: {out.stderr.strip()[:200]} (start Slurm with scripts/slurm/up.sh)"
+            return (f"`{' '.join(cmd)}` failed: {out.stderr.strip()[:200]} (start Slurm with "
+                    "CLOSEDLOOP_START_SLURM=1 scripts/slurm/up.sh)")
     return None
 
 
