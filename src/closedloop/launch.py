@@ -48,6 +48,7 @@ HEAVY = tuple(stage_table.names(stage_table.HEAVY)) + TRAINING
 stay where Snakemake runs."""
 
 
+
 class Launcher(str, Enum):
     local = "local"
     slurm = "slurm"
@@ -71,6 +72,9 @@ class SlurmResources:
     qos: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Further sbatch parameters, e.g. ``{reservation: x, exclusive: true}``."""
+    gpu_mem_gb: float | None = None
+    """Memory of each GPU the job gets (not an sbatch flag: choose the GPU type with ``constraint``);
+    ``closedloop plan-resources`` checks the stage's estimate against it."""
 
 
 def _default_resources() -> SlurmResources:
