@@ -6,7 +6,11 @@ loop of the one Slurm launcher are read together.
 Every Snakemake rule calls ``closedloop run-stage``; the rule itself always runs on the
 machine that runs Snakemake. With the ``slurm`` launcher the CLI submits the stage with
 submitit, waits for it and fails with the job's state, log paths and stderr tail when it
-fails or is cancelled. One scheduler per job: Snakemake never talks to Slurm itself.
+fails or is cancelled. One scheduler per job: Snakemake never talks to Slurm itself. The
+waiting process stays light (no torch, no stage module; the stage is imported in the job)
+and shares one ``sacct`` call per poll interval with every other waiter of the run; a
+killed waiter's job is re-attached by the next run of the same call (:mod:`closedloop.slurm_jobs`).
+Snakemake's own ``--default-resources``/``--set-resources`` reach sbatch too (:func:`snakemake_resources`).
 
 The launch settings are *not* part of the experiment config: they never enter a stage's
 config view, so switching launcher or resources never invalidates a finished artifact.
@@ -18,7 +22,9 @@ launcher. Schema: :class:`LaunchConfig`.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import json
 import os
 import sys
 import time
@@ -46,7 +52,6 @@ TRAINING = tuple(stage_table.names(stage_table.TRAINING))
 HEAVY = tuple(stage_table.names(stage_table.HEAVY)) + TRAINING
 """Stages that go to Slurm under the slurm launcher (the stage table's launch class); the others
 stay where Snakemake runs."""
-
 
 
 class Launcher(str, Enum):
@@ -138,8 +143,6 @@ def settings(environ=os.environ) -> DictConfig:
     files = [f for f in environ.get(ENV_FILES, "").split(os.pathsep) if f]
     cfg = load_settings(files, environ.get(ENV_LAUNCHER) or None)
     if environ.get(ENV_SNAKEMAKE):
-        import json
-
         given = json.loads(environ[ENV_SNAKEMAKE])
         cfg.slurm = cl_config.merge(cfg.slurm, {"snakemake_defaults": given["defaults"],
                                                 "snakemake_resources": given["resources"]},
@@ -190,8 +193,6 @@ def _plain(resource):
     if raw in SNAKEMAKE_OWN_DEFAULTS:
         return None
     try:
-        import ast
-
         return ast.literal_eval(raw)  # '"lab"' or 2.5
     except (ValueError, SyntaxError):
         return raw
@@ -229,8 +230,6 @@ def export_for_snakemake(argv: list[str], environ=os.environ, resource_settings=
     ``$CLOSEDLOOP_LAUNCH_CONFIG`` and Snakemake's own Slurm resources (``workflow.resource_settings``:
     ``--default-resources``, ``--set-resources``) in ``$CLOSEDLOOP_SNAKEMAKE_RESOURCES``, so the rules'
     CLI calls inherit both, and validate them now."""
-    import json
-
     profile_file = profile_settings_file(argv, environ)
     files = [f for f in environ.get(ENV_FILES, "").split(os.pathsep) if f]
     if profile_file is not None and str(profile_file.resolve()) not in files:
