@@ -298,7 +298,8 @@ def test_killed_waiter_is_reattached_and_a_second_writer_fails(slurm, tmp_path):
         if second.poll() is None:
             second.kill()
     assert second.returncode == 0, output[-3000:]
-    assert f"closedloop: sft: re-attaching to Slurm job {job} (RUNNING)" in output, output[-3000:]
+    # RUNNING, or PENDING while slurmdbd has not yet recorded the start that squeue showed
+    assert re.search(rf"closedloop: sft: re-attaching to Slurm job {job} \((RUNNING|PENDING)\)", output), output[-3000:]
     assert "submitted Slurm job" not in output and f"Slurm job {job} completed" in output
     light = re.search(r"waiter: heavy modules \[\] peak rss (\d+) MB", output)
     assert light and int(light.group(1)) <= 150, output[-1000:]
@@ -356,20 +357,20 @@ def test_waiters_of_one_run_share_one_sacct_call_per_interval(slurm, tmp_path):
     old_path = os.environ["PATH"]
     os.environ["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{old_path}"
     try:
-        poller = slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=3)
+        poller = slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10)
         deadline = time.time() + 60
         held = slurm_jobs.JobState("PENDING", "JobHeldUser")
         while any(s != held for s in poller.states(ids, force=True).values()):  # slurmdbd lags sbatch
             assert time.time() < deadline
             time.sleep(0.5)
-        time.sleep(3.1)  # the cache is stale now
+        time.sleep(10.1)  # the cache is stale now
         calls.write_text("")
-        seen = [slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=3).states(ids) for _ in range(6)]
+        seen = [slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10).states(ids) for _ in range(6)]
         assert calls.read_text().count("x") == 1
         assert all(s[i] == held for s in seen for i in ids), seen
         subprocess.run(["scancel", *ids], check=True)
         deadline = time.time() + 30
-        while slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=3).states(ids, force=True)[ids[0]].active:
+        while slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10).states(ids, force=True)[ids[0]].active:
             assert time.time() < deadline
             time.sleep(0.5)
     finally:

@@ -125,7 +125,8 @@ class SharedPoller:
         if ids:
             out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Reason", "-j", ",".join(sorted(ids))])
             states = parse_sacct(out)
-        blob = {"time": now, "states": {j: [s.state, s.reason] for j, s in states.items()}}
+        blob = {"time": time.time(), "states": {j: [s.state, s.reason] for j, s in states.items()}}
+        # stamped when sacct answered: a slow controller does not make the next waiter refresh at once
         tmp = self.folder / f"{CACHE}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(blob))
         tmp.replace(self.folder / CACHE)  # readers see the old or the new cache, never half of one
