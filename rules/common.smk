@@ -24,7 +24,8 @@ CFG = cl_config.from_dict(config, source=" + ".join(map(str, workflow.configfile
                           layers=_config_layers())
 # Where heavy stages run (local, or Slurm via submitit): the active profile's closedloop.yaml, passed to the
 # rules' CLI calls through the environment, never through params (switching launcher reruns nothing).
-LAUNCH = cl_launch.export_for_snakemake(sys.argv)
+# Snakemake's own --default-resources/--set-resources (slurm_account, gpus, mem_mb, ...) travel the same way.
+LAUNCH = cl_launch.export_for_snakemake(sys.argv, resource_settings=workflow.resource_settings)
 envvars:
     "PATH",
 

@@ -6,13 +6,17 @@ bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check src tests bench scripts
-# A real single-node Slurm for tests/test_slurm.py: started here when we may (root + apt-get) and stopped
-# by PID on exit, also when tests fail; a Slurm that already answers is used and left alone;
-# CLOSEDLOOP_SLURM=off skips it (the Slurm tests then skip, saying why).
+# A real single-node Slurm for tests/test_slurm.py. A Slurm that already answers is used and left alone.
+# Otherwise one is started (scripts/slurm/up.sh; stopped by PID on exit, also when tests fail) only on a
+# machine this run may change: CI=true (throwaway CI machines) or CLOSEDLOOP_START_SLURM=1, as root with
+# apt-get. Anywhere else the Slurm tests skip, saying why. CLOSEDLOOP_SLURM=off: never touch Slurm.
 if [ "${CLOSEDLOOP_SLURM:-auto}" != off ]; then
-  if sinfo -h >/dev/null 2>&1; then
+  if command -v sinfo >/dev/null && sinfo -h >/dev/null 2>&1; then
     echo "test.sh: using the Slurm that is already running (not stopped afterwards)"
     export CLOSEDLOOP_REQUIRE_SLURM=1
+  elif [ "${CI:-}" != true ] && [ "${CLOSEDLOOP_START_SLURM:-}" != 1 ]; then
+    echo "test.sh: no Slurm answers and this run may not install one here (set CLOSEDLOOP_START_SLURM=1 to" \
+         "let scripts/slurm/up.sh install and start a local Slurm): the Slurm tests will be skipped" >&2
   elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     trap 'bash scripts/slurm/down.sh' EXIT
     trap 'exit 130' INT TERM

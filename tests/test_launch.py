@@ -110,3 +110,83 @@ def test_switching_to_the_slurm_profile_reruns_nothing(smoke_local_run):
                           "configs/smoke.yaml"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Using profile slurm" in out.stderr and "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_snakemake_resource_flags_layer_over_the_launch_settings(tmp_path):
+    """--default-resources sits over slurm.defaults and under slurm.resources.<stage>; --set-resources
+    over everything (Snakemake's own ranking); Snakemake's built-in mem/disk expressions never count."""
+    from snakemake.cli import parse_set_resources
+    from snakemake.resources import Resources
+    from snakemake.settings.types import ResourceSettings
+
+    given = ResourceSettings(
+        default_resources=Resources.parse(["slurm_account=lab", "slurm_partition='gpu'", "runtime=2h", "gpus=0"],
+                                          allow_expressions=True, defaults="full"),
+        overwrite_resources=parse_set_resources(["sft:gpus=4", "sft:mem_mb=3072", "sft:cpus_per_task=3",
+                                                 "dpo:nodes=2", "report:mem_mb=1"]))
+    assert launch.snakemake_resources(given) == {
+        "defaults": {"account": "lab", "partition": "gpu", "timeout_min": 120, "gpus_per_node": 0},
+        "resources": {"sft": {"gpus_per_node": 4, "mem_gb": 3.0, "cpus_per_task": 3}, "dpo": {"nodes": 2}}}
+    env = {launch.ENV_FILES: str(PROFILE / "closedloop.yaml")}
+    s = launch.export_for_snakemake(["snakemake"], env, resource_settings=given)
+    sft, dpo, evaluate = (launch.resources(stage, s.slurm) for stage in ("sft", "dpo", "evaluate"))
+    assert (sft["account"], sft["partition"], sft["gpus_per_node"], sft["tasks_per_node"]) == ("lab", "gpu", 4, 4)
+    assert (sft["mem_gb"], sft["cpus_per_task"], sft["timeout_min"]) == (3.0, 3, 720)  # the profile's sft timeout wins
+    assert dpo["gpus_per_node"] == 1 and dpo["nodes"] == 2 and dpo["mem_gb"] == 64  # profile's dpo over defaults
+    assert evaluate["gpus_per_node"] == 1 and evaluate["timeout_min"] == 120  # 2h over the profile's default 240
+    params = launch.executor_parameters(dpo, "cl-dpo-iter1", s.slurm)
+    assert params["nodes"] == 2 and params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
+    assert launch.export_for_snakemake(["snakemake"], env) and launch.ENV_SNAKEMAKE not in env
+    with pytest.raises(config.ConfigError, match=r"--set-resources sft:...: resource 'gpus': expected a number"):
+        launch.snakemake_resources(ResourceSettings(overwrite_resources=parse_set_resources(["sft:gpus=2*input.size_mb"])))
+    s = settings(tmp_path, "slurm: {resources: {evaluate: {nodes: 2}}}")
+    with pytest.raises(config.ConfigError, match=r"'slurm.resources.evaluate.nodes': evaluate runs one rank"):
+        launch.resources("evaluate", s.slurm)
+
+
+def test_sacct_rows_are_read_by_job_and_array_element():
+    from closedloop import slurm_jobs
+
+    text = "12|RUNNING|None\n13_[0-2,5%2]|PENDING|JobHeldUser\n13_3|CANCELLED by 0|None\n14_1|COMPLETED|None\n\n"
+    states = slurm_jobs.parse_sacct(text)
+    assert sorted(states) == ["12", "13_0", "13_1", "13_2", "13_3", "13_5", "14_1"]
+    assert states["13_5"] == slurm_jobs.JobState("PENDING", "JobHeldUser") and states["13_5"].active
+    assert states["13_3"].state == "CANCELLED" and not states["13_3"].active and states["12"].active
+
+
+def test_a_second_holder_of_a_stage_call_lock_is_refused_with_the_holder(tmp_path):
+    from closedloop import slurm_jobs
+
+    with slurm_jobs.CallLock(tmp_path / "call"):
+        slurm_jobs.write_record(tmp_path / "call", {"jobs": [["7", 2]]})
+        code = ("import sys; from closedloop import slurm_jobs\n"
+                "try:\n    slurm_jobs.CallLock(sys.argv[1]).__enter__()\nexcept slurm_jobs.CallBusy as e:\n    print(e)")
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "call")], capture_output=True, text=True)
+        assert f"call/lock is held by pid {os.getpid()} on " in out.stdout, out.stderr
+        assert slurm_jobs.read_record(tmp_path / "call")["jobs"] == [["7", 2]]
+        slurm_jobs.clear(tmp_path / "call")
+    assert not (tmp_path / "call").exists()
+    with slurm_jobs.CallLock(tmp_path / "call"):  # free again once released
+        pass
+
+
+def test_local_slurm_starts_only_when_asked_and_never_over_a_foreign_config(tmp_path):
+    """scripts/slurm/up.sh changes the machine: without CI=true or CLOSEDLOOP_START_SLURM=1 it does
+    nothing; with it, a slurm.conf that is not its own link is refused and left as it was."""
+    up = ROOT / "scripts" / "slurm" / "up.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "CLOSEDLOOP_START_SLURM")}
+    env.update(SLURM_CI_DIR=str(tmp_path / "ci"), SLURM_ETC=str(tmp_path / "etc"))
+    out = subprocess.run(["bash", str(up)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 3 and "Set CLOSEDLOOP_START_SLURM=1 (or CI=true" in out.stderr, out.stderr
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "slurm.conf").write_text("ClusterName=lab\n")
+    (tmp_path / "etc" / "gres.conf").symlink_to(tmp_path / "elsewhere.conf")
+    for opt_in in ({"CLOSEDLOOP_START_SLURM": "1"}, {"CI": "true"}):
+        out = subprocess.run(["bash", str(up)], env={**env, **opt_in}, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 3, out.stdout + out.stderr
+        assert f"refusing to touch {tmp_path}/etc/slurm.conf: it is not this script's link" in out.stderr
+        assert "a regular file). This machine has its own Slurm config: left alone." in out.stderr
+    (tmp_path / "etc" / "slurm.conf").unlink()
+    out = subprocess.run(["bash", str(up)], env={**env, "CI": "true"}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 3 and f"it is a link to {tmp_path}/elsewhere.conf)" in out.stderr, out.stderr
+    assert not (tmp_path / "ci").exists() and os.readlink(tmp_path / "etc" / "gres.conf") == str(tmp_path / "elsewhere.conf")

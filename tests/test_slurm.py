@@ -1,4 +1,5 @@
-"""Issue 6 on a real single-node Slurm (``scripts/slurm/up.sh``; ``scripts/test.sh`` starts it).
+"""Issues 6 and 20 on a real single-node Slurm (``scripts/slurm/up.sh``; ``scripts/test.sh`` starts it under
+``CI=true`` or ``CLOSEDLOOP_START_SLURM=1``).
 
 The smoke DAG through ``snakemake --profile slurm`` (sacct: one job per heavy stage, GPUs
 where configured, outputs equal to a local run), requeue + resume from a Trainer
@@ -26,14 +27,16 @@ CI_LAUNCH = ROOT / "tests" / "slurm_launch.yaml"
 
 def _slurm_missing() -> str | None:
     if not shutil.which("sbatch"):
-        return "no sbatch on PATH: start a local Slurm with `bash scripts/slurm/up.sh` (needs root and apt)"
+        return ("no sbatch on PATH: start a local Slurm with `CLOSEDLOOP_START_SLURM=1 bash scripts/slurm/up.sh` "
+                "(root and apt; it installs packages and links /etc/slurm/*.conf)")
     for cmd in (["sinfo", "-h", "-o", "%t"], ["sacct", "-n", "-X", "-S", "now"]):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
         except (OSError, subprocess.TimeoutExpired) as err:
-            return f"`{' '.join(cmd)}` did not answer ({err}): is scripts/slurm/up.sh running?"
+            return f"`{' '.join(cmd)}` did not answer ({err}): start Slurm with CLOSEDLOOP_START_SLURM=1 scripts/slurm/up.sh"
         if out.returncode != 0:
-            return f"`{' '.join(cmd)}` failed: {out.stderr.strip()[:200]} (start Slurm with scripts/slurm/up.sh)"
+            return (f"`{' '.join(cmd)}` failed: {out.stderr.strip()[:200]} (start Slurm with "
+                    "CLOSEDLOOP_START_SLURM=1 scripts/slurm/up.sh)")
     return None
 
 
@@ -253,3 +256,123 @@ def test_jobs_that_cannot_run_fail_at_once(slurm, tmp_path):
         assert out.returncode == 1 and expected in out.stderr, out.stderr[-2000:]
         assert "slurm.resources.sft / slurm.defaults" in out.stderr and time.time() - t0 < 60
     assert not subprocess.run(["squeue", "-h", "-n", "clnever-sft"], capture_output=True, text=True).stdout.strip()
+
+
+WAITER = ("import resource, sys; from closedloop import cli; rc = cli.main(sys.argv[1:]); "
+          "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'closedloop.stages.sft') if m in sys.modules); "
+          "print(f'waiter: heavy modules {heavy} peak rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB',"
+          " flush=True); sys.exit(rc)")
+"""``closedloop run-stage`` that reports, when it ends, which heavy modules it imported and its peak RSS."""
+
+
+def test_killed_waiter_is_reattached_and_a_second_writer_fails(slurm, tmp_path):
+    """SIGKILL the waiting CLI mid-job: its record stays in the call's work dir; the rerun re-attaches
+    to the running job (one Slurm job, artifact written once); a run beside it fails at once, naming
+    the holder. The waiter never imports torch or the stage and stays under 150 MB."""
+    launch = launch_file(tmp_path, "clattach", "  defaults: {cpus_per_task: 1, mem_gb: 2, timeout_min: 20}\n"
+                                               "  resources: {sft: {gpus_per_node: 0, cpus_per_task: 1, mem_gb: 2}}\n")
+    env = env_with([launch])
+    args = prepare_data(tmp_path, env)
+    since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    cmd = [sys.executable, "-c", WAITER, "run-stage", "sft", *args, "sft.max_steps=12"]
+    first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = job_id_by_name("clattach-sft")
+    first.kill()  # SIGKILL: no handler runs, the job stays
+    first.communicate(timeout=30)
+    records = list((tmp_path / "results" / "smoke" / ".work").glob("slurm-clattach-sft-*/slurm_job.json"))
+    assert len(records) == 1 and f'"{job}"' in records[0].read_text()
+
+    second = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while f"pid {second.pid} " not in (records[0].parent / "lock").read_text():
+            assert time.time() < deadline and second.poll() is None, "the rerun did not take the lock"
+            time.sleep(0.2)
+        t0 = time.time()
+        third = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert third.returncode == 1 and time.time() - t0 < 30, third.stderr[-2000:]
+        assert "another run of this stage is already running or waiting for its Slurm job" in third.stderr
+        assert f"lock is held by pid {second.pid} on " in third.stderr, third.stderr[-2000:]
+        output, _ = second.communicate(timeout=600)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert second.returncode == 0, output[-3000:]
+    # RUNNING, or PENDING while slurmdbd has not yet recorded the start that squeue showed
+    assert re.search(rf"closedloop: sft: re-attaching to Slurm job {job} \((RUNNING|PENDING)\)", output), output[-3000:]
+    assert "submitted Slurm job" not in output and f"Slurm job {job} completed" in output
+    light = re.search(r"waiter: heavy modules \[\] peak rss (\d+) MB", output)
+    assert light and int(light.group(1)) <= 150, output[-1000:]
+    assert [r["id"] for r in sacct_rows(since, "clattach")] == [job]  # one Slurm job in all
+    sft = tmp_path / "results" / "smoke" / "sft"
+    logged = [int(line.split(",")[0]) for line in (sft / "train_log.csv").read_text().splitlines()[1:]]
+    assert logged == list(range(1, 13)) and (sft / "model" / "model.safetensors").is_file()
+    assert not records[0].parent.exists()  # record and lock cleared once the job's end was reported
+
+
+def test_snakemake_resource_flags_reach_sbatch(slurm, repo_copy):
+    """--default-resources / --set-resources go over closedloop.yaml: read back from `scontrol show job`."""
+    launch = launch_file(repo_copy, "clflags", "  defaults: {cpus_per_task: 1, mem_gb: 2, timeout_min: 20, "
+                                               "account: nosuchaccount, partition: nosuchpartition}\n"
+                                               "  resources: {sft: {gpus_per_node: 0, cpus_per_task: 1, mem_gb: 2}}\n")
+    env = env_with([launch])
+    subprocess.run([sys.executable, "-m", "snakemake", "data/smoke/synthetic", "--cores", "2", "--configfile",
+                    "configs/smoke.yaml"], cwd=repo_copy, env=env, check=True, capture_output=True, timeout=300)
+    sm = subprocess.Popen([sys.executable, "-m", "snakemake", "results/smoke/sft", "--profile", "slurm", "--cores", "2",
+                           "--configfile", "configs/smoke.yaml", "--default-resources", "slurm_account=ci",
+                           "slurm_partition=debug", "--set-resources", "sft:gpus=2", "sft:mem_mb=1536",
+                           "sft:cpus_per_task=1", "sft:runtime=17"], cwd=repo_copy, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, job = time.time() + 120, ""
+        while not job:  # pending or running: either way sbatch has taken the resources
+            assert time.time() < deadline and sm.poll() is None, "no Slurm job clflags-sft"
+            time.sleep(0.5)
+            job = subprocess.run(["squeue", "-h", "-n", "clflags-sft", "-o", "%i"], capture_output=True,
+                                 text=True).stdout.strip()
+        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+        subprocess.run(["scancel", job], check=True)
+        output, _ = sm.communicate(timeout=120)
+    finally:
+        if sm.poll() is None:
+            sm.kill()
+    fields = dict(f.split("=", 1) for f in show.split() if "=" in f)
+    assert (fields["Account"], fields["Partition"], fields["TimeLimit"]) == ("ci", "debug", "00:17:00"), show
+    assert fields["NumCPUs"] == "2" and fields["CPUs/Task"] == "1", show  # 2 ranks (one per GPU) x 1 CPU
+    assert "gres/gpu=2" in fields["TRES"] and fields["MinMemoryNode"] == "1.50G", show
+    assert f"Slurm job {job} failed" in output, output[-2000:]
+
+
+def test_waiters_of_one_run_share_one_sacct_call_per_interval(slurm, tmp_path):
+    """Six pollers asking within one interval cost one sacct call (counted by a wrapper around the
+    real sacct); a forced refresh sees a cancelled job at once."""
+    from closedloop import slurm_jobs
+
+    (tmp_path / "bin").mkdir()
+    calls = tmp_path / "calls"
+    (tmp_path / "bin" / "sacct").write_text(f"#!/bin/sh\necho x >> {calls}\nexec {shutil.which('sacct')} \"$@\"\n")
+    (tmp_path / "bin" / "sacct").chmod(0o755)
+    ids = [subprocess.run(["sbatch", "--parsable", "--hold", "-J", "clpoll", "-o", "/dev/null", "--wrap", "true"],
+                          capture_output=True, text=True, check=True).stdout.strip() for _ in range(3)]
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{old_path}"
+    try:
+        poller = slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10)
+        deadline = time.time() + 60
+        held = slurm_jobs.JobState("PENDING", "JobHeldUser")
+        while any(s != held for s in poller.states(ids, force=True).values()):  # slurmdbd lags sbatch
+            assert time.time() < deadline
+            time.sleep(0.5)
+        time.sleep(10.1)  # the cache is stale now
+        calls.write_text("")
+        seen = [slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10).states(ids) for _ in range(6)]
+        assert calls.read_text().count("x") == 1
+        assert all(s[i] == held for s in seen for i in ids), seen
+        subprocess.run(["scancel", *ids], check=True)
+        deadline = time.time() + 30
+        while slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10).states(ids, force=True)[ids[0]].active:
+            assert time.time() < deadline
+            time.sleep(0.5)
+    finally:
+        os.environ["PATH"] = old_path
+        subprocess.run(["scancel", *ids], check=False)

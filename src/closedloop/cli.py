@@ -49,7 +49,33 @@ def _parser() -> argparse.ArgumentParser:
                            help="write the stage's output to FILE; print one summary line here")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
     sub.add_parser("lineage", add_help=False, help="an artifact's lineage; verify, push, pull (lineage --help)")
+    plan = sub.add_parser("plan-resources", help="per-stage GPU-memory estimates against the launch settings")
+    plan.add_argument("--config", action="append", default=[], metavar="FILE", help="experiment YAML (repeatable)")
+    plan.add_argument("--launch", action="append", default=[], metavar="FILE",
+                      help="launch settings YAML (default: <config>.launch.yaml beside the last --config if it "
+                           "exists, else $CLOSEDLOOP_LAUNCH_CONFIG)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
     return parser
+
+
+def plan_resources(args) -> int:
+    """``closedloop plan-resources``: the estimate table of :mod:`closedloop.plan`."""
+    from closedloop import plan
+
+    cfg = cl_config.load(args.config, args.overrides)
+    files = list(args.launch)
+    if not files and args.config:
+        beside = Path(args.config[-1]).with_suffix(".launch.yaml")
+        files = [str(beside)] if beside.is_file() else []
+    settings = launch.load_settings(files) if files else launch.settings()
+    given = {}
+    for path in args.config:  # a config that sets vlm: and not model: is a V-DPO experiment
+        given.update(cl_config.load_yaml(Path(path)) or {})
+    vlm = "vlm" in given and "model" not in given
+    stages = ["vlm_sft", "vdpo", "pope"] if vlm else ["sft", "dpo", "evaluate", "mcts"]
+    print(f"GPU memory per stage (GiB), launch settings: {', '.join(files) or '$' + launch.ENV_FILES}")
+    print(plan.table(plan.plan(cfg, settings, stages)))
+    return 0
 
 
 def resolve(args) -> OmegaConf:
@@ -147,6 +173,12 @@ def _main(argv: list[str] | None = None) -> int:
         return lineage.main(argv[1:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "plan-resources":
+        try:
+            return plan_resources(args)
+        except cl_config.ConfigError as err:
+            print(f"closedloop: config error: {err}", file=sys.stderr)
+            return 2
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -6,7 +6,11 @@ loop of the one Slurm launcher are read together.
 Every Snakemake rule calls ``closedloop run-stage``; the rule itself always runs on the
 machine that runs Snakemake. With the ``slurm`` launcher the CLI submits the stage with
 submitit, waits for it and fails with the job's state, log paths and stderr tail when it
-fails or is cancelled. One scheduler per job: Snakemake never talks to Slurm itself.
+fails or is cancelled. One scheduler per job: Snakemake never talks to Slurm itself. The
+waiting process stays light (no torch, no stage module; the stage is imported in the job)
+and shares one ``sacct`` call per poll interval with every other waiter of the run; a
+killed waiter's job is re-attached by the next run of the same call (:mod:`closedloop.slurm_jobs`).
+Snakemake's own ``--default-resources``/``--set-resources`` reach sbatch too (:func:`snakemake_resources`).
 
 The launch settings are *not* part of the experiment config: they never enter a stage's
 config view, so switching launcher or resources never invalidates a finished artifact.
@@ -18,9 +22,10 @@ launcher. Schema: :class:`LaunchConfig`.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,10 +37,15 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from closedloop import config as cl_config
-from closedloop import paths, stage_table
+from closedloop import paths, slurm_jobs, stage_table
 
 ENV_FILES = "CLOSEDLOOP_LAUNCH_CONFIG"
 ENV_LAUNCHER = "CLOSEDLOOP_LAUNCHER"
+ENV_SNAKEMAKE = "CLOSEDLOOP_SNAKEMAKE_RESOURCES"
+SNAKEMAKE_KEYS = {"slurm_account": "account", "slurm_partition": "partition", "gpus": "gpus_per_node",
+                  "mem_mb": "mem_gb", "runtime": "timeout_min", "cpus_per_task": "cpus_per_task", "nodes": "nodes",
+                  "constraint": "constraint", "slurm_qos": "qos"}
+"""Snakemake resource names (those of its slurm executor plugin) → :class:`SlurmResources` keys."""
 PROFILE_FILE = "closedloop.yaml"
 TRAINING = tuple(stage_table.names(stage_table.TRAINING))
 """Stages that may run several ranks (torch.distributed through the HF Trainer)."""
@@ -54,6 +64,8 @@ class SlurmResources:
     """sbatch resources of one stage; ``None`` falls back to ``slurm.defaults``."""
 
     gpus_per_node: int | None = None
+    nodes: int | None = None
+    """Nodes per job (default 1); more than 1 only for the :data:`TRAINING` stages (ranks on every node)."""
     tasks_per_node: int | None = None
     """Ranks per node; default: the GPUs per node for sft/dpo (one rank per GPU), 1 otherwise."""
     cpus_per_task: int | None = None
@@ -65,10 +77,13 @@ class SlurmResources:
     qos: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Further sbatch parameters, e.g. ``{reservation: x, exclusive: true}``."""
+    gpu_mem_gb: float | None = None
+    """Memory of each GPU the job gets (not an sbatch flag: choose the GPU type with ``constraint``);
+    ``closedloop plan-resources`` checks the stage's estimate against it."""
 
 
 def _default_resources() -> SlurmResources:
-    return SlurmResources(gpus_per_node=0, cpus_per_task=2, mem_gb=8, timeout_min=240)
+    return SlurmResources(gpus_per_node=0, nodes=1, cpus_per_task=2, mem_gb=8, timeout_min=240)
 
 
 @dataclass
@@ -78,6 +93,11 @@ class SlurmConfig:
     defaults: SlurmResources = field(default_factory=_default_resources)
     resources: dict[str, SlurmResources] = field(default_factory=dict)
     """Per stage (any of :data:`HEAVY`), merged over ``defaults``."""
+    snakemake_defaults: SlurmResources = field(default_factory=SlurmResources)
+    """Snakemake's ``--default-resources`` (set from the Snakefile, not by hand): over ``defaults``,
+    under ``resources``, as Snakemake ranks default and rule resources."""
+    snakemake_resources: dict[str, SlurmResources] = field(default_factory=dict)
+    """Snakemake's ``--set-resources <rule>:...``: over everything else."""
     job_name_prefix: str = "cl"
     log_dir: str | None = None
     """submitit's folder (one subdir per job); default ``<results_dir>/<experiment>/logs/slurm``."""
@@ -118,9 +138,64 @@ def load_settings(files: list[str | Path] = (), launcher: str | None = None) -> 
 
 
 def settings(environ=os.environ) -> DictConfig:
-    """The launch settings of this process, from ``$CLOSEDLOOP_LAUNCH_CONFIG`` and ``$CLOSEDLOOP_LAUNCHER``."""
+    """The launch settings of this process, from ``$CLOSEDLOOP_LAUNCH_CONFIG``, ``$CLOSEDLOOP_LAUNCHER``
+    and the Snakemake resources the Snakefile put in ``$CLOSEDLOOP_SNAKEMAKE_RESOURCES``."""
     files = [f for f in environ.get(ENV_FILES, "").split(os.pathsep) if f]
-    return load_settings(files, environ.get(ENV_LAUNCHER) or None)
+    cfg = load_settings(files, environ.get(ENV_LAUNCHER) or None)
+    if environ.get(ENV_SNAKEMAKE):
+        given = json.loads(environ[ENV_SNAKEMAKE])
+        cfg.slurm = cl_config.merge(cfg.slurm, {"snakemake_defaults": given["defaults"],
+                                                "snakemake_resources": given["resources"]},
+                                    "snakemake --default-resources/--set-resources")
+    return cfg
+
+
+def snakemake_resources(resource_settings) -> dict:
+    """The Slurm resources given on Snakemake's command line or profile (``--default-resources``,
+    ``--set-resources``) as :class:`SlurmResources` keys: ``{"defaults": {...}, "resources": {stage: {...}}}``.
+    Only plain values count: Snakemake's own default ``mem_mb``/``disk_mb`` expressions (present
+    whenever ``--default-resources`` is given) never override the launch settings."""
+
+    def translate(given, where: str) -> dict:
+        out = {}
+        for name, resource in (given or {}).items():
+            if name not in SNAKEMAKE_KEYS:
+                continue
+            value = _plain(resource)
+            if value is None:
+                continue
+            if name in NUMERIC and not isinstance(value, int | float):
+                raise cl_config.ConfigError(f"snakemake {where}: resource '{name}': expected a number for a Slurm "
+                                            f"stage (closedloop submits it), got {value!r}")
+            out[SNAKEMAKE_KEYS[name]] = value / 1024 if name == "mem_mb" else value
+        return out
+
+    if resource_settings is None:
+        return {"defaults": {}, "resources": {}}
+    rules = resource_settings.overwrite_resources or {}
+    return {"defaults": translate(resource_settings.default_resources, "--default-resources"),
+            "resources": {rule: translate(given, f"--set-resources {rule}:...")
+                          for rule, given in rules.items() if rule in HEAVY}}
+
+
+NUMERIC = ("gpus", "mem_mb", "runtime", "cpus_per_task", "nodes")
+SNAKEMAKE_OWN_DEFAULTS = ("min(max(2*input.size_mb, 1000), 8000)", "max(2*input.size_mb, 1000) if input else 50000",
+                          "system_tmpdir")
+"""Expressions Snakemake adds itself whenever ``--default-resources`` is given: not the user's."""
+
+
+def _plain(resource):
+    """A Snakemake resource's plain value: a number, or the string of an expression such as
+    ``slurm_account=lab`` (Snakemake evaluates those to the string itself); None for its own defaults."""
+    if not getattr(resource, "is_evaluable", lambda: False)():
+        return getattr(resource, "value", resource)
+    raw = str(resource.raw)
+    if raw in SNAKEMAKE_OWN_DEFAULTS:
+        return None
+    try:
+        return ast.literal_eval(raw)  # '"lab"' or 2.5
+    except (ValueError, SyntaxError):
+        return raw
 
 
 def checkpoint_steps() -> int:
@@ -150,14 +225,21 @@ def profile_settings_file(argv: list[str], environ=os.environ) -> Path | None:
     return found
 
 
-def export_for_snakemake(argv: list[str], environ=os.environ) -> DictConfig:
+def export_for_snakemake(argv: list[str], environ=os.environ, resource_settings=None) -> DictConfig:
     """Called by the Snakefile: put the active profile's launch file in front of
-    ``$CLOSEDLOOP_LAUNCH_CONFIG`` (so the rules' CLI calls inherit it) and validate it now."""
+    ``$CLOSEDLOOP_LAUNCH_CONFIG`` and Snakemake's own Slurm resources (``workflow.resource_settings``:
+    ``--default-resources``, ``--set-resources``) in ``$CLOSEDLOOP_SNAKEMAKE_RESOURCES``, so the rules'
+    CLI calls inherit both, and validate them now."""
     profile_file = profile_settings_file(argv, environ)
     files = [f for f in environ.get(ENV_FILES, "").split(os.pathsep) if f]
     if profile_file is not None and str(profile_file.resolve()) not in files:
         files.insert(0, str(profile_file.resolve()))
     environ[ENV_FILES] = os.pathsep.join(files)
+    given = snakemake_resources(resource_settings)
+    if given["defaults"] or given["resources"]:
+        environ[ENV_SNAKEMAKE] = json.dumps(given)
+    else:
+        environ.pop(ENV_SNAKEMAKE, None)
     return settings(environ)
 
 
@@ -191,20 +273,24 @@ def job_name(stage: str, cfg: DictConfig, prefix: str) -> str:
 
 
 def resources(stage: str, slurm: DictConfig) -> dict:
-    """``slurm.defaults`` with ``slurm.resources.<stage>`` merged over it, as a plain dict."""
+    """One stage's sbatch resources as a plain dict, lowest layer first: ``slurm.defaults``,
+    Snakemake's ``--default-resources``, ``slurm.resources.<stage>``, Snakemake's
+    ``--set-resources <stage>:...``."""
     merged = OmegaConf.to_container(slurm.defaults)
-    own = slurm.resources.get(stage)
-    for key, value in (OmegaConf.to_container(own) if own is not None else {}).items():
-        if key == "extra":
-            merged["extra"] = {**merged.get("extra", {}), **value}
-        elif value is not None:
-            merged[key] = value
+    layers = (slurm.snakemake_defaults, slurm.resources.get(stage), slurm.snakemake_resources.get(stage))
+    for layer in layers:
+        for key, value in (OmegaConf.to_container(layer) if layer is not None else {}).items():
+            if key == "extra":
+                merged["extra"] = {**merged.get("extra", {}), **value}
+            elif value is not None:
+                merged[key] = value
     gpus = merged.get("gpus_per_node") or 0
     if merged.get("tasks_per_node") is None:
         merged["tasks_per_node"] = max(gpus, 1) if stage in TRAINING else 1
-    if merged["tasks_per_node"] > 1 and stage not in TRAINING:
-        raise cl_config.ConfigError(f"key 'slurm.resources.{stage}.tasks_per_node': {stage} runs one rank "
-                                    f"(expected 1, got {merged['tasks_per_node']}); only {list(TRAINING)} run several")
+    for key in ("tasks_per_node", "nodes"):
+        if (merged.get(key) or 1) > 1 and stage not in TRAINING:
+            raise cl_config.ConfigError(f"key 'slurm.resources.{stage}.{key}': {stage} runs one rank "
+                                        f"(expected 1, got {merged[key]}); only {list(TRAINING)} run several")
     return merged
 
 
@@ -212,7 +298,7 @@ def executor_parameters(res: dict, name: str, slurm: DictConfig) -> dict:
     """submitit ``AutoExecutor.update_parameters`` keywords for resources ``res``."""
     params = {
         "name": name,
-        "nodes": 1,
+        "nodes": res.get("nodes") or 1,
         "tasks_per_node": res["tasks_per_node"],
         "gpus_per_node": res.get("gpus_per_node") or None,
         "cpus_per_task": res.get("cpus_per_task"),
@@ -224,7 +310,7 @@ def executor_parameters(res: dict, name: str, slurm: DictConfig) -> dict:
     for key in ("partition", "account", "constraint", "qos"):
         if res.get(key):
             params[f"slurm_{key}"] = res[key]
-    if res["tasks_per_node"] > 1:
+    if res["tasks_per_node"] * params["nodes"] > 1:
         params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing ends the others
     if res.get("extra"):
         params["slurm_additional_parameters"] = dict(res["extra"])
@@ -291,99 +377,163 @@ def run_stage(stage: str, cfg: DictConfig, launch: DictConfig | None = None) -> 
     return submit_and_wait(stage, todo, launch.slurm)
 
 
+def call_dir(stage: str, todo: list[DictConfig], name: str) -> Path:
+    """The work dir of one stage call on Slurm: ``<run>/.work/slurm-<job name>-<hash>/``, keyed by the
+    resolved configs of its units, holding the call's lock and the record of its submitted job."""
+    units_view = [OmegaConf.to_container(unit, resolve=True) for unit in todo]
+    digest = cl_config.config_hash({"stage": stage, "units": units_view})[:12]
+    return paths.run_dir(todo[0]) / ".work" / f"slurm-{name}-{digest}"
+
+
 def submit_and_wait(stage: str, todo: list[DictConfig], slurm: DictConfig) -> int:
-    """Submit ``todo`` as one job (or one array of jobs) and wait; report failures on stderr."""
+    """Submit ``todo`` as one job (or one array of jobs), or re-attach to the job a killed earlier
+    run of the same call left queued or running, and wait; report failures on stderr.
+
+    A second run of the same call while this one waits fails at once (the call dir's lock)."""
     res = resources(stage, slurm)
     folder = Path(slurm.log_dir) if slurm.log_dir else paths.run_dir(todo[0]) / "logs" / "slurm"
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=slurm.max_requeues)
-    names = [job_name(stage, unit, slurm.job_name_prefix) for unit in todo]
-    name = names[0]  # an array's elements share the name (mcts: the iteration); the shard is the array index
-    executor.update_parameters(**executor_parameters(res, name, slurm))
-    call = StageJob(stage, os.getcwd())
+    name = job_name(stage, todo[0], slurm.job_name_prefix)  # an array's elements share the name; shard = index
+    work = call_dir(stage, todo, name)
     try:
-        if len(todo) == 1:
-            jobs = [executor.submit(call, todo[0])]
-        else:  # MCTS shards: one Slurm array, one element per shard
-            jobs = executor.map_array(call, todo)
-    except submitit.core.utils.FailedJobError as err:  # sbatch said no
-        print(f"closedloop: {stage}: sbatch refused job {name} with resources {res}:\n{err}\nFix them under "
-              f"slurm.resources.{stage} / slurm.defaults (files in ${ENV_FILES})", file=sys.stderr, flush=True)
+        with slurm_jobs.CallLock(work):
+            return _submit_and_wait(stage, todo, slurm, res, folder, name, work)
+    except slurm_jobs.CallBusy as err:
+        print(f"closedloop: {stage}: another run of this stage is already running or waiting for its Slurm job: "
+              f"{err}. Two writers would share its work dir; wait for that run to end, or stop it and rerun "
+              f"(the rerun re-attaches to its job).", file=sys.stderr, flush=True)
         return 1
-    ids = ", ".join(j.job_id for j in jobs)
-    shape = f"array of {len(todo)}, " if len(todo) > 1 else ""
-    print(f"closedloop: {stage}: submitted Slurm job {ids} ({name}, {shape}{res['tasks_per_node']} rank(s), "
-          f"{res.get('gpus_per_node') or 0} GPU(s) per node); logs in {jobs[0].paths.folder}", flush=True)
+
+
+def _submit_and_wait(stage, todo, slurm, res, folder, name, work) -> int:
+    poller = slurm_jobs.SharedPoller(folder, slurm.poll_seconds)
+    jobs = _reattach(stage, work, poller)
+    if jobs is None:
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
+                                         slurm_max_num_timeout=slurm.max_requeues)
+        executor.update_parameters(**executor_parameters(res, name, slurm))
+        call = StageJob(stage, os.getcwd())
+        try:
+            if len(todo) == 1:
+                jobs = [executor.submit(call, todo[0])]
+            else:  # MCTS shards: one Slurm array, one element per shard
+                jobs = executor.map_array(call, todo)
+        except submitit.core.utils.FailedJobError as err:  # sbatch said no
+            print(f"closedloop: {stage}: sbatch refused job {name} with resources {res}:\n{err}\nFix them under "
+                  f"slurm.resources.{stage} / slurm.defaults (files in ${ENV_FILES})", file=sys.stderr, flush=True)
+            return 1
+        slurm_jobs.write_record(work, {"stage": stage, "name": name, "folder": str(folder / "%j"),
+                                       "jobs": [[j.job_id, j.num_tasks] for j in jobs]})
+        shape = f"array of {len(todo)}, " if len(todo) > 1 else ""
+        print(f"closedloop: {stage}: submitted Slurm job {_ids(jobs)} ({name}, {shape}{res['tasks_per_node']} rank(s), "
+              f"{res.get('gpus_per_node') or 0} GPU(s) per node x {res.get('nodes') or 1} node(s)); "
+              f"logs in {jobs[0].paths.folder}", flush=True)
+    ids = [j.job_id for j in jobs]
     try:
-        wait(jobs, slurm.poll_seconds)
+        wait(jobs, poller, slurm.poll_seconds)
     except CannotStart as err:
-        for job in jobs:
-            job.cancel(check=False)
-        print(f"closedloop: {stage}: {err}; cancelled Slurm job {ids}. Fix its resources "
+        _cancel(jobs, work, poller)
+        print(f"closedloop: {stage}: {err}; cancelled Slurm job {_ids(jobs)}. Fix its resources "
               f"(slurm.resources.{stage} / slurm.defaults in $CLOSEDLOOP_LAUNCH_CONFIG)", file=sys.stderr, flush=True)
         return 1
     except BaseException:  # SIGTERM/SIGINT from Snakemake or the user: do not leave the job running
-        for job in jobs:
-            job.cancel(check=False)
-        print(f"closedloop: {stage}: interrupted; cancelled Slurm job {ids}", file=sys.stderr, flush=True)
+        _cancel(jobs, work, poller)
+        print(f"closedloop: {stage}: interrupted; cancelled Slurm job {_ids(jobs)}", file=sys.stderr, flush=True)
         raise
+    poller.unregister(ids)
     failed = 0
     for job in jobs:
-        errors = [(t, t.exception()) for t in _tasks(job)]
-        bad = [(t, e) for t, e in errors if e is not None]
+        outcomes = [(t, _outcome(t)) for t in _tasks(job)]
+        bad = [(t, o) for t, o in outcomes if o[0] != "success"]
         if bad:
             failed += 1
             job.cancel(check=False)  # a rank that failed leaves the others waiting in a collective
-            print(failure_message(stage, job, *bad[0], slurm.stderr_tail_lines), file=sys.stderr, flush=True)
+            state = poller.states([job.job_id], force=True)[job.job_id].state
+            print(failure_message(stage, job, *bad[0], state, slurm.stderr_tail_lines), file=sys.stderr, flush=True)
             continue
         print(f"closedloop: {stage}: Slurm job {job.job_id} completed; log {_tasks(job)[0].paths.stdout}", flush=True)
         _echo_tail(_tasks(job)[0].paths.stdout, 3)
+    slurm_jobs.clear(work)
     return 1 if failed else 0
+
+
+def _ids(jobs) -> str:
+    return ", ".join(j.job_id for j in jobs)
+
+
+def _cancel(jobs, work: Path, poller) -> None:
+    for job in jobs:
+        job.cancel(check=False)
+    poller.unregister([j.job_id for j in jobs])
+    slurm_jobs.clear(work)
+
+
+def _reattach(stage: str, work: Path, poller) -> list | None:
+    """The jobs recorded in ``work`` by an earlier run of this call, when one is still queued or
+    running (that run was killed before it could wait them out); None: submit anew."""
+    record = slurm_jobs.read_record(work)
+    if not record:
+        return None
+    ids = [job_id for job_id, _ in record["jobs"]]
+    states = poller.states(ids, force=True)
+    if not any(s.active for s in states.values()):
+        print(f"closedloop: {stage}: the Slurm job {', '.join(ids)} of an earlier run (pid {record.get('pid')}) "
+              f"ended ({', '.join(sorted({s.state for s in states.values()}))}) while nobody waited for it; "
+              f"submitting again (the stage resumes from its work dir)", flush=True)
+        return None
+    jobs = [submitit.SlurmJob(folder=record["folder"], job_id=job_id, tasks=tuple(range(n)))
+            for job_id, n in record["jobs"]]
+    print(f"closedloop: {stage}: re-attaching to Slurm job {', '.join(ids)} "
+          f"({', '.join(sorted({s.state for s in states.values()}))}), submitted by an earlier run "
+          f"(pid {record.get('pid')} on {record.get('host')} at {record.get('submitted')}) that stopped waiting; "
+          f"logs in {jobs[0].paths.folder}", flush=True)
+    return jobs
 
 
 def _tasks(job) -> list:
     return [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
 
 
+def _outcome(task, wait_s: float = 15.0) -> tuple[str, Any]:
+    """``("success", value)``, ``("error", traceback)`` or ``("none", None)`` from the task's result
+    pickle (waiting up to ``wait_s`` for a slow shared filesystem to show it)."""
+    deadline = time.time() + wait_s
+    while not task.paths.result_pickle.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    if not task.paths.result_pickle.exists():
+        return ("none", None)
+    return tuple(submitit.core.utils.pickle_load(task.paths.result_pickle))
+
+
 NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
                 "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed")
-"""squeue reasons of a pending job that will not start without a change to the job or the cluster."""
+"""Reasons of a pending job that will not start without a change to the job or the cluster."""
 
 
 class CannotStart(RuntimeError):
     """A submitted job is pending for a reason that waiting does not fix."""
 
 
-def wait(jobs, poll_seconds: float) -> None:
-    """Block until every job has finished (any final Slurm state, cancelled included); raise
+def wait(jobs, poller: slurm_jobs.SharedPoller, poll_seconds: float) -> None:
+    """Block until every job has finished (all its tasks' result files written, or any final Slurm
+    state, cancelled included), reading states through the run's shared ``sacct`` cache; raise
     :class:`CannotStart` when one is pending for a reason in :data:`NEVER_STARTS`."""
     pending = list(jobs)
     while pending:
-        pending = [j for j in pending if not j.done(force_check=True)]
+        states = poller.states([j.job_id for j in pending])
+        pending = [j for j in pending if states[j.job_id].active
+                   and not all(t.paths.result_pickle.exists() for t in _tasks(j))]
+        for job in pending:
+            state = states[job.job_id]
+            if state.state == "PENDING" and state.reason in NEVER_STARTS:
+                raise CannotStart(f"Slurm job {job.job_id} cannot start (pending, reason {state.reason}: "
+                                  f"see `scontrol show job {job.job_id}`)")
         if pending:
-            hopeless = _never_starting([j.job_id for j in pending])
-            if hopeless:
-                raise CannotStart(hopeless)
             time.sleep(poll_seconds)
 
 
-def _never_starting(job_ids: list[str]) -> str | None:
-    try:
-        out = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[1] == "PENDING" and parts[2] in NEVER_STARTS:
-            return f"Slurm job {parts[0]} cannot start (pending, reason {parts[2]}: see `scontrol show job {parts[0]}`)"
-    return None
-
-
-def failure_message(stage: str, job, task, error: Exception, tail_lines: int) -> str:
+def failure_message(stage: str, job, task, outcome: tuple, state: str, tail_lines: int) -> str:
     """What happened, the log paths and the tail of the failed task's stderr, for Snakemake's output."""
-    state = job.watcher.get_state(job.job_id, mode="force")
-    what = ("the stage raised an exception" if isinstance(error, submitit.core.utils.FailedJobError)
-            else "the job ended without a result")
+    what = "the stage raised an exception" if outcome[0] == "error" else "the job ended without a result"
     where = f" in task {task.task_id}" if job.num_tasks > 1 else ""
     lines = [f"closedloop: {stage}: Slurm job {job.job_id} failed: {what}{where} (Slurm state {state}).",
              f"  stderr: {task.paths.stderr}", f"  stdout: {task.paths.stdout}"]
