@@ -24,7 +24,7 @@ class Stage:
 
     name: str
     family: str
-    """``loop`` (the LLM closed loop, SPEC §1–3), ``vlm`` (V-DPO, SPEC §4), ``shared``."""
+    """``loop`` (the LLM closed loop, SPEC §1–3), ``vlm`` (V-DPO, SPEC §4), ``vlcot`` (VL-CoT, SPEC §6), ``shared``."""
     sections: tuple[str, ...]
     """Config sections the stage's output depends on (``vlm.sft``: one subsection); a change
     anywhere else does not rerun it (:func:`closedloop.config.stage_view`)."""
@@ -54,6 +54,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("vdpo", "vlm", (*_VLM_TRAINED, "vlm.pairs", "vlm.vdpo"), HEAVY),
     Stage("pope", "vlm", (*_VLM_TRAINED, "vlm.pairs", "vlm.vdpo", "vlm.pope"), HEAVY),
     Stage("vlm_report", "vlm", ("vlm.pope",)),
+    Stage("vlcot_data", "vlcot", ("vlcot.model", "vlcot.data")),
 )}
 
 
