@@ -101,3 +101,125 @@ def test_every_generated_answer_is_right_by_construction(vlcot_cfg, tmp_path):
     assert set(stats["mix"]["train"]) == set(scenes.QTYPES)
     assert 0 < stats["overlapping_scenes"] < sum(stats["scenes"].values())
     json.dumps(stats)
+
+
+# ---- part 2: the vision head --------------------------------------------------------------
+
+def _logit(p):
+    return float(np.log(p / (1 - p)))
+
+
+S = [[0.9, 0.8, 0.1, 0.1, 0.2, 0.5], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]
+B = [[1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+
+
+def test_vision_losses_on_a_2_step_6_patch_example():
+    import torch
+
+    from closedloop.vlcot.model import vision_losses
+
+    logits = torch.tensor([[_logit(p) for p in row] for row in S])
+    targets = torch.tensor(B, dtype=torch.float32)
+    ln = np.log
+    # BCE: Σ −B ln Ŝ − (1−B) ln(1−Ŝ) over the 12 terms, / 12
+    bce = (-(ln(.9) + ln(.8) + ln(.9) + ln(.9) + ln(.8) + ln(.5)) - 6 * ln(.5)) / 12
+    # Dice per step: 1 − 2·(0.9 + 0.8) / (2 + 2.6); 1 − 2·0.5 / (1 + 3.0); mean of the two
+    dice = ((1 - 3.4 / 4.6) + (1 - 1.0 / 4.0)) / 2
+    # entropy of P̂ = Ŝ / ΣŜ: step 1 over (0.9, 0.8, 0.1, 0.1, 0.2, 0.5) / 2.6, step 2 uniform = ln 6
+    p1 = np.array(S[0]) / 2.6
+    h = (-(p1 * ln(p1)).sum() + ln(6)) / 2
+    out = vision_losses(logits, targets, dice_lambda=0.5, entropy_alpha=0.1, entropy="sharpen", eps=0.0)
+    assert float(out["bce"]) == pytest.approx(bce, rel=1e-5)
+    assert float(out["dice"]) == pytest.approx(dice, rel=1e-5)
+    assert float(out["entropy"]) == pytest.approx(h, rel=1e-5)
+    assert float(out["total"]) == pytest.approx(bce + 0.5 * dice + 0.1 * h, rel=1e-5)
+    smooth = vision_losses(logits, targets, dice_lambda=0.5, entropy_alpha=0.1, entropy="smooth", eps=0.0)
+    assert float(smooth["r_ent"]) == pytest.approx(-h, rel=1e-5)
+    assert float(smooth["total"]) == pytest.approx(bce + 0.5 * dice - 0.1 * h, rel=1e-5)
+    # the sign switch in action: one gradient step on R_ent alone lowers the entropy (sharpen) or raises it
+    for entropy, lower in (("sharpen", True), ("smooth", False)):
+        x = logits.clone().requires_grad_(True)
+        vision_losses(x, targets, 0.0, 1.0, entropy)["r_ent"].backward()
+        after = vision_losses(x.detach() - 1.0 * x.grad, targets, 0.0, 1.0, entropy)["entropy"]
+        assert (float(after) < h) == lower
+
+
+def test_encode_puts_the_selected_patches_after_each_look():
+    from closedloop.vlcot.chains import encode
+
+    ids = {"image": 9, "look": 7, "patch": 8, "pad": 0}
+    enc = encode([1, 9, 9, 9, 9, 2], [3, 7, 4, 7, 5, 6], [[2, 3], []], ids, n_patches=4)
+    assert enc["input_ids"] == [1, 9, 9, 9, 9, 2, 3, 7, 8, 8, 4, 7, 5, 6]
+    assert enc["patch_index"] == [-1, 0, 1, 2, 3, -1, -1, -1, 2, 3, -1, -1, -1, -1]
+    assert enc["labels"] == [-100] * 6 + [3, 7, -100, -100, 4, 7, 5, 6]
+    assert enc["look_targets"].tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
+
+
+TINY = ["vlcot.model.vision_hidden_size=32", "vlcot.model.vision_layers=1", "vlcot.model.vision_heads=2",
+        "vlcot.model.text_hidden_size=64", "vlcot.model.text_intermediate_size=128", "vlcot.model.text_layers=1",
+        "vlcot.model.text_heads=2", "vlcot.model.text_kv_heads=1"]
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """A tiny VL-CoT model that has memorised one gold chain (teacher-forced, gold patches), and its data."""
+    import torch
+
+    from closedloop.vlcot import chains
+    from closedloop.vlcot import model as vm
+
+    tmp = tmp_path_factory.mktemp("vlcot_mem")
+    cfg = cl_config.load([], [f"data_dir={tmp}", "vlcot.data.n_train_scenes=30", "vlcot.data.n_validation_scenes=1",
+                              "vlcot.data.n_heldout_scenes=1", *TINY])
+    scenes.build(cfg, tmp)
+    row = next(r for r in artifacts.read_jsonl(tmp / "train.jsonl") if r["qtype"] == "relation")
+    model, processor = vm.load(vm.base_source(cfg.vlcot.model), cfg.vlcot.model, cfg.vlcot.head, with_head=True)
+    tok = processor.tokenizer
+    completion, looks = chains.gold_chain(tok, row, "vision", model.ids["look"])
+    n_patches = 64
+    enc = chains.encode(chains.prompt_ids(tok, row["question"], n_patches, model.ids["image"]), completion, looks,
+                        model.ids, n_patches)
+    batch = chains.collate([enc], chains.load_images(processor, tmp, [row]), model.ids["pad"])
+    torch.manual_seed(0)
+    optim = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 1-row batch: one thread is faster on a shared machine
+    try:
+        for _ in range(100):
+            loss = model(**batch)["loss"]
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return model, processor, tmp, row, loss.item()
+
+
+def test_generation_appends_exactly_the_selected_patches_and_stops_at_the_answer(memorised):
+    import torch
+
+    from closedloop.vlcot import chains
+
+    model, processor, data, row, loss = memorised
+    assert loss < 0.05
+    (out,) = chains.generate(model, processor, data, [row], max_new_tokens=40, trace=True)
+    tok = processor.tokenizer
+    gold_ids, gold_looks = chains.gold_chain(tok, row, "vision", model.ids["look"])
+    # the chain is the memorised one up to "Answer: <a>." — and stops there, before the EOS it learnt
+    assert out["completion_ids"] == gold_ids[:-1]
+    assert tok.convert_ids_to_tokens(out["completion_ids"][-1]) == "."
+    assert out["answer"] == row["answer"]
+    assert out["looks"] == gold_looks
+    feats = model.patch_features(chains.load_images(processor, data, [row]))[0]
+    assert len(out["appended"]) == len(out["looks"]) == 2
+    for appended, look in zip(out["appended"], out["looks"], strict=True):
+        assert torch.equal(appended, feats[look])
+    # with the head switched off the model cannot look: no ⟨look⟩ token is generated
+    head, model.head = model.head, None
+    try:
+        (blind,) = chains.generate(model, processor, data, [row], max_new_tokens=12)
+    finally:
+        model.head = head
+    assert model.ids["look"] not in blind["completion_ids"] and blind["looks"] == []
