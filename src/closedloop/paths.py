@@ -240,6 +240,12 @@ def vlcot_model_artifact(cfg, tag: str) -> Path | None:
     return vlcot_sft_dir(cfg, tag)
 
 
+def vlcot_model_inputs(cfg, tag: str) -> list[str]:
+    """The artifact dirs a job reading model ``tag`` depends on: none for ``base``."""
+    directory = vlcot_model_artifact(cfg, tag)
+    return [str(directory)] if directory else []
+
+
 def vlcot_eval_dir(cfg, tag: str) -> Path:
     """``results/<experiment>/vlcot/eval/<tag>/``: predictions.jsonl, metrics.json."""
     return vlcot_run_dir(cfg) / "eval" / tag

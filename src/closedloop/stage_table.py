@@ -37,6 +37,7 @@ class Stage:
 
 
 _VLM_TRAINED = ("vlm.model", "vlm.data", "vlm.sft")
+_VLCOT_TRAINED = ("vlcot.model", "vlcot.data", "vlcot.head", "vlcot.sft")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("data", "shared", ()),
@@ -55,6 +56,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("pope", "vlm", (*_VLM_TRAINED, "vlm.pairs", "vlm.vdpo", "vlm.pope"), HEAVY),
     Stage("vlm_report", "vlm", ("vlm.pope",)),
     Stage("vlcot_data", "vlcot", ("vlcot.model", "vlcot.data")),
+    Stage("vlcot_sft", "vlcot", _VLCOT_TRAINED, HEAVY),
+    Stage("vlcot_rejection", "vlcot", (*_VLCOT_TRAINED, "vlcot.rejection"), HEAVY),
+    Stage("vlcot_eval", "vlcot", (*_VLCOT_TRAINED, "vlcot.rejection", "vlcot.eval"), HEAVY),
+    Stage("vlcot_report", "vlcot", ("vlcot.data", "vlcot.sft", "vlcot.rejection", "vlcot.eval")),
 )}
 
 

@@ -112,6 +112,7 @@ class RejectionConfig(TrainArgs):
     """Sample each patch's selection ~ Bernoulli(Ŝ) (else the greedy threshold)."""
     threshold: float = 1.5
     """Keep a question's best chain when its function score (correct + mean IoU, in [0, 2]) reaches this."""
+    max_new_tokens: int = 48
     judge: bool = True
     """Also score every chain by the model's own P("yes") to "Is this reasoning correct?"."""
     epochs: float = 2.0
