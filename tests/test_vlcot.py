@@ -223,3 +223,127 @@ def test_generation_appends_exactly_the_selected_patches_and_stops_at_the_answer
     finally:
         model.head = head
     assert model.ids["look"] not in blind["completion_ids"] and blind["looks"] == []
+
+
+def test_a_trained_model_saves_as_a_from_pretrained_dir_plus_the_head_safetensors(memorised, tmp_path):
+    import torch
+
+    from closedloop.vlcot import chains
+    from closedloop.vlcot import model as vm
+
+    model, processor, data, row, _ = memorised
+    vm.save(model, processor, tmp_path / "saved")
+    assert (tmp_path / "saved" / vm.HEAD_FILE).is_file() and (tmp_path / "saved" / "model" / "config.json").is_file()
+    assert not [p for p in (tmp_path / "saved").rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
+    cfg = cl_config.load([], TINY)
+    loaded, _ = vm.load(tmp_path / "saved", cfg.vlcot.model, cfg.vlcot.head, with_head=True)
+    for name, tensor in model.head.state_dict().items():
+        assert torch.equal(loaded.head.state_dict()[name], tensor)
+    (a,) = chains.generate(model, processor, data, [row], max_new_tokens=40)
+    (b,) = chains.generate(loaded, processor, data, [row], max_new_tokens=40)
+    assert a["completion_ids"] == b["completion_ids"] and a["looks"] == b["looks"]
+
+
+# ---- part 3: rejection sampling -------------------------------------------------------------
+
+def test_the_rejection_filter_keeps_the_argmax_chain_and_drops_chains_under_the_threshold():
+    from closedloop.vlcot.chains import keep_best
+
+    cands = [{"function_score": s} for s in (0.4, 1.7, 1.2, 1.7)]
+    assert keep_best(cands, 1.5) is cands[1]  # the arg-max (the first of a tie)
+    assert keep_best(cands, 1.7) is cands[1]  # reaching the threshold is enough
+    assert keep_best(cands, 1.8) is None  # the best is under the threshold: the question is dropped
+    assert keep_best([], 0.0) is None
+
+
+def test_function_score_is_correctness_plus_mean_look_iou():
+    from closedloop.vlcot.chains import function_score, grounding
+
+    row = {"answer": "blue", "steps": [{"text": "Find the triangle."}, {"look": [1, 2, 3]},
+                                       {"text": "The shape left of it"}, {"look": [5]}, {"text": "is blue."}]}
+    assert function_score({"answer": "blue", "looks": [[2, 3, 4], [5]]}, row) == pytest.approx(1 + (2 / 4 + 1) / 2)
+    assert function_score({"answer": "red", "looks": [[1, 2, 3]]}, row) == pytest.approx((1 + 0) / 2)  # a look missing
+    assert function_score({"answer": None, "looks": [[1, 2, 3], [5], [9]]}, row) == pytest.approx(2 / 3)  # one extra
+    assert grounding([[2, 3, 4], [5, 6]], [[1, 2, 3], [5]])["f1"] == pytest.approx((4 / 6 + 2 / 3) / 2)
+
+
+def test_agreement_of_model_and_function_scores_on_hand_values():
+    from closedloop.vlcot.chains import agreement, spearman
+
+    groups = [[{"function_score": 2.0, "model_score": 0.3, "correct": True},
+               {"function_score": 0.5, "model_score": 0.9, "correct": False}],
+              [{"function_score": 1.8, "model_score": 0.8, "correct": True},
+               {"function_score": 0.2, "model_score": 0.1, "correct": False}]]
+    a = agreement(groups)
+    # ranks of f (2.0, 0.5, 1.8, 0.2) = 4 2 3 1, of m (0.3, 0.9, 0.8, 0.1) = 2 4 3 1: ρ = 1 − 6·8 / (4·15) = 0.2
+    assert a["spearman_all"] == pytest.approx(0.2)
+    assert a["spearman_within_mean"] == pytest.approx(0.0)  # −1 on the first question, +1 on the second
+    assert a["questions_with_right_and_wrong"] == 2
+    assert a["model_prefers_wrong_chain"] == pytest.approx(0.5) and a["wrong_over_right_pairs"] == pytest.approx(0.5)
+    # ties share their mean rank: ranks (1.5, 1.5, 3) against (1, 2, 3)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / np.sqrt(1.5 * 2))
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("vlcot.sft.variants=[vision,chains]", "vlcot.sft.variants"),
+    ("vlcot.data.mix.size=1", "vlcot.data.mix"),
+    ("vlcot.model.patch_size=7", "vlcot.model.patch_size"),
+    ("vlcot.eval.models=[base,round1]", "vlcot.eval.models"),
+    ("vlcot.eval.split=test", "vlcot.eval.split"),
+])
+def test_a_bad_vlcot_config_names_the_key(override, key):
+    with pytest.raises(cl_config.ConfigError, match=key.replace(".", r"\.")):
+        cl_config.load([], [override])
+
+
+def test_the_paper_preset_scores_llava_15s_576_patches_with_lora():
+    from pathlib import Path
+
+    cfg = cl_config.load([Path(__file__).resolve().parents[1] / "configs" / "paper" / "vlcot_llava7b.yaml"])
+    m = cfg.vlcot.model
+    assert m.name_or_path == "llava-hf/llava-1.5-7b-hf" and (m.image_size // m.patch_size) ** 2 == 576
+    assert m.lora.enabled and m.freeze_vision_tower
+
+
+# ---- parts 3-5: the stages, in process, on the smoke config --------------------------------
+
+@pytest.mark.slow
+def test_the_stages_run_end_to_end_on_the_smoke_config(tmp_path):
+    from pathlib import Path
+
+    from closedloop import paths
+    from closedloop.stages import vlcot_data, vlcot_eval, vlcot_rejection, vlcot_report, vlcot_sft
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = cl_config.load([root / "configs" / "vlcot_smoke.yaml"],
+                         [f"data_dir={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}",
+                          "vlcot.sft.variants=[vision]", "vlcot.eval.models=[vision]"])
+    vlcot_data.main(cfg)
+    stats = json.loads((paths.vlcot_data_dir(cfg) / "stats.json").read_text())
+    assert stats["patches"] == 64 and sum(stats["mix"]["train"].values()) == stats["questions"]["train"]
+    cfg.job.model = "vision"
+    vlcot_sft.main(cfg)
+    assert (paths.vlcot_sft_dir(cfg, "vision") / "vision_head.safetensors").is_file()
+    cfg.job.model = "round1"
+    vlcot_rejection.main(cfg)
+    out = paths.vlcot_round_dir(cfg, 1)
+    samples = artifacts.read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 8 * 2 and all(0.0 <= s["model_score"] <= 1.0 for s in samples)
+    kept = artifacts.read_jsonl(out / "kept.jsonl")
+    by_q = {}
+    for s in samples:
+        by_q.setdefault(s["id"], []).append(s)
+    assert [k["function_score"] for k in kept] == [max(c["function_score"] for c in by_q[k["id"]]) for k in kept]
+    assert set(json.loads((out / "agreement.json").read_text())) >= {"spearman_all", "model_prefers_wrong_chain"}
+    for tag in ("vision", "round1"):
+        cfg.job.model = tag
+        vlcot_eval.main(cfg)
+        m = json.loads((paths.vlcot_eval_dir(cfg, tag) / "metrics.json").read_text())
+        preds = artifacts.read_jsonl(paths.vlcot_eval_dir(cfg, tag) / "predictions.jsonl")
+        assert m["all"]["n"] == len(preds) == stats["questions"]["heldout"]
+        assert m["all"]["accuracy"] == pytest.approx(np.mean([p["correct"] for p in preds]))
+        assert 0.0 <= m["iou"]["mean"] <= 1.0 and set(m["by_type"]) == set(scenes.QTYPES)
+    vlcot_report.main(cfg)
+    report = paths.vlcot_report_file(cfg).read_text()
+    assert "| vision → round1 |" in report and "| 1 | 16 |" in report
+    assert "| vlcot_rejection round1 |" in report

@@ -227,6 +227,12 @@ def load(source: str | Path, mcfg, hcfg, with_head: bool):
     llava = LlavaForConditionalGeneration.from_pretrained(
         str(llava_dir), revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
         dtype=models.DTYPES[cl_config.enum_value(mcfg.dtype)])
+    v = llava.config.vision_config
+    if (v.image_size // v.patch_size) ** 2 != (mcfg.image_size // mcfg.patch_size) ** 2:
+        raise cl_config.ConfigError(
+            f"keys 'vlcot.model.image_size', 'vlcot.model.patch_size': the scenes are labelled on a "
+            f"{mcfg.image_size // mcfg.patch_size}-patch grid, but {llava_dir} sees {v.image_size // v.patch_size} "
+            f"(expected image_size {v.image_size}, patch_size {v.patch_size})")
     missing = [t for t in (LOOK, PATCH) if t not in tok.get_vocab()]
     if missing:  # a stock LLaVA: add the family's tokens
         tok.add_special_tokens({"additional_special_tokens": [*tok.additional_special_tokens, *missing]})
