@@ -347,3 +347,29 @@ def test_the_stages_run_end_to_end_on_the_smoke_config(tmp_path):
     report = paths.vlcot_report_file(cfg).read_text()
     assert "| vision → round1 |" in report and "| 1 | 16 |" in report
     assert "| vlcot_rejection round1 |" in report
+
+
+def test_stage_views_are_narrow():
+    cfg = cl_config.load([])
+    assert set(cl_config.stage_view(cfg, "vlcot_data")["vlcot"]) == {"model", "data"}
+    assert set(cl_config.stage_view(cfg, "vlcot_sft", model="vision")["vlcot"]) == {"model", "data", "head", "sft"}
+    assert "eval" not in cl_config.stage_view(cfg, "vlcot_rejection", model="round1")["vlcot"]
+    assert "vlm" not in cl_config.stage_view(cfg, "vlcot_eval", model="vision")
+
+
+@pytest.mark.slow
+def test_vlcot_all_dag_is_its_own_target(repo_copy):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile",
+                          "configs/vlcot_smoke.yaml", "--", "vlcot_all"], cwd=repo_copy, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = re.search(r"job\s+count\n[-\s]+\n(.*?)\ntotal", out.stdout, re.S)
+    jobs = {m[0]: int(m[1]) for m in re.findall(r"(\w+)\s+(\d+)", table.group(1))}
+    assert jobs == {"vlcot_data": 1, "vlcot_sft": 3, "vlcot_rejection": 1, "vlcot_eval": 5, "vlcot_report": 1,
+                    "vlcot_all": 1}
