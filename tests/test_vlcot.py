@@ -153,6 +153,8 @@ def test_encode_puts_the_selected_patches_after_each_look():
     assert enc["patch_index"] == [-1, 0, 1, 2, 3, -1, -1, -1, 2, 3, -1, -1, -1, -1]
     assert enc["labels"] == [-100] * 6 + [3, 7, -100, -100, 4, 7, 5, 6]
     assert enc["look_targets"].tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
+    cut = encode([1, 9, 9, 9, 9, 2], [3, 7, 4, 7], [[2]], ids, n_patches=4)  # the budget ended at the last ⟨look⟩
+    assert cut["input_ids"][6:] == [3, 7, 8, 4, 7] and cut["look_targets"].tolist() == [[0, 0, 1, 0], [0, 0, 0, 0]]
 
 
 TINY = ["vlcot.model.vision_hidden_size=32", "vlcot.model.vision_layers=1", "vlcot.model.vision_heads=2",

@@ -70,7 +70,9 @@ def encode(prompt: list[int], completion: list[int], looks: list[list[int]], ids
     """Model inputs of one chain: ``input_ids`` with a ``<patch>`` per selected patch after each
     ⟨look⟩, ``patch_index`` (0..P−1 on the image tokens, the selected patch on each ``<patch>``, −1
     elsewhere), ``labels`` (the completion's text tokens; −100 on the prompt and the placeholders),
-    ``look_targets`` (B of each ⟨look⟩ over the P patches)."""
+    ``look_targets`` (B of each ⟨look⟩ over the P patches). A ⟨look⟩ without a patch set (a chain cut
+    by the token budget right after it) selected nothing."""
+    looks = list(looks) + [[]] * max(0, completion.count(ids["look"]) - len(looks))
     input_ids, patch_index, labels = [], [], []
     k = 0
     for i in prompt:
@@ -83,7 +85,7 @@ def encode(prompt: list[int], completion: list[int], looks: list[list[int]], ids
         input_ids.append(i)
         patch_index.append(-1)
         labels.append(i)
-        if i == ids["look"] and n_looks < len(looks):
+        if i == ids["look"]:
             for p in looks[n_looks]:
                 input_ids.append(ids["patch"])
                 patch_index.append(int(p))
