@@ -375,3 +375,43 @@ def test_vlcot_all_dag_is_its_own_target(repo_copy):
     jobs = {m[0]: int(m[1]) for m in re.findall(r"(\w+)\s+(\d+)", table.group(1))}
     assert jobs == {"vlcot_data": 1, "vlcot_sft": 3, "vlcot_rejection": 1, "vlcot_eval": 5, "vlcot_report": 1,
                     "vlcot_all": 1}
+
+
+def test_lora_trains_the_adapter_and_saves_merged_weights(memorised, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from closedloop.vlcot import chains
+    from closedloop.vlcot import model as vm
+
+    _, _, data, row, _ = memorised
+    cfg = cl_config.load([], [*TINY, "vlcot.model.lora.enabled=true", "vlcot.model.lora.r=4",
+                              "vlcot.model.freeze_vision_tower=true"])
+    model, processor = vm.load(vm.base_source(cfg.vlcot.model), cfg.vlcot.model, cfg.vlcot.head, with_head=True)
+    vm.freeze_and_lora(model, cfg.vlcot.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any(n.startswith("head.") for n in trainable)
+    assert not any("vision_tower" in n or ("language_model" in n and "lora_" not in n) for n in trainable)
+    q = model.llava.model.language_model.layers[0].self_attn.q_proj
+    base_q = q.get_base_layer().weight.detach().clone()
+    tok = processor.tokenizer
+    completion, looks = chains.gold_chain(tok, row, "vision", model.ids["look"])
+    enc = chains.encode(chains.prompt_ids(tok, row["question"], 64, model.ids["image"]), completion, looks,
+                        model.ids, 64)
+    batch = chains.collate([enc], chains.load_images(processor, data, [row]), model.ids["pad"])
+    optim = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        loss = model(**batch)["loss"]
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    model.eval()
+    assert torch.equal(q.get_base_layer().weight, base_q)  # LoRA leaves the base weights alone
+    with torch.no_grad():
+        before = model(**batch)["loss"]
+    vm.save(model, processor, tmp_path / "lora")
+    assert not any("lora_" in k for k in load_file(tmp_path / "lora" / "model" / "model.safetensors"))
+    loaded, _ = vm.load(tmp_path / "lora", cfg.vlcot.model, cfg.vlcot.head, with_head=True)
+    with torch.no_grad():
+        assert float(loaded(**batch)["loss"]) == pytest.approx(float(before), rel=1e-4)

@@ -186,9 +186,6 @@ class VLCoTModel(torch.nn.Module):
                                               use_cache=past_key_values is not None)
         return out.last_hidden_state, out.past_key_values
 
-    def look_logits(self, hidden_at_looks: torch.Tensor, feats_of_looks: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden_at_looks, feats_of_looks)
-
     def forward(self, input_ids, attention_mask, pixel_values, patch_index, labels, look_targets=None, **_):
         feats = self.patch_features(pixel_values)
         h, _ = self.hidden(self.embed(input_ids, patch_index, feats), attention_mask)
