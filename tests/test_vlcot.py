@@ -258,6 +258,15 @@ def test_the_rejection_filter_keeps_the_argmax_chain_and_drops_chains_under_the_
     assert keep_best([], 0.0) is None
 
 
+def test_kept_chains_are_teacher_forced_with_their_own_or_the_gold_looks():
+    from closedloop.stages.vlcot_rejection import training_looks
+
+    row = {"steps": [{"text": "Find the circle."}, {"look": [1, 2]}, {"text": "It is red."}]}
+    assert training_looks({"looks": [[2, 3]]}, row, "sampled") == [[2, 3]]
+    assert training_looks({"looks": [[2, 3]]}, row, "gold") == [[1, 2]]
+    assert training_looks({"looks": [[2, 3], [4]]}, row, "gold") == [[2, 3], [4]]  # a ⟨look⟩ more than gold: its own
+
+
 def test_function_score_is_correctness_plus_mean_look_iou():
     from closedloop.vlcot.chains import function_score, grounding
 

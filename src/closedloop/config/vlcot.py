@@ -113,6 +113,9 @@ class RejectionConfig(TrainArgs):
     threshold: float = 1.5
     """Keep a question's best chain when its function score (correct + mean IoU, in [0, 2]) reaches this."""
     max_new_tokens: int = 48
+    looks: str = "sampled"
+    """What the kept chains are teacher-forced with at their ⟨look⟩s: ``sampled`` (the patches the model
+    selected: pure rejection sampling) or ``gold`` (the gold patch sets, when the chain has as many ⟨look⟩s)."""
     judge: bool = True
     """Also score every chain by the model's own P("yes") to "Is this reasoning correct?"."""
     epochs: float = 2.0
@@ -181,6 +184,8 @@ def check_vlcot(v) -> None:
                               f"vlcot.sft.variants {list(v.sft.variants)})")
     if v.eval.split not in ("heldout", "validation"):
         raise ConfigError(f"key 'vlcot.eval.split': expected 'heldout' or 'validation', got {v.eval.split!r}")
+    if v.rejection.looks not in ("sampled", "gold"):
+        raise ConfigError(f"key 'vlcot.rejection.looks': expected 'sampled' or 'gold', got {v.rejection.looks!r}")
     if v.rejection.n_samples < 1 or v.rejection.rounds < 0:
         raise ConfigError("keys 'vlcot.rejection.n_samples' >= 1 and 'vlcot.rejection.rounds' >= 0 expected, got "
                           f"{v.rejection.n_samples}, {v.rejection.rounds}")

@@ -6,7 +6,7 @@ The model samples ``n_samples`` interleaved chains per training question (text a
 score (answer correct + mean ⟨look⟩ IoU with gold) and, with ``judge``, the model-based score (its
 own P("yes") to "Is this reasoning correct?"); the best chain per question by function score is
 kept when it reaches ``threshold``; the model is fine-tuned on the kept chains, teacher-forced with
-the patches it selected itself.
+the patches it selected itself (``looks: sampled``) or with the gold ones (``looks: gold``).
 
 Output ``results/<experiment>/vlcot/rejection/round<k>/``: ``model/``, ``vision_head.safetensors``,
 ``samples.jsonl`` (every chain with both scores), ``kept.jsonl``, ``agreement.json`` (the scores'
@@ -22,7 +22,7 @@ import torch
 
 from closedloop import artifacts, checkpoints, paths
 from closedloop import config as cl_config
-from closedloop.vlcot import chains
+from closedloop.vlcot import chains, scenes
 from closedloop.vlcot import model as vm
 from closedloop.vlcot.train import fit
 
@@ -69,7 +69,7 @@ def main(cfg) -> None:
         steps = 0
         if kept:
             vm.freeze_and_lora(model, v.model)
-            examples = [(row, c["completion_ids"], c["looks"]) for row, c in kept]
+            examples = [(row, c["completion_ids"], training_looks(c, row, r.looks)) for row, c in kept]
             steps = fit(cfg, model, processor, examples, data, r, work, "vlcot_rejection",
                         v.model.bf16_training).state.global_step
             shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
@@ -82,3 +82,10 @@ def main(cfg) -> None:
     checkpoints.finish(work)
     print(f"vlcot_rejection: round {k}: kept {len(kept)}/{len(rows)} questions, {steps} steps, "
           f"agreement {agreement} -> {out_dir}")
+
+
+def training_looks(chain: dict, row: dict, mode: str) -> list[list[int]]:
+    """The patch sets a kept chain is teacher-forced with: its own selections, or (``gold``) the gold
+    sets when it has as many ⟨look⟩s as the gold chain (else its own)."""
+    gold = scenes.looks(row["steps"])
+    return gold if mode == "gold" and len(gold) == len(chain["looks"]) else chain["looks"]
