@@ -210,3 +210,55 @@ def vlm_report_file(cfg) -> Path:
 
 def vlm_report_rst(cfg) -> Path:
     return vlm_run_dir(cfg) / "report.rst"
+
+
+# ---- the VL-CoT family (SPEC §6): results/<experiment>/vlcot/ ------------------------------
+
+def vlcot_data_dir(cfg) -> Path:
+    """``data/<experiment>/vlcot/``: images/, masks/, scenes.jsonl, {train,validation,heldout}.jsonl, stats.json."""
+    return Path(cfg.data_dir) / cfg.experiment / "vlcot"
+
+
+def vlcot_run_dir(cfg) -> Path:
+    return run_dir(cfg) / "vlcot"
+
+
+def vlcot_sft_dir(cfg, variant: str) -> Path:
+    """``results/<experiment>/vlcot/sft/<direct|text|vision>/``: model/, vision_head.safetensors, train_log.csv."""
+    return vlcot_run_dir(cfg) / "sft" / variant
+
+
+def vlcot_round_dir(cfg, k: int | str) -> Path:
+    """``results/<experiment>/vlcot/rejection/round<k>/``: model/, vision_head.safetensors, samples.jsonl,
+    kept.jsonl, agreement.json, train_log.csv."""
+    return vlcot_run_dir(cfg) / "rejection" / f"round{k}"
+
+
+def vlcot_model_tags(cfg) -> list[str]:
+    """Every model the family evaluates: ``vlcot.eval.models`` plus ``round1..R``."""
+    return list(cfg.vlcot.eval.models) + [f"round{k}" for k in range(1, cfg.vlcot.rejection.rounds + 1)]
+
+
+def vlcot_model_artifact(cfg, tag: str) -> Path | None:
+    """The artifact dir holding model ``tag`` (None for ``base``); ``round0`` is the vision SFT model."""
+    if tag == "base":
+        return None
+    if tag.startswith("round"):
+        k = int(tag.removeprefix("round"))
+        return vlcot_sft_dir(cfg, "vision") if k == 0 else vlcot_round_dir(cfg, k)
+    return vlcot_sft_dir(cfg, tag)
+
+
+def vlcot_model_inputs(cfg, tag: str) -> list[str]:
+    """The artifact dirs a job reading model ``tag`` depends on: none for ``base``."""
+    directory = vlcot_model_artifact(cfg, tag)
+    return [str(directory)] if directory else []
+
+
+def vlcot_eval_dir(cfg, tag: str) -> Path:
+    """``results/<experiment>/vlcot/eval/<tag>/``: predictions.jsonl, metrics.json."""
+    return vlcot_run_dir(cfg) / "eval" / tag
+
+
+def vlcot_report_file(cfg) -> Path:
+    return vlcot_run_dir(cfg) / "report.md"

@@ -24,7 +24,7 @@ class Stage:
 
     name: str
     family: str
-    """``loop`` (the LLM closed loop, SPEC §1–3), ``vlm`` (V-DPO, SPEC §4), ``shared``."""
+    """``loop`` (the LLM closed loop, SPEC §1–3), ``vlm`` (V-DPO, SPEC §4), ``vlcot`` (VL-CoT, SPEC §6), ``shared``."""
     sections: tuple[str, ...]
     """Config sections the stage's output depends on (``vlm.sft``: one subsection); a change
     anywhere else does not rerun it (:func:`closedloop.config.stage_view`)."""
@@ -37,6 +37,7 @@ class Stage:
 
 
 _VLM_TRAINED = ("vlm.model", "vlm.data", "vlm.sft")
+_VLCOT_TRAINED = ("vlcot.model", "vlcot.data", "vlcot.head", "vlcot.sft")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("data", "shared", ()),
@@ -54,6 +55,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("vdpo", "vlm", (*_VLM_TRAINED, "vlm.pairs", "vlm.vdpo"), HEAVY),
     Stage("pope", "vlm", (*_VLM_TRAINED, "vlm.pairs", "vlm.vdpo", "vlm.pope"), HEAVY),
     Stage("vlm_report", "vlm", ("vlm.pope",)),
+    Stage("vlcot_data", "vlcot", ("vlcot.model", "vlcot.data")),
+    Stage("vlcot_sft", "vlcot", _VLCOT_TRAINED, HEAVY),
+    Stage("vlcot_rejection", "vlcot", (*_VLCOT_TRAINED, "vlcot.rejection"), HEAVY),
+    Stage("vlcot_eval", "vlcot", (*_VLCOT_TRAINED, "vlcot.rejection", "vlcot.eval"), HEAVY),
+    Stage("vlcot_report", "vlcot", ("vlcot.data", "vlcot.sft", "vlcot.rejection", "vlcot.eval")),
 )}
 
 

@@ -4,6 +4,7 @@
 - :mod:`.common`: the base model, LoRA, :class:`TrainArgs` (every TRL trainer's settings), the job;
 - :mod:`.llm`: the LLM closed loop's sections (SPEC §1–3, §7) and their checks;
 - :mod:`.vlm`: the V-DPO branch's sections (SPEC §4) and their checks;
+- :mod:`.vlcot`: the VL-CoT family's sections (SPEC §6) and their checks;
 - :mod:`.loader`: :class:`ExperimentConfig`, :func:`load`, :func:`stage_view`.
 
 The dataclass defaults *are* the embedded default experiment; ``configs/default.yaml``
@@ -47,6 +48,7 @@ from closedloop.config.llm import (
     dpo_for,
 )
 from closedloop.config.loader import SHARED_KEYS, ExperimentConfig, check, from_dict, load, stage_view
+from closedloop.config.vlcot import VLCoTConfig, VLCoTSections, check_vlcot
 from closedloop.config.vlm import (
     PopeConfig,
     TextBackbone,
@@ -67,6 +69,7 @@ __all__ = [
     "ModelKind", "PopeConfig", "Reference", "RejectedChoice", "ReportConfig", "SFTConfig", "Split",
     "SyntheticTaskConfig", "TaskConfig", "TaskSource", "TextBackbone", "TinyModelConfig", "Tracker", "TrainArgs",
     "VDPOConfig", "VDPOPairsConfig", "VLMConfig", "VLMDataConfig", "VLMKind", "VLMModelConfig", "VLMSFTConfig",
+    "VLCoTConfig", "VLCoTSections", "check_vlcot",
     "check", "check_llm", "check_vlm", "config_hash", "dpo_for", "enum_value", "explain", "from_dict", "load",
     "load_yaml", "merge", "stage_view", "to_yaml",
 ]
