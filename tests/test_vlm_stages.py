@@ -3,16 +3,19 @@
 
 import json
 import os
+import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from closedloop import artifacts, config, paths, training
+from closedloop import artifacts, config, models, paths, training
 from closedloop.stages import pope, vdpo, vdpo_pairs, vlm_data, vlm_report, vlm_sft
 from closedloop.vlm import model as vlm
 from closedloop.vlm import pope as pope_scoring
@@ -83,6 +86,45 @@ def test_the_branch_runs_end_to_end(tmp_path):
     assert all(f"| {t} | " in report for t in ("sft", "dpo", "vdpo")) and "| adversarial |" in report
     assert "| γ | val accuracy |" in report and "| 0.5 | " in report
     assert (paths.vlm_run_dir(cfg) / "report.provenance.json").is_file()
+
+
+def test_a_cold_and_a_warm_model_cache_give_the_same_sft_model(tmp_path, monkeypatch):
+    """vlm_sft builds the tiny LLaVA on a cache miss; the build must not change the stage's draws
+    (issue 22: a cold cache gave another vision init, and another result, than a warm one), nor may
+    the global RNG state the stage starts from."""
+    monkeypatch.setenv("CLOSEDLOOP_CACHE", str(tmp_path / "cache"))
+    cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"],
+                      [f"data_dir={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}",
+                       "vlm.model.lora.enabled=true", "vlm.model.lora.r=4"])  # LoRA's init draws too
+    vlm_data.main(cfg)
+    sft = paths.vlm_sft_dir(cfg)
+    assert not (tmp_path / "cache").exists()
+    vlm_sft.main(cfg)  # cold: builds the base model
+    assert any(p.name.startswith("tiny-llava-") for p in (tmp_path / "cache" / "models").iterdir())
+    cold = artifacts.file_hashes(sft)
+    shutil.rmtree(sft)
+    torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)  # whatever ran before in the process
+    vlm_sft.main(cfg)  # warm
+    assert artifacts.file_hashes(sft) == cold and "model/model.safetensors" in cold
+
+
+def test_a_cache_build_leaves_the_callers_rng_alone(tmp_path):
+    """models.build_once (LLM tiny/embedded and VLM tiny models): a build seeds and draws from the
+    global RNGs; after it the caller draws what it would have drawn from a cache hit."""
+    def draws():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    def build(out):
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        torch.rand(5), random.random(), np.random.rand()
+        out.mkdir()
+
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    models.build_once(tmp_path / "entry", build)  # miss: builds
+    cold = draws()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    models.build_once(tmp_path / "entry", build)  # hit
+    assert draws() == cold
 
 
 def test_stage_views_are_narrow():

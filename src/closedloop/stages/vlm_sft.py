@@ -44,6 +44,7 @@ def main(cfg) -> None:
         else:
             model, processor = vlm.load(vlm.base_source(mcfg), mcfg)
         vlm.freeze_vision_tower(model, mcfg)
+        set_seed(cfg.seed)  # LoRA's init draws from the stage seed, vision phase run now or reused after a requeue
         model = vlm.add_lora(model, mcfg)
         model.train()
         resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
