@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from closedloop import artifacts, config, models, paths, training
 from closedloop.stages import pope, vdpo, vdpo_pairs, vlm_data, vlm_report, vlm_sft
+from closedloop.vlm import grounding, vision
 from closedloop.vlm import model as vlm
 from closedloop.vlm import pope as pope_scoring
 from closedloop.vlm import vdpo as vdpo_lib
-from closedloop.vlm import vision
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +85,12 @@ def test_the_branch_runs_end_to_end(tmp_path):
     report = paths.vlm_report_file(cfg).read_text()
     assert all(f"| {t} | " in report for t in ("sft", "dpo", "vdpo")) and "| adversarial |" in report
     assert "| γ | val accuracy |" in report and "| 0.5 | " in report
+    grounded = json.loads((sft / "stats.json").read_text())["grounding"]
+    assert grounded["threshold"] == 0.5 and grounded["n_pairs"] == len(grounding.probe_rows(
+        artifacts.read_jsonl(paths.vlm_data_dir(cfg) / "scenes.jsonl"), 100)) // 2 > 0
+    assert "Grounding check of the SFT model" in report
+    assert ("> **WARNING: the SFT model's presence answers barely depend on the image" in report) == (
+        not grounded["passed"])
     assert (paths.vlm_run_dir(cfg) / "report.provenance.json").is_file()
 
 
@@ -125,6 +131,63 @@ def test_a_cache_build_leaves_the_callers_rng_alone(tmp_path):
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     models.build_once(tmp_path / "entry", build)  # hit
     assert draws() == cold
+
+
+SCENES = [{"split": "val", "image_id": 3, "image": "a.png", "shape": "circle", "color": "red"},
+          {"split": "val", "image_id": 1, "image": "b.png", "shape": "circle", "color": "blue"},
+          {"split": "val", "image_id": 2, "image": "c.png", "shape": "triangle", "color": "red"},
+          {"split": "train", "image_id": 0, "image": "t.png", "shape": "rectangle", "color": "red"}]
+
+
+def test_grounding_probes_flip_the_right_answer_and_are_scored_by_hand():
+    rows = grounding.probe_rows(SCENES, 10)  # val scenes in id order: b (1), c (2), a (3); t is not val
+    assert [(r["kind"], r["image"], r["question"], r["label"]) for r in rows] == [
+        ("shape", "b.png", "Is there a circle in the image?", "yes"), ("shape", "c.png", "Is there a circle in the image?", "no"),
+        ("color", "b.png", "Is there a blue circle in the image?", "yes"),
+        ("color", "a.png", "Is there a blue circle in the image?", "no"),
+        ("shape", "c.png", "Is there a triangle in the image?", "yes"), ("shape", "a.png", "Is there a triangle in the image?", "no"),
+        # c has no same-shape partner in another colour: no colour probe
+        ("shape", "a.png", "Is there a circle in the image?", "yes"), ("shape", "c.png", "Is there a circle in the image?", "no"),
+        ("color", "a.png", "Is there a red circle in the image?", "yes"),
+        ("color", "b.png", "Is there a red circle in the image?", "no")]
+    assert len(grounding.probe_rows(SCENES, 2)) == 4
+    # 5 pairs: flipped right, flipped wrong way, blind yes, blind no, flipped right
+    answers = ["yes", "no", "no", "yes", "yes", "yes", "no", "no", "yes", "no"]
+    r = grounding.flip_score(rows, answers, threshold=0.5)
+    assert (r["n_pairs"], r["flip_rate"], r["pair_accuracy"], r["accuracy"], r["yes_ratio"]) == (5, 0.6, 0.4, 0.6, 0.5)
+    assert r["kinds"]["color"]["flip_rate"] == 1.0 and r["kinds"]["color"]["pair_accuracy"] == 0.5
+    assert r["kinds"]["shape"]["flip_rate"] == 1 / 3 and r["passed"]
+    assert not grounding.flip_score(rows, answers, threshold=0.7)["passed"]
+    assert grounding.flip_score([], [], 0.5)["passed"] is None
+
+
+def test_grounding_check_flags_an_image_blind_model_and_passes_one_that_reads_the_image(tmp_path):
+    """An image-blind LLaVA (the real tiny model with its projector zeroed: every image gives the
+    language model the same zero features) never flips; a scripted model that answers from the
+    scene it is shown always does."""
+    cfg, model, processor = _tiny(tmp_path)
+    vlm_data.main(cfg)
+    data = paths.vlm_data_dir(cfg)
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.linear_2.parameters():
+            p.zero_()
+    blind = grounding.check(grounding.model_answers(model, processor, data), data, 100, 0.5)
+    assert blind["n_pairs"] > 0 and blind["flip_rate"] == 0.0 and blind["passed"] is False
+    assert "barely depend on the image" in grounding.warning(blind)
+
+    scenes = {s["image"]: s for s in artifacts.read_jsonl(data / "scenes.jsonl")}
+
+    def reads_the_image(rows):
+        answers = []
+        for r in rows:
+            s = scenes[r["image"]]
+            named = r["question"].removeprefix("Is there a ").removesuffix(" in the image?").split()
+            answers.append("yes" if named[-1] == s["shape"] and named[0] in (s["color"], s["shape"]) else "no")
+        return answers
+
+    reading = grounding.check(reads_the_image, data, 100, 0.5)
+    assert reading["flip_rate"] == reading["pair_accuracy"] == 1.0 and reading["passed"]
+    assert grounding.warning(reading) is None
 
 
 def test_stage_views_are_narrow():
@@ -255,6 +318,8 @@ def test_lora_vdpo_runs_with_the_guided_hook(tmp_path):
     ("vlm.vdpo.gamma=-1", "vlm.vdpo.gamma"),
     ("vlm.data.n_pope_images=0", "vlm.data.n_pope_images"),
     ("vlm.model.kind=gpt", "vlm.model.kind"),
+    ("vlm.sft.grounding_threshold=2", "vlm.sft.grounding_threshold"),
+    ("vlm.sft.grounding_probes=-1", "vlm.sft.grounding_probes"),
 ])
 def test_bad_vlm_config_names_the_key(override, key):
     with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):

@@ -17,6 +17,7 @@ from transformers import set_seed
 from closedloop import artifacts, checkpoints, paths, training
 from closedloop import config as cl_config
 from closedloop.checkpoints import CsvLogCallback
+from closedloop.vlm import grounding
 from closedloop.vlm import model as vlm
 from closedloop.vlm.vision import pixel_values, pretrain_vision, sft_dataset, standardize_vision_output
 
@@ -58,10 +59,27 @@ def main(cfg) -> None:
         checkpoints.train(trainer, work / "trainer", "vlm_sft")
         vlm.save(trainer.model, processor, out / "model", mcfg.lora.merge_after_training)
         shutil.copyfile(work / "train_log.csv", out / "train_log.csv")
+        grounded = grounding_check(cfg, trainer.model, processor, data)
         (out / "stats.json").write_text(json.dumps({"rows": len(rows), "steps": trainer.state.global_step,
-                                                    "vision_standardized": standardized}, indent=2) + "\n")
+                                                    "vision_standardized": standardized, "grounding": grounded},
+                                                   indent=2) + "\n")
     checkpoints.finish(work)
     print(f"vlm_sft: {len(rows)} rows, {trainer.state.global_step} steps -> {out_dir}")
+
+
+def grounding_check(cfg, model, processor, data) -> dict | None:
+    """:mod:`closedloop.vlm.grounding` on the trained model (``vlm.sft.grounding_probes`` pairs; 0: None),
+    with a loud warning in the log below ``vlm.sft.grounding_threshold``."""
+    s = cfg.vlm.sft
+    if s.grounding_probes == 0:
+        return None
+    answer = grounding.model_answers(model, processor, data)
+    record = grounding.check(answer, data, s.grounding_probes, s.grounding_threshold)
+    rate = "n/a" if record["flip_rate"] is None else f"{100 * record['flip_rate']:.1f}%"
+    print(f"vlm_sft: grounding check: {rate} of {record['n_pairs']} presence answers flip with the image")
+    if (text := grounding.warning(record)) is not None:
+        print(f"\n{'!' * 80}\nvlm_sft: {text}\n{'!' * 80}\n", flush=True)
+    return record
 
 
 def vision_phase(cfg, data, vision):
