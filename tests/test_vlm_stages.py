@@ -88,7 +88,8 @@ def test_the_branch_runs_end_to_end(tmp_path):
     grounded = json.loads((sft / "stats.json").read_text())["grounding"]
     assert grounded["threshold"] == 0.5 and grounded["n_pairs"] == len(grounding.probe_rows(
         artifacts.read_jsonl(paths.vlm_data_dir(cfg) / "scenes.jsonl"), 100)) // 2 > 0
-    assert "Grounding check of the SFT model" in report
+    assert "Grounding check of the SFT model" in report and '"What shape is in the image?"' in report
+    assert json.loads((sft / "stats.json").read_text())["vision_heldout"]["n"] == 4  # the validation scenes
     assert ("> **WARNING: the SFT model's presence answers barely depend on the image" in report) == (
         not grounded["passed"])
     assert (paths.vlm_run_dir(cfg) / "report.provenance.json").is_file()
@@ -101,7 +102,8 @@ def test_a_cold_and_a_warm_model_cache_give_the_same_sft_model(tmp_path, monkeyp
     monkeypatch.setenv("CLOSEDLOOP_CACHE", str(tmp_path / "cache"))
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"],
                       [f"data_dir={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}",
-                       "vlm.model.lora.enabled=true", "vlm.model.lora.r=4"])  # LoRA's init draws too
+                       "vlm.model.lora.enabled=true", "vlm.model.lora.r=4",  # LoRA's init draws too
+                       "vlm.sft.grounding_every=2"])  # and generation during training must not disturb it
     vlm_data.main(cfg)
     sft = paths.vlm_sft_dir(cfg)
     assert not (tmp_path / "cache").exists()
@@ -112,6 +114,7 @@ def test_a_cold_and_a_warm_model_cache_give_the_same_sft_model(tmp_path, monkeyp
     torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)  # whatever ran before in the process
     vlm_sft.main(cfg)  # warm
     assert artifacts.file_hashes(sft) == cold and "model/model.safetensors" in cold
+    assert [r.split(",")[0] for r in (sft / "grounding_log.csv").read_text().splitlines()] == ["step", "2"]
 
 
 def test_a_cache_build_leaves_the_callers_rng_alone(tmp_path):
@@ -171,7 +174,7 @@ def test_grounding_check_flags_an_image_blind_model_and_passes_one_that_reads_th
     with torch.no_grad():
         for p in model.model.multi_modal_projector.linear_2.parameters():
             p.zero_()
-    blind = grounding.check(grounding.model_answers(model, processor, data), data, 100, 0.5)
+    blind = grounding.check(grounding.model_generate(model, processor, data), data, 100, 0.5)
     assert blind["n_pairs"] > 0 and blind["flip_rate"] == 0.0 and blind["passed"] is False
     assert "barely depend on the image" in grounding.warning(blind)
 
@@ -181,12 +184,16 @@ def test_grounding_check_flags_an_image_blind_model_and_passes_one_that_reads_th
         answers = []
         for r in rows:
             s = scenes[r["image"]]
+            if r["question"] == "What shape is in the image?":
+                answers.append(f"A {s['shape']}.")
+                continue
             named = r["question"].removeprefix("Is there a ").removesuffix(" in the image?").split()
-            answers.append("yes" if named[-1] == s["shape"] and named[0] in (s["color"], s["shape"]) else "no")
+            answers.append("Yes." if named[-1] == s["shape"] and named[0] in (s["color"], s["shape"]) else "No.")
         return answers
 
     reading = grounding.check(reads_the_image, data, 100, 0.5)
     assert reading["flip_rate"] == reading["pair_accuracy"] == 1.0 and reading["passed"]
+    assert reading["scene_questions"]["what_shape"] == 1.0 and reading["scene_questions"]["what_color"] == 0.0
     assert grounding.warning(reading) is None
 
 

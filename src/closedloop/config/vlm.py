@@ -86,6 +86,8 @@ class VLMSFTConfig(TrainArgs):
     grounding_probes: int = 100
     """Probe pairs of the grounding check after SFT (:mod:`closedloop.vlm.grounding`): one presence
     question on an image where the answer is yes and on one where it is no (validation scenes); 0 skips."""
+    grounding_every: int = 0
+    """Also run the check every this many SFT steps into ``grounding_log.csv`` (0: after training only)."""
     grounding_threshold: float = 0.5
     """Below this fraction of probe answers flipping with the image, stats.json and the branch
     report carry a loud warning that the SFT model answers from the text, not the image."""
@@ -171,6 +173,8 @@ def check_vlm(v) -> None:
                           f"{v.data.presence_pairs_per_image}")
     if v.sft.grounding_probes < 0:
         raise ConfigError(f"key 'vlm.sft.grounding_probes': expected an integer >= 0, got {v.sft.grounding_probes}")
+    if v.sft.grounding_every < 0:
+        raise ConfigError(f"key 'vlm.sft.grounding_every': expected an integer >= 0, got {v.sft.grounding_every}")
     if not 0.0 <= v.sft.grounding_threshold <= 1.0:
         raise ConfigError(f"key 'vlm.sft.grounding_threshold': expected a number in [0, 1], got "
                           f"{v.sft.grounding_threshold}")

@@ -21,8 +21,12 @@ A probe without such a partner is left out; the first ``n`` probes are kept.
 
 from __future__ import annotations
 
+import csv
+import re
 from collections.abc import Callable
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from closedloop import artifacts
 from closedloop.vlm import pope
@@ -84,20 +88,52 @@ def flip_score(rows: list[dict], answers: list[str], threshold: float) -> dict:
     return record
 
 
-def model_answers(model, processor, data: Path) -> Callable:
-    """``rows -> answers`` of a LLaVA: greedy generation and POPE's answer rule, as stage ``pope``."""
-    def answer(rows: list[dict]) -> list[str]:
+def scene_rows(scenes: list[dict]) -> list[dict]:
+    """easy-VQA's "what shape"/"what colour" questions on the same validation scenes (is the image read
+    at all?): rows ``{kind, image, question, label}``, the label the word the answer must contain."""
+    scenes = sorted((s for s in scenes if s["split"] == "val"), key=lambda s: s["image_id"])
+    return [r for s in scenes for r in (
+        {"kind": "what_shape", "image": s["image"], "question": "What shape is in the image?", "label": s["shape"]},
+        {"kind": "what_color", "image": s["image"], "question": "What color is the shape?", "label": s["color"]})]
+
+
+def scene_accuracy(rows: list[dict], generations: list[str]) -> dict:
+    """Per kind: the fraction of answers whose first sentence contains the right shape / colour word."""
+    def right(r, g):
+        return r["label"] in re.findall(r"[a-z]+", g.strip().split(".")[0].lower())
+
+    out = {}
+    for kind in ("what_shape", "what_color"):
+        hits = [right(r, g) for r, g in zip(rows, generations, strict=True) if r["kind"] == kind]
+        out[kind] = sum(hits) / len(hits) if hits else None
+    out["n"] = len(rows)
+    return out
+
+
+def model_generate(model, processor, data: Path) -> Callable[[list[dict]], list[str]]:
+    """``rows -> generations`` of a LLaVA: greedy, as stage ``pope``. Leaves the model's train/eval
+    mode and the tokenizer's padding side as it found them (the check also runs during SFT)."""
+    def generate(rows: list[dict]) -> list[str]:
+        training, side = model.training, processor.tokenizer.padding_side
         model.eval()
-        generations = pope.generate(model, processor, rows, data, BATCH_SIZE, MAX_NEW_TOKENS)
-        return [pope.parse_answer(g) for g in generations]
+        try:
+            return pope.generate(model, processor, rows, data, BATCH_SIZE, MAX_NEW_TOKENS)
+        finally:
+            model.train(training)
+            processor.tokenizer.padding_side = side
 
-    return answer
+    return generate
 
 
-def check(answer: Callable[[list[dict]], list[str]], data: Path, n: int, threshold: float) -> dict:
-    """Run the probe set of ``data``'s validation scenes through ``answer`` and score it (:func:`flip_score`)."""
-    rows = probe_rows(artifacts.read_jsonl(data / "scenes.jsonl"), n)
-    return flip_score(rows, answer(rows) if rows else [], threshold)
+def check(generate: Callable[[list[dict]], list[str]], data: Path, n: int, threshold: float) -> dict:
+    """Run the probe set of ``data``'s validation scenes through ``generate``, answers parsed by POPE's
+    rule, and score it (:func:`flip_score`); with the "what shape/colour" accuracy (:func:`scene_accuracy`)."""
+    scenes = artifacts.read_jsonl(data / "scenes.jsonl")
+    rows, what = probe_rows(scenes, n), scene_rows(scenes)
+    generations = generate(rows + what) if rows or what else []
+    record = flip_score(rows, [pope.parse_answer(g) for g in generations[:len(rows)]], threshold)
+    record["scene_questions"] = scene_accuracy(what, generations[len(rows):])
+    return record
 
 
 def warning(record: dict) -> str | None:
@@ -112,3 +148,29 @@ def warning(record: dict) -> str | None:
             f"for one where the right answer flips (threshold {100 * record['threshold']:.0f}%, "
             f"vlm.sft.grounding_threshold). POPE scores of this model and of DPO/V-DPO trained from it measure "
             f"answers given from the question text, not from the image.")
+
+
+class GroundingLogCallback(TrainerCallback):
+    """``vlm.sft.grounding_every``: the check every ``every`` SFT steps, one CSV row each (where in
+    training presence answers start to depend on the image). Rows past ``resume_step`` (a requeue
+    trains them again) are dropped."""
+
+    HEADER = ["step", "flip_rate", "pair_accuracy", "accuracy", "yes_ratio", "what_shape", "what_color"]
+
+    def __init__(self, generate, data: Path, n: int, every: int, path: Path, resume_step: int = 0):
+        self.generate, self.data, self.n, self.every, self.path = generate, data, n, every, Path(path)
+        rows = []
+        if resume_step and self.path.is_file():
+            with open(self.path, newline="") as fh:
+                rows = [r for r in list(csv.reader(fh))[1:] if r and int(r[0]) <= resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as fh:
+            csv.writer(fh).writerows([self.HEADER, *rows])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.is_world_process_zero:
+            r = check(self.generate, self.data, self.n, threshold=0.0)
+            sq = r["scene_questions"]
+            with open(self.path, "a", newline="") as fh:
+                csv.writer(fh).writerow([state.global_step, r["flip_rate"], r["pair_accuracy"], r["accuracy"],
+                                         r["yes_ratio"], sq["what_shape"], sq["what_color"]])

@@ -133,7 +133,8 @@ def _seconds(path: Path) -> str:
 def grounding_lines(sft_stats: Path) -> list[str]:
     """The report's section on ``vlm_sft``'s grounding check (:mod:`closedloop.vlm.grounding`),
     a loud warning first when it failed; none when the stage did not run it."""
-    record = json.loads(sft_stats.read_text()).get("grounding") if sft_stats.is_file() else None
+    sft = json.loads(sft_stats.read_text()) if sft_stats.is_file() else {}
+    record = sft.get("grounding")
     if record is None:
         return []
     lines = [""]
@@ -151,6 +152,10 @@ def grounding_lines(sft_stats: Path) -> list[str]:
     for name, r in [("all", record), *record["kinds"].items()]:
         lines.append(f"| {name} | {r['n_pairs']} | {pct(r['flip_rate'])} | {pct(r['pair_accuracy'])} | "
                      f"{pct(r['accuracy'])} | {pct(r['yes_ratio'])} |")
+    sq, vision = record.get("scene_questions") or {}, sft.get("vision_heldout") or {}
+    lines += ["", f"Same validation scenes: SFT model on \"What shape is in the image?\" {pct(sq.get('what_shape'))}%, "
+                  f"\"What color is the shape?\" {pct(sq.get('what_color'))}%; vision tower + heads before SFT: "
+                  f"shape {pct(vision.get('shape_acc'))}%, colour {pct(vision.get('color_acc'))}%."]
     return lines
 
 

@@ -124,6 +124,20 @@ def standardize_vision_output(tower, heads: SceneHeads, pixels: torch.Tensor) ->
     return {"mean_norm": float(mu.norm()), "scale": scale}
 
 
+@torch.no_grad()
+def heldout_accuracy(tower, heads: SceneHeads, processor, data: Path) -> dict:
+    """Shape and colour accuracy of the vision tower + heads on the validation scenes (training-split
+    images the vision phase never saw): does the tower see the scene before SFT starts?"""
+    scenes = [r for r in artifacts.read_jsonl(data / "scenes.jsonl") if r["split"] == "val"]
+    if not scenes:
+        return {"n": 0, "shape_acc": None, "color_acc": None}
+    tower.eval()
+    shape_logits, color_logits = heads(tower, pixel_values(processor, [data / r["image"] for r in scenes]))
+    shapes, colors = scene_labels(scenes)
+    return {"n": len(scenes), "shape_acc": (shape_logits.argmax(1) == shapes).float().mean().item(),
+            "color_acc": (color_logits.argmax(1) == colors).float().mean().item()}
+
+
 def sft_dataset(rows: list[dict], data: Path, eos: str) -> Dataset:
     ds = Dataset.from_list([{"images": [str(data / r["image"])], "prompt": r["prompt"],
                              "completion": r["completion"] + eos} for r in rows])
