@@ -21,6 +21,7 @@ A probe without such a partner is left out; the first ``n`` probes are kept.
 
 from __future__ import annotations
 
+import copy
 import csv
 import re
 from collections.abc import Callable
@@ -111,16 +112,19 @@ def scene_accuracy(rows: list[dict], generations: list[str]) -> dict:
 
 
 def model_generate(model, processor, data: Path) -> Callable[[list[dict]], list[str]]:
-    """``rows -> generations`` of a LLaVA: greedy, as stage ``pope``. Leaves the model's train/eval
-    mode and the tokenizer's padding side as it found them (the check also runs during SFT)."""
+    """``rows -> generations`` of a LLaVA: greedy, as stage ``pope``. The check runs during SFT too:
+    it leaves the model's train/eval mode as it found it and pads with its own copy of the processor
+    (generation pads on the left, and the tokenizer keeps that state, which SFT's collator and the
+    saved tokenizer must not see)."""
+    processor = copy.deepcopy(processor)
+
     def generate(rows: list[dict]) -> list[str]:
-        training, side = model.training, processor.tokenizer.padding_side
+        training = model.training
         model.eval()
         try:
             return pope.generate(model, processor, rows, data, BATCH_SIZE, MAX_NEW_TOKENS)
         finally:
             model.train(training)
-            processor.tokenizer.padding_side = side
 
     return generate
 
