@@ -64,6 +64,7 @@ def test_the_branch_runs_end_to_end(tmp_path):
             assert [r["gamma"] for r in selection["table"]] == [0.75, 0.5]
             assert all(r["val"]["n"] == 4 * 2 * 3 for r in selection["table"])
             assert selection["chosen"] == stats["gamma"] == vdpo_lib.best_gamma(selection["table"])["gamma"]
+            assert selection["all_degenerate"] == all(vdpo_lib.degenerate(r["val"]) for r in selection["table"])
             assert all((paths.vdpo_dir(cfg, variant) / "gamma" / f"{g:g}" / "train_log.csv").is_file()
                        for g in (0.75, 0.5))
         prov = json.loads((paths.vdpo_dir(cfg, variant) / "provenance.json").read_text())
@@ -230,11 +231,22 @@ def test_paper_preset_keeps_the_hub_model():
 
 
 def test_best_gamma_prefers_accuracy_over_an_all_yes_f1():
-    table = [{"gamma": 0.5, "val": {"accuracy": 0.5, "f1": 0.667}},
-             {"gamma": 0.75, "val": {"accuracy": 0.8, "f1": 0.78}},
-             {"gamma": 1.5, "val": {"accuracy": 0.8, "f1": 0.75}}]
+    table = [{"gamma": 0.5, "val": {"accuracy": 0.5, "f1": 0.667, "yes_ratio": 1.0}},
+             {"gamma": 0.75, "val": {"accuracy": 0.8, "f1": 0.78, "yes_ratio": 0.5}},
+             {"gamma": 1.5, "val": {"accuracy": 0.8, "f1": 0.75, "yes_ratio": 0.45}}]
     assert vdpo_lib.best_gamma(table)["gamma"] == 0.75
     assert vdpo_lib.best_gamma(table[2:] + table[1:2])["gamma"] == 0.75
+
+
+def test_best_gamma_refuses_an_all_no_model_while_another_remains():
+    """On an unbalanced validation set an all-"no" model can be the most accurate; it is refused
+    while a γ that answers from the image remains, and kept (flagged by the stage) only when none does."""
+    table = [{"gamma": 0.5, "val": {"accuracy": 0.7, "f1": 0.0, "yes_ratio": 0.0}},
+             {"gamma": 0.75, "val": {"accuracy": 0.6, "f1": 0.55, "yes_ratio": 0.4}}]
+    assert vdpo_lib.best_gamma(table)["gamma"] == 0.75
+    collapsed = [{"gamma": 0.5, "val": {"accuracy": 0.5, "f1": 0.0, "yes_ratio": 0.0}},
+                 {"gamma": 0.75, "val": {"accuracy": 0.5, "f1": 0.667, "yes_ratio": 1.0}}]
+    assert vdpo_lib.best_gamma(collapsed)["gamma"] == 0.75  # the old rule: accuracy, then F1
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"])
     assert vdpo_lib.gammas_of(cfg, "dpo") == [1.0] and vdpo_lib.gammas_of(cfg, "vdpo") == [0.75, 0.5]
     cfg.vlm.vdpo.gamma_grid = []

@@ -186,6 +186,9 @@ def render_report(cfg) -> str:
                   "| γ | val accuracy | val F1 | val yes-ratio | n |", "|---|---|---|---|---|"]
         lines += [f"| {r['gamma']:g} | {100 * r['val']['accuracy']:.1f} | {100 * r['val']['f1']:.1f} | "
                   f"{100 * r['val']['yes_ratio']:.1f} | {r['val']['n']} |" for r in sel["table"]]
+        if sel.get("all_degenerate"):
+            lines += ["", "> **WARNING: every γ gave an all-yes or all-no model on the validation questions; the "
+                          "V-DPO row above is a degenerate model, kept for want of a better one.**"]
     stages = [("vlm_data", paths.vlm_data_dir(cfg)), ("vlm_sft", paths.vlm_sft_dir(cfg)), ("vdpo_pairs", paths.vdpo_pairs_dir(cfg))]
     stages += [(f"train {t}", paths.vdpo_dir(cfg, t)) for t in tags if t != "sft"]
     stages += [(f"pope {t}", paths.pope_dir(cfg, t)) for t in tags]
