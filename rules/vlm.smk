@@ -104,7 +104,7 @@ rule pope:
 
 rule vlm_report:
     input:
-        [str(paths.pope_dir(CFG, m)) for m in CFG.vlm.pope.models],
+        [str(paths.vlm_sft_dir(CFG))] + [str(paths.pope_dir(CFG, m)) for m in CFG.vlm.pope.models],
     output:
         md=str(paths.vlm_report_file(CFG)),
         rst=report(

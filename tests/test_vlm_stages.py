@@ -3,21 +3,24 @@
 
 import json
 import os
+import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from closedloop import artifacts, config, paths, training
+from closedloop import artifacts, config, models, paths, training
 from closedloop.stages import pope, vdpo, vdpo_pairs, vlm_data, vlm_report, vlm_sft
+from closedloop.vlm import grounding, vision
 from closedloop.vlm import model as vlm
 from closedloop.vlm import pope as pope_scoring
 from closedloop.vlm import vdpo as vdpo_lib
-from closedloop.vlm import vision
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +64,7 @@ def test_the_branch_runs_end_to_end(tmp_path):
             assert [r["gamma"] for r in selection["table"]] == [0.75, 0.5]
             assert all(r["val"]["n"] == 4 * 2 * 3 for r in selection["table"])
             assert selection["chosen"] == stats["gamma"] == vdpo_lib.best_gamma(selection["table"])["gamma"]
+            assert selection["all_degenerate"] == all(vdpo_lib.degenerate(r["val"]) for r in selection["table"])
             assert all((paths.vdpo_dir(cfg, variant) / "gamma" / f"{g:g}" / "train_log.csv").is_file()
                        for g in (0.75, 0.5))
         prov = json.loads((paths.vdpo_dir(cfg, variant) / "provenance.json").read_text())
@@ -82,7 +86,116 @@ def test_the_branch_runs_end_to_end(tmp_path):
     report = paths.vlm_report_file(cfg).read_text()
     assert all(f"| {t} | " in report for t in ("sft", "dpo", "vdpo")) and "| adversarial |" in report
     assert "| γ | val accuracy |" in report and "| 0.5 | " in report
+    grounded = json.loads((sft / "stats.json").read_text())["grounding"]
+    assert grounded["threshold"] == 0.5 and grounded["n_pairs"] == len(grounding.probe_rows(
+        artifacts.read_jsonl(paths.vlm_data_dir(cfg) / "scenes.jsonl"), 100)) // 2 > 0
+    assert "Grounding check of the SFT model" in report and '"What shape is in the image?"' in report
+    assert json.loads((sft / "stats.json").read_text())["vision_heldout"]["n"] == 4  # the validation scenes
+    assert ("> **WARNING: the SFT model's presence answers barely depend on the image" in report) == (
+        not grounded["passed"])
     assert (paths.vlm_run_dir(cfg) / "report.provenance.json").is_file()
+
+
+def test_a_cold_and_a_warm_model_cache_give_the_same_sft_model(tmp_path, monkeypatch):
+    """vlm_sft builds the tiny LLaVA on a cache miss; the build must not change the stage's draws
+    (issue 22: a cold cache gave another vision init, and another result, than a warm one), nor may
+    the global RNG state the stage starts from."""
+    monkeypatch.setenv("CLOSEDLOOP_CACHE", str(tmp_path / "cache"))
+    cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"],
+                      [f"data_dir={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}",
+                       "vlm.model.lora.enabled=true", "vlm.model.lora.r=4",  # LoRA's init draws too
+                       "vlm.sft.grounding_every=2"])  # and generation during training must not disturb it
+    vlm_data.main(cfg)
+    sft = paths.vlm_sft_dir(cfg)
+    assert not (tmp_path / "cache").exists()
+    vlm_sft.main(cfg)  # cold: builds the base model
+    assert any(p.name.startswith("tiny-llava-") for p in (tmp_path / "cache" / "models").iterdir())
+    cold = artifacts.file_hashes(sft)
+    shutil.rmtree(sft)
+    torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)  # whatever ran before in the process
+    vlm_sft.main(cfg)  # warm
+    assert artifacts.file_hashes(sft) == cold and "model/model.safetensors" in cold
+    assert [r.split(",")[0] for r in (sft / "grounding_log.csv").read_text().splitlines()] == ["step", "2"]
+
+
+def test_a_cache_build_leaves_the_callers_rng_alone(tmp_path):
+    """models.build_once (LLM tiny/embedded and VLM tiny models): a build seeds and draws from the
+    global RNGs; after it the caller draws what it would have drawn from a cache hit."""
+    def draws():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    def build(out):
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        torch.rand(5), random.random(), np.random.rand()
+        out.mkdir()
+
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    models.build_once(tmp_path / "entry", build)  # miss: builds
+    cold = draws()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    models.build_once(tmp_path / "entry", build)  # hit
+    assert draws() == cold
+
+
+SCENES = [{"split": "val", "image_id": 3, "image": "a.png", "shape": "circle", "color": "red"},
+          {"split": "val", "image_id": 1, "image": "b.png", "shape": "circle", "color": "blue"},
+          {"split": "val", "image_id": 2, "image": "c.png", "shape": "triangle", "color": "red"},
+          {"split": "train", "image_id": 0, "image": "t.png", "shape": "rectangle", "color": "red"}]
+
+
+def test_grounding_probes_flip_the_right_answer_and_are_scored_by_hand():
+    rows = grounding.probe_rows(SCENES, 10)  # val scenes in id order: b (1), c (2), a (3); t is not val
+    assert [(r["kind"], r["image"], r["question"], r["label"]) for r in rows] == [
+        ("shape", "b.png", "Is there a circle in the image?", "yes"), ("shape", "c.png", "Is there a circle in the image?", "no"),
+        ("color", "b.png", "Is there a blue circle in the image?", "yes"),
+        ("color", "a.png", "Is there a blue circle in the image?", "no"),
+        ("shape", "c.png", "Is there a triangle in the image?", "yes"), ("shape", "a.png", "Is there a triangle in the image?", "no"),
+        # c has no same-shape partner in another colour: no colour probe
+        ("shape", "a.png", "Is there a circle in the image?", "yes"), ("shape", "c.png", "Is there a circle in the image?", "no"),
+        ("color", "a.png", "Is there a red circle in the image?", "yes"),
+        ("color", "b.png", "Is there a red circle in the image?", "no")]
+    assert len(grounding.probe_rows(SCENES, 2)) == 4
+    # 5 pairs: flipped right, flipped wrong way, blind yes, blind no, flipped right
+    answers = ["yes", "no", "no", "yes", "yes", "yes", "no", "no", "yes", "no"]
+    r = grounding.flip_score(rows, answers, threshold=0.5)
+    assert (r["n_pairs"], r["flip_rate"], r["pair_accuracy"], r["accuracy"], r["yes_ratio"]) == (5, 0.6, 0.4, 0.6, 0.5)
+    assert r["kinds"]["color"]["flip_rate"] == 1.0 and r["kinds"]["color"]["pair_accuracy"] == 0.5
+    assert r["kinds"]["shape"]["flip_rate"] == 1 / 3 and r["passed"]
+    assert not grounding.flip_score(rows, answers, threshold=0.7)["passed"]
+    assert grounding.flip_score([], [], 0.5)["passed"] is None
+
+
+def test_grounding_check_flags_an_image_blind_model_and_passes_one_that_reads_the_image(tmp_path):
+    """An image-blind LLaVA (the real tiny model with its projector zeroed: every image gives the
+    language model the same zero features) never flips; a scripted model that answers from the
+    scene it is shown always does."""
+    cfg, model, processor = _tiny(tmp_path)
+    vlm_data.main(cfg)
+    data = paths.vlm_data_dir(cfg)
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.linear_2.parameters():
+            p.zero_()
+    blind = grounding.check(grounding.model_generate(model, processor, data), data, 100, 0.5)
+    assert blind["n_pairs"] > 0 and blind["flip_rate"] == 0.0 and blind["passed"] is False
+    assert "barely depend on the image" in grounding.warning(blind)
+
+    scenes = {s["image"]: s for s in artifacts.read_jsonl(data / "scenes.jsonl")}
+
+    def reads_the_image(rows):
+        answers = []
+        for r in rows:
+            s = scenes[r["image"]]
+            if r["question"] == "What shape is in the image?":
+                answers.append(f"A {s['shape']}.")
+                continue
+            named = r["question"].removeprefix("Is there a ").removesuffix(" in the image?").split()
+            answers.append("Yes." if named[-1] == s["shape"] and named[0] in (s["color"], s["shape"]) else "No.")
+        return answers
+
+    reading = grounding.check(reads_the_image, data, 100, 0.5)
+    assert reading["flip_rate"] == reading["pair_accuracy"] == 1.0 and reading["passed"]
+    assert reading["scene_questions"]["what_shape"] == 1.0 and reading["scene_questions"]["what_color"] == 0.0
+    assert grounding.warning(reading) is None
 
 
 def test_stage_views_are_narrow():
@@ -118,11 +231,22 @@ def test_paper_preset_keeps_the_hub_model():
 
 
 def test_best_gamma_prefers_accuracy_over_an_all_yes_f1():
-    table = [{"gamma": 0.5, "val": {"accuracy": 0.5, "f1": 0.667}},
-             {"gamma": 0.75, "val": {"accuracy": 0.8, "f1": 0.78}},
-             {"gamma": 1.5, "val": {"accuracy": 0.8, "f1": 0.75}}]
+    table = [{"gamma": 0.5, "val": {"accuracy": 0.5, "f1": 0.667, "yes_ratio": 1.0}},
+             {"gamma": 0.75, "val": {"accuracy": 0.8, "f1": 0.78, "yes_ratio": 0.5}},
+             {"gamma": 1.5, "val": {"accuracy": 0.8, "f1": 0.75, "yes_ratio": 0.45}}]
     assert vdpo_lib.best_gamma(table)["gamma"] == 0.75
     assert vdpo_lib.best_gamma(table[2:] + table[1:2])["gamma"] == 0.75
+
+
+def test_best_gamma_refuses_an_all_no_model_while_another_remains():
+    """On an unbalanced validation set an all-"no" model can be the most accurate; it is refused
+    while a γ that answers from the image remains, and kept (flagged by the stage) only when none does."""
+    table = [{"gamma": 0.5, "val": {"accuracy": 0.7, "f1": 0.0, "yes_ratio": 0.0}},
+             {"gamma": 0.75, "val": {"accuracy": 0.6, "f1": 0.55, "yes_ratio": 0.4}}]
+    assert vdpo_lib.best_gamma(table)["gamma"] == 0.75
+    collapsed = [{"gamma": 0.5, "val": {"accuracy": 0.5, "f1": 0.0, "yes_ratio": 0.0}},
+                 {"gamma": 0.75, "val": {"accuracy": 0.5, "f1": 0.667, "yes_ratio": 1.0}}]
+    assert vdpo_lib.best_gamma(collapsed)["gamma"] == 0.75  # the old rule: accuracy, then F1
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"])
     assert vdpo_lib.gammas_of(cfg, "dpo") == [1.0] and vdpo_lib.gammas_of(cfg, "vdpo") == [0.75, 0.5]
     cfg.vlm.vdpo.gamma_grid = []
@@ -213,6 +337,8 @@ def test_lora_vdpo_runs_with_the_guided_hook(tmp_path):
     ("vlm.vdpo.gamma=-1", "vlm.vdpo.gamma"),
     ("vlm.data.n_pope_images=0", "vlm.data.n_pope_images"),
     ("vlm.model.kind=gpt", "vlm.model.kind"),
+    ("vlm.sft.grounding_threshold=2", "vlm.sft.grounding_threshold"),
+    ("vlm.sft.grounding_probes=-1", "vlm.sft.grounding_probes"),
 ])
 def test_bad_vlm_config_names_the_key(override, key):
     with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):

@@ -20,9 +20,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from closedloop import config as cl_config
@@ -49,8 +51,29 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def rng_untouched():
+    """Run a block without changing the global RNG states (torch CPU and CUDA, numpy, Python's
+    ``random``) that the caller sees afterwards.
+
+    A cache build seeds and draws from them (``torch.manual_seed(init_seed)`` and the weight
+    init): without this, a stage that calls ``set_seed`` and then builds on a cache miss would draw
+    its later random numbers from another state than with a warm cache, and its result would
+    depend on whether the cache existed (SPEC §7: a score records the seed it came from, so
+    the seed, not the cache, must determine it)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 def build_once(target: Path, build) -> Path:
-    """Run ``build(tmp_dir)`` unless ``target`` exists; publish it by atomic rename."""
+    """Run ``build(tmp_dir)`` unless ``target`` exists; publish it by atomic rename. The
+    caller's RNG states are the same after a build as after a cache hit (:func:`rng_untouched`)."""
     if target.is_dir():
         return target
     with _locked(target):
@@ -59,7 +82,8 @@ def build_once(target: Path, build) -> Path:
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            build(tmp)
+            with rng_untouched():
+                build(tmp)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -83,6 +83,14 @@ class VLMSFTConfig(TrainArgs):
     vision_pretrain_steps: int = 800
     """Steps of shape + colour classification for the vision tower (0 skips; ``kind: tiny`` only)."""
     vision_learning_rate: float = 2e-3
+    grounding_probes: int = 100
+    """Probe pairs of the grounding check after SFT (:mod:`closedloop.vlm.grounding`): one presence
+    question on an image where the answer is yes and on one where it is no (validation scenes); 0 skips."""
+    grounding_every: int = 0
+    """Also run the check every this many SFT steps into ``grounding_log.csv`` (0: after training only)."""
+    grounding_threshold: float = 0.5
+    """Below this fraction of probe answers flipping with the image, stats.json and the branch
+    report carry a loud warning that the SFT model answers from the text, not the image."""
 
 
 @dataclass
@@ -163,6 +171,13 @@ def check_vlm(v) -> None:
     if v.data.presence_pairs_per_image not in (0, 1, 2):
         raise ConfigError(f"key 'vlm.data.presence_pairs_per_image': expected 0, 1 or 2, got "
                           f"{v.data.presence_pairs_per_image}")
+    if v.sft.grounding_probes < 0:
+        raise ConfigError(f"key 'vlm.sft.grounding_probes': expected an integer >= 0, got {v.sft.grounding_probes}")
+    if v.sft.grounding_every < 0:
+        raise ConfigError(f"key 'vlm.sft.grounding_every': expected an integer >= 0, got {v.sft.grounding_every}")
+    if not 0.0 <= v.sft.grounding_threshold <= 1.0:
+        raise ConfigError(f"key 'vlm.sft.grounding_threshold': expected a number in [0, 1], got "
+                          f"{v.sft.grounding_threshold}")
     if v.pairs.n_response + v.pairs.n_image < 1:
         raise ConfigError("keys 'vlm.pairs.n_response' + 'vlm.pairs.n_image': expected at least one pair")
 

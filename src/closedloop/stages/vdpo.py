@@ -17,7 +17,7 @@ import shutil
 from closedloop import artifacts, checkpoints, paths, training
 from closedloop import config as cl_config
 from closedloop.vlm import model as vlm
-from closedloop.vlm.vdpo import best_gamma, gammas_of, train_one, validation_score
+from closedloop.vlm.vdpo import best_gamma, degenerate, gammas_of, train_one, validation_score
 
 
 def main(cfg) -> None:
@@ -54,9 +54,14 @@ def main(cfg) -> None:
                 (out / "gamma" / f"{row['gamma']:g}").mkdir(parents=True)
                 shutil.copyfile(work / f"gamma-{row['gamma']:g}" / "train_log.csv",
                                 out / "gamma" / f"{row['gamma']:g}" / "train_log.csv")
+            all_degenerate = all(degenerate(r["val"]) for r in table)
+            if all_degenerate:
+                print(f"vdpo: WARNING: every γ gave an all-yes or all-no model on validation; γ = {entry['gamma']:g} "
+                      "kept for want of a better one", flush=True)
             (out / "gamma_selection.json").write_text(json.dumps(
-                {"criterion": "validation accuracy (ties: F1, then grid order)", "validation": "val.jsonl",
-                 "chosen": entry["gamma"], "table": table}, indent=2) + "\n")
+                {"criterion": "validation accuracy among models that are not all-yes/all-no (ties: F1, then grid "
+                              "order)", "validation": "val.jsonl", "chosen": entry["gamma"],
+                 "all_degenerate": all_degenerate, "table": table}, indent=2) + "\n")
         (out / "stats.json").write_text(json.dumps(
             {"pairs": len(rows), "steps": entry["steps"], "gamma": entry["gamma"], "alpha": with_alpha,
              "gamma_grid": gammas if select else None,

@@ -11,7 +11,7 @@ from closedloop.vlm.pope import render_report
 
 
 def main(cfg) -> None:
-    """Write the POPE table of every model in ``vlm.pope.models``."""
+    """Write the POPE table of every model in ``vlm.pope.models`` and the SFT model's grounding check."""
     tags = list(cfg.vlm.pope.models)
     view = cl_config.stage_view(cfg, "vlm_report")
     out, rst = paths.vlm_report_file(cfg), paths.vlm_report_rst(cfg)
@@ -22,6 +22,7 @@ def main(cfg) -> None:
     with artifacts.atomic_file(rst) as fh:
         fh.write(md_to_rst(markdown))
     files = {out.name: artifacts.sha256_file(out), rst.name: artifacts.sha256_file(rst)}
-    artifacts.write_sidecars(out.parent, "vlm_report", view, {t: paths.pope_dir(cfg, t) for t in tags}, started,
-                             cfg.seed, prefix="report.", output=artifacts.output_record(out, files, primary=out.name))
+    inputs = {"vlm_sft": paths.vlm_sft_dir(cfg), **{t: paths.pope_dir(cfg, t) for t in tags}}  # its grounding check
+    artifacts.write_sidecars(out.parent, "vlm_report", view, inputs, started, cfg.seed, prefix="report.",
+                             output=artifacts.output_record(out, files, primary=out.name))
     print(f"vlm_report: -> {out}")

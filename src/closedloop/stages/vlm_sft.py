@@ -2,7 +2,9 @@
 the vision phase, then TRL's ``SFTTrainer`` (:mod:`closedloop.vlm.vision`).
 
 Output ``results/<experiment>/vlm/sft/``: ``model/`` (from_pretrained dir with processor),
-``train_log.csv``, ``vision_log.csv``, ``heads.safetensors``, ``stats.json``.
+``train_log.csv``, ``vision_log.csv``, ``heads.safetensors``, ``stats.json`` (with the vision heads'
+held-out accuracy and the grounding check, :mod:`closedloop.vlm.grounding`) and, with
+``vlm.sft.grounding_every``, ``grounding_log.csv`` (the check during training).
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ from transformers import set_seed
 from closedloop import artifacts, checkpoints, paths, training
 from closedloop import config as cl_config
 from closedloop.checkpoints import CsvLogCallback
+from closedloop.vlm import grounding
 from closedloop.vlm import model as vlm
-from closedloop.vlm.vision import pixel_values, pretrain_vision, sft_dataset, standardize_vision_output
+from closedloop.vlm.vision import (
+    heldout_accuracy,
+    pixel_values,
+    pretrain_vision,
+    sft_dataset,
+    standardize_vision_output,
+)
 
 
 def main(cfg) -> None:
@@ -34,40 +43,66 @@ def main(cfg) -> None:
     view = cl_config.stage_view(cfg, "vlm_sft")
     work = checkpoints.work_dir(out_dir, view)
     with artifacts.artifact_dir(out_dir, "vlm_sft", view, {"data": data}, cfg.seed) as out:
-        standardized = None
+        standardized = vision_heldout = None
         if cl_config.enum_value(mcfg.kind) == "tiny" and cfg.vlm.sft.vision_pretrain_steps > 0:
             vision = vision_phase(cfg, data, work / "vision")
             model, processor = vlm.load(vision / "model", mcfg)
             for name in ("heads.safetensors", "vision_log.csv"):
                 shutil.copyfile(vision / name, out / name)
             standardized = json.loads((vision / "standardized.json").read_text())
+            vision_heldout = json.loads((vision / "heldout.json").read_text())
         else:
             model, processor = vlm.load(vlm.base_source(mcfg), mcfg)
         vlm.freeze_vision_tower(model, mcfg)
+        set_seed(cfg.seed)  # LoRA's init draws from the stage seed, vision phase run now or reused after a requeue
         model = vlm.add_lora(model, mcfg)
         model.train()
         resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
+        callbacks = [CsvLogCallback(work / "train_log.csv", resume_step)]
+        s = cfg.vlm.sft
+        if s.grounding_every and s.grounding_probes:
+            callbacks.append(grounding.GroundingLogCallback(grounding.model_generate(model, processor, data), data,
+                                                            s.grounding_probes, s.grounding_every,
+                                                            work / "grounding_log.csv", resume_step))
         trainer = SFTTrainer(
             model=model, args=training.trainer_args(
                 "sft", cfg.vlm.sft, work / "trainer", cfg.seed, mcfg.bf16_training, section="vlm.sft", max_length=None,
                 completion_only_loss=True, remove_unused_columns=False, dataloader_pin_memory=False),
             train_dataset=sft_dataset(rows, data, processor.tokenizer.eos_token), processing_class=processor,
-            callbacks=[CsvLogCallback(work / "train_log.csv", resume_step)],
+            callbacks=callbacks,
         )
         checkpoints.train(trainer, work / "trainer", "vlm_sft")
         vlm.save(trainer.model, processor, out / "model", mcfg.lora.merge_after_training)
         training.save_logs(work, out)
-        (out / "stats.json").write_text(json.dumps({"rows": len(rows), "steps": trainer.state.global_step,
-                                                    "vision_standardized": standardized}, indent=2) + "\n")
+        if (work / "grounding_log.csv").is_file():
+            shutil.copyfile(work / "grounding_log.csv", out / "grounding_log.csv")
+        grounded = grounding_check(cfg, trainer.model, processor, data)
+        (out / "stats.json").write_text(json.dumps(
+            {"rows": len(rows), "steps": trainer.state.global_step, "vision_standardized": standardized,
+             "vision_heldout": vision_heldout, "grounding": grounded}, indent=2) + "\n")
     checkpoints.finish(work)
     print(f"vlm_sft: {len(rows)} rows, {trainer.state.global_step} steps -> {out_dir}")
+
+
+def grounding_check(cfg, model, processor, data) -> dict | None:
+    """:mod:`closedloop.vlm.grounding` on the trained model (``vlm.sft.grounding_probes`` pairs; 0: None),
+    with a loud warning in the log below ``vlm.sft.grounding_threshold``."""
+    s = cfg.vlm.sft
+    if s.grounding_probes == 0:
+        return None
+    record = grounding.check(grounding.model_generate(model, processor, data), data, s.grounding_probes, s.grounding_threshold)
+    rate = "n/a" if record["flip_rate"] is None else f"{100 * record['flip_rate']:.1f}%"
+    print(f"vlm_sft: grounding check: {rate} of {record['n_pairs']} presence answers flip with the image")
+    if (text := grounding.warning(record)) is not None:
+        print(f"\n{'!' * 80}\nvlm_sft: {text}\n{'!' * 80}\n", flush=True)
+    return record
 
 
 def vision_phase(cfg, data, vision):
     """Phase 1 (``kind: tiny``): train the vision tower from scratch on shape and colour, then
     standardize its output (:mod:`closedloop.vlm.vision`). Written to ``vision`` (the model,
-    ``heads.safetensors``, ``vision_log.csv``, ``standardized.json``) by atomic rename, so a
-    requeued job skips it."""
+    ``heads.safetensors``, ``vision_log.csv``, ``standardized.json``, ``heldout.json``: the heads'
+    accuracy on the validation scenes) by atomic rename, so a requeued job skips it."""
     if (vision / "model").is_dir():
         print(f"vlm_sft: vision phase finished before the requeue, reused from {vision}")
         return vision
@@ -82,6 +117,7 @@ def vision_phase(cfg, data, vision):
                                              pixel_values(processor, [data / r["image"] for r in scenes]))
     save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, tmp / "heads.safetensors")
     (tmp / "standardized.json").write_text(json.dumps(standardized))
+    (tmp / "heldout.json").write_text(json.dumps(heldout_accuracy(model.model.vision_tower, heads, processor, data)))
     vlm.save(model, processor, tmp / "model")
     os.replace(tmp, vision)
     return vision

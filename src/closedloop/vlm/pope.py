@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from closedloop import artifacts, paths, stats
+from closedloop.vlm import grounding
 from closedloop.vlm import model as vlm
 from closedloop.vlm.scenes import SPLITS, load_rgb
 
@@ -129,8 +130,38 @@ def _seconds(path: Path) -> str:
         return "?"
 
 
+def grounding_lines(sft_stats: Path) -> list[str]:
+    """The report's section on ``vlm_sft``'s grounding check (:mod:`closedloop.vlm.grounding`),
+    a loud warning first when it failed; none when the stage did not run it."""
+    sft = json.loads(sft_stats.read_text()) if sft_stats.is_file() else {}
+    record = sft.get("grounding")
+    if record is None:
+        return []
+    lines = [""]
+    if (text := grounding.warning(record)) is not None:
+        lines += [f"> **{text}**", ""]
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}"
+
+    lines += [f"Grounding check of the SFT model (presence questions asked on an image where the answer is yes "
+              f"and on one where it is no; validation scenes): pass if ≥ {100 * record['threshold']:.0f}% of "
+              f"the answers flip with the image: **{'passed' if record['passed'] else 'FAILED'}**.", "",
+              "| probes | pairs | answer flips with the image | both right | accuracy | yes-ratio |",
+              "|---|---|---|---|---|---|"]
+    for name, r in [("all", record), *record["kinds"].items()]:
+        lines.append(f"| {name} | {r['n_pairs']} | {pct(r['flip_rate'])} | {pct(r['pair_accuracy'])} | "
+                     f"{pct(r['accuracy'])} | {pct(r['yes_ratio'])} |")
+    sq, vision = record.get("scene_questions") or {}, sft.get("vision_heldout") or {}
+    lines += ["", f"Same validation scenes: SFT model on \"What shape is in the image?\" {pct(sq.get('what_shape'))}%, "
+                  f"\"What color is the shape?\" {pct(sq.get('what_color'))}%; vision tower + heads before SFT: "
+                  f"shape {pct(vision.get('shape_acc'))}%, colour {pct(vision.get('color_acc'))}%."]
+    return lines
+
+
 def render_report(cfg) -> str:
-    """The branch report: POPE table (all and per split, with CIs), the γ selection, time per stage."""
+    """The branch report: POPE table (all and per split, with CIs), the SFT model's grounding
+    check (with a loud warning when it failed), the γ selection, time per stage."""
     tags = list(cfg.vlm.pope.models)
     results = {t: json.loads((paths.pope_dir(cfg, t) / "metrics.json").read_text()) for t in tags}
     level = int(100 * cfg.vlm.pope.ci_level)
@@ -146,6 +177,7 @@ def render_report(cfg) -> str:
               "|---|" + "---|" * len(SPLITS)]
     for t, m in results.items():
         lines.append(f"| {t} | " + " | ".join(_fmt(m["splits"][s], "f1") for s in SPLITS) + " |")
+    lines += grounding_lines(paths.vlm_sft_dir(cfg) / "stats.json")
     selection = paths.vdpo_dir(cfg, "vdpo") / "gamma_selection.json" if "vdpo" in tags else None
     if selection is not None and selection.is_file():
         sel = json.loads(selection.read_text())
@@ -154,6 +186,9 @@ def render_report(cfg) -> str:
                   "| γ | val accuracy | val F1 | val yes-ratio | n |", "|---|---|---|---|---|"]
         lines += [f"| {r['gamma']:g} | {100 * r['val']['accuracy']:.1f} | {100 * r['val']['f1']:.1f} | "
                   f"{100 * r['val']['yes_ratio']:.1f} | {r['val']['n']} |" for r in sel["table"]]
+        if sel.get("all_degenerate"):
+            lines += ["", "> **WARNING: every γ gave an all-yes or all-no model on the validation questions; the "
+                          "V-DPO row above is a degenerate model, kept for want of a better one.**"]
     stages = [("vlm_data", paths.vlm_data_dir(cfg)), ("vlm_sft", paths.vlm_sft_dir(cfg)), ("vdpo_pairs", paths.vdpo_pairs_dir(cfg))]
     stages += [(f"train {t}", paths.vdpo_dir(cfg, t)) for t in tags if t != "sft"]
     stages += [(f"pope {t}", paths.pope_dir(cfg, t)) for t in tags]

@@ -140,13 +140,23 @@ def validation_score(model, processor, data: Path) -> dict:
     return {"n": len(rows), **pope.metrics_from_confusion(pope.confusion([r["label"] for r in rows], answers))}
 
 
+def degenerate(val: dict) -> bool:
+    """An all-"yes" or all-"no" model on the validation questions (yes-ratio 1 or 0): it answers
+    from the question alone, whatever its accuracy on a set that happens to be unbalanced."""
+    return val["yes_ratio"] in (0.0, 1.0)
+
+
 def best_gamma(table: list[dict]) -> dict:
-    """The row with the highest validation accuracy; ties go to higher F1, then to the γ listed first.
+    """The row with the highest validation accuracy among the non-degenerate ones (:func:`degenerate`);
+    ties go to higher F1, then to the γ listed first. When every γ gave a degenerate model the same
+    rule runs over all rows (the stage records and reports that; there is nothing better to keep).
 
     Accuracy rather than F1: on a balanced set answering "yes" to everything scores F1 66.7
-    (accuracy 50), so F1 alone would choose a degenerate model."""
-    return max(enumerate(table), key=lambda it: (round(it[1]["val"]["accuracy"], 6), round(it[1]["val"]["f1"], 6),
-                                                  -it[0]))[1]
+    (accuracy 50), so F1 alone would choose a degenerate model; issue 22's collapsed run had every γ
+    at 50.0 validation accuracy, all "no"."""
+    candidates = [(i, r) for i, r in enumerate(table) if not degenerate(r["val"])] or list(enumerate(table))
+    return max(candidates, key=lambda it: (round(it[1]["val"]["accuracy"], 6), round(it[1]["val"]["f1"], 6),
+                                           -it[0]))[1]
 
 
 def train_one(cfg, gamma: float, rows, pairs: Path, data: Path, sft: Path, with_alpha: bool, work: Path):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, Image, List
 
-from closedloop import artifacts
+from closedloop import artifacts, models
 from closedloop.vlm import model as vlm
 from closedloop.vlm.scenes import load_rgb
 
@@ -56,13 +56,18 @@ def scene_labels(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pretrain_vision(model, processor, cfg, data: Path, log_path: Path) -> SceneHeads:
-    """Phase 1: shape + colour classification for the vision tower (and heads), logged to CSV."""
+    """Phase 1: shape + colour classification for the vision tower (and heads), logged to CSV.
+
+    Every random draw comes from ``cfg.seed`` (SPEC §7: a result is determined by its seed): the
+    heads' init from a torch RNG seeded with it, the batches from a generator seeded with it."""
     s = cfg.vlm.sft
     scenes = [r for r in artifacts.read_jsonl(data / "scenes.jsonl") if r["split"] == "train"]
     pixels = pixel_values(processor, [data / r["image"] for r in scenes])
     shapes, colors = scene_labels(scenes)
     tower = model.model.vision_tower
-    heads = SceneHeads(tower.config.hidden_size)
+    with models.rng_untouched():  # the heads' init draws from the stage seed, not from the global state
+        torch.manual_seed(cfg.seed)
+        heads = SceneHeads(tower.config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
     optim = torch.optim.AdamW(params, lr=s.vision_learning_rate)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(s.vision_pretrain_steps, 1))
@@ -117,6 +122,20 @@ def standardize_vision_output(tower, heads: SceneHeads, pixels: torch.Tensor) ->
         head.bias.add_(head.weight @ mu)
         head.weight.mul_(scale)
     return {"mean_norm": float(mu.norm()), "scale": scale}
+
+
+@torch.no_grad()
+def heldout_accuracy(tower, heads: SceneHeads, processor, data: Path) -> dict:
+    """Shape and colour accuracy of the vision tower + heads on the validation scenes (training-split
+    images the vision phase never saw): does the tower see the scene before SFT starts?"""
+    scenes = [r for r in artifacts.read_jsonl(data / "scenes.jsonl") if r["split"] == "val"]
+    if not scenes:
+        return {"n": 0, "shape_acc": None, "color_acc": None}
+    tower.eval()
+    shape_logits, color_logits = heads(tower, pixel_values(processor, [data / r["image"] for r in scenes]))
+    shapes, colors = scene_labels(scenes)
+    return {"n": len(scenes), "shape_acc": (shape_logits.argmax(1) == shapes).float().mean().item(),
+            "color_acc": (color_logits.argmax(1) == colors).float().mean().item()}
 
 
 def sft_dataset(rows: list[dict], data: Path, eos: str) -> Dataset:
