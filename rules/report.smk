@@ -29,4 +29,4 @@ rule report:
     benchmark:
         str(LOGS / "report.benchmark.tsv")
     shell:
-        "closedloop run-stage report --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+        "closedloop run-stage report --config-yaml {params.cfg:q} 2>&1 | tee {log:q}"

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from closedloop import stage_table
-from closedloop.config.common import SharedSections
+from closedloop.config.common import SharedSections, check_shared
 from closedloop.config.core import ConfigError, explain, load_yaml, merge
 from closedloop.config.llm import LLMSections, check_llm, dpo_for
 from closedloop.config.vlm import VLMSections, check_vlm, narrowed_sections
@@ -47,7 +47,8 @@ def load(
             raise explain(err, "command line") from err
         cfg = merge(cfg, layer, "command line")
     if validate:
-        check(cfg)
+        sources = [str(p) for p in files] + (["command line"] if overrides else [])
+        check(cfg, " + ".join(sources) or "defaults")
     return cfg
 
 
@@ -65,14 +66,22 @@ def from_dict(data: dict, source: str) -> DictConfig:
                 OmegaConf.update(cfg, key, value, merge=True)
             except OmegaConfBaseException as err:
                 raise explain(err, f"{source} (--config {key}=...)") from err
-    check(cfg)
+    check(cfg, source)
     return cfg
 
 
-def check(cfg: DictConfig) -> None:
-    """Cross-field checks that types alone cannot express, family by family."""
-    check_llm(cfg)
-    check_vlm(cfg.vlm)
+def check(cfg: DictConfig, source: str | None = None) -> None:
+    """Names that reach a path or a shell, then every value's range and the cross-field
+    checks that types alone cannot express, family by family; the error names ``source``
+    (the config files) and the key."""
+    try:
+        check_shared(cfg)
+        check_llm(cfg)
+        check_vlm(cfg.vlm)
+    except ConfigError as err:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: int | None = None,

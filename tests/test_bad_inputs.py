@@ -1,0 +1,165 @@
+"""Bad inputs and faults (issue 15; the table is docs/bad_inputs.md): each case asserts the
+exit code, the message (file, key or line named) and that no artifact was lost, changed or
+marked done. Real Snakemake, git and the CLI in temp repos; the tiny model where a model runs.
+
+Groups: names that reach a path or a shell, config ranges (refused when the config loads),
+data files, model files, faults (resume from another input, stale temp dirs, full disk,
+two runs at once), lineage verify.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, copy_repo
+
+from closedloop import artifacts, cli
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def env() -> dict:
+    """Subprocesses import this checkout's closedloop (PYTHONPATH) and find its console script."""
+    pythonpath = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def snapshot(top: Path) -> dict[str, str]:
+    """Every file (with its sha256) and directory under ``top``; Snakemake's own .snakemake/ and
+    git's .git/ left out."""
+    return {p.relative_to(top).as_posix(): artifacts.sha256_file(p) if p.is_file() else "dir"
+            for p in sorted(top.rglob("*")) if not {".snakemake", ".git"} & set(p.relative_to(top).parts)}
+
+
+def snakemake(repo: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, "--cores", "1", *args], cwd=repo, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """``closedloop ...`` in this process: (exit status, stderr)."""
+    rc = cli.main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- names that reach a path or a shell
+
+INJECTIONS = [("experiment", "x;touch pwned_X;"), ("experiment", "my exp"), ("experiment", "../../x")]
+
+
+@pytest.fixture(scope="module")
+def bare_repo(tmp_path_factory):
+    """A copy of the checkout (git, no DVC data) that refusals must leave exactly as it is."""
+    return copy_repo(tmp_path_factory.mktemp("bad_inputs") / "repo")
+
+
+@pytest.mark.parametrize("key,value", INJECTIONS)
+def test_unsafe_names_run_and_write_nothing(bare_repo, key, value):
+    """Issue 15 §1: through real ``snakemake --configfile``, the name is refused when the config
+    loads: no shell runs (no ``pwned_X``), nothing appears in or beside the checkout."""
+    outside = bare_repo.parent
+    config_file = outside / "bad.yaml"
+    config_file.write_text(json.dumps({key: value}))
+    before, around = snapshot(bare_repo), sorted(p.name for p in outside.iterdir())
+    run = snakemake(bare_repo, "--configfile", "configs/smoke.yaml", str(config_file))
+    assert run.returncode == 1
+    assert f"{config_file} + configs/default.yaml: key '{key}': expected a name of letters" in run.stderr, run.stderr
+    assert snapshot(bare_repo) == before and sorted(p.name for p in outside.iterdir()) == around
+    assert not list(outside.rglob("pwned_X"))
+
+
+def test_every_wildcard_that_reaches_a_shell_is_quoted():
+    """Every ``{...}`` in a rule's shell command is shell-quoted (``:q``), except ``{threads}`` (an int)."""
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        for match in re.finditer(r"shell:\s*\n((?:\s+\".*\"\n)+)", smk.read_text()):
+            for field in re.findall(r"(?<!\{)\{([^{}]+)\}", match.group(1)):
+                assert field == "threads" or field.endswith(":q"), f"{smk.name}: {{{field}}} is not quoted"
+
+
+BAD_NAMES = [
+    ("data_dir=../outside", "key 'data_dir': expected a path of names"),
+    ("results_dir=/etc/closedloop", "key 'results_dir': absolute path '/etc/closedloop' is outside the allowed roots"),
+    ("results_dir=results/.hidden", "key 'results_dir': expected a path of names"),
+    ("experiment=-rf", "key 'experiment': expected a name"),
+    ("experiment=" + "x" * 101, "key 'experiment': expected a name"),
+    ("data.tasks.a$b.source=synthetic", "key 'data.tasks.a$b': expected a name"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_NAMES, ids=[o.split("=")[0] + str(i) for i, (o, _) in
+                                                              enumerate(BAD_NAMES)])
+def test_unsafe_paths_are_refused_when_the_config_loads(capsys, tmp_path, override, message):
+    rc, err = run_cli(capsys, "show-config", "--config", str(ROOT / "configs/smoke.yaml"), override)
+    assert rc == 2 and f"closedloop: config error: {ROOT / 'configs/smoke.yaml'} + command line: {message}" in err
+
+
+# ---------------------------------------------------------------- config values out of range
+
+BAD_VALUES = [  # override, the message (after "key '")
+    ("mcts.temperature=-1", "mcts.temperature': expected a number > 0 (the search samples its children), got -1"),
+    ("dpo.batch_size=0", "dpo.batch_size': expected a number >= 1, got 0"),
+    ("eval.decoding=sampled  eval.temperature=-1",
+     "eval.temperature': expected a number > 0 (it samples for sampled), got -1"),
+    ("decodings.methods=[beam_self_eval]  eval.beam_temperature=0",
+     "eval.beam_temperature': expected a number > 0 (beam_self_eval samples), got 0"),
+    ("decodings.models=[iter5]", "decodings.models': 'iter5' is not an iteration of the loop (expected iter1..iter2"),
+    ("dpo.per_iteration={5: {beta: 0.2}}", "dpo.per_iteration.5': expected an iteration number in 1..2"),
+    ("dpo.per_iteration={2: {beta: -0.1}}", "dpo.per_iteration.2.beta': expected a number > 0, got -0.1"),
+    ("dpo.per_iteration={2: {batch_size: 0}}", "dpo.per_iteration.2.batch_size': expected a number >= 1, got 0"),
+    ("sft.learning_rate=0", "sft.learning_rate': expected a number > 0, got 0.0"),
+    ("sft.warmup_ratio=1.5", "sft.warmup_ratio': expected a number in [0, 1), got 1.5"),
+    ("sft.max_steps=0", "sft.max_steps': expected -1 (train for 'sft.epochs') or an integer >= 1, got 0"),
+    ("sft.lr_scheduler=cosinus", "sft.lr_scheduler': expected one of ['linear', 'cosine'"),
+    ("mcts.top_p=0", "mcts.top_p': expected a number in (0, 1], got 0.0"),
+    ("mcts.n_shards=9", "mcts.n_shards': expected a number in [1, 4] (mcts.n_prompts: a shard per prompt at most)"),
+    ("mcts.gamma=1.5", "mcts.gamma': expected a number in [0, 1], got 1.5"),
+    ("data.tasks.synthetic.synthetic.max_steps=1",
+     "data.tasks.synthetic.synthetic.max_steps': expected a number >= 2 (data.tasks.synthetic.synthetic.min_steps)"),
+    ("data.max_question_chars=0", "data.max_question_chars': expected a number >= 1, got 0"),
+    ("loop.instance_samples=1", "loop.instance_samples': expected a number >= 2 (a correct and an incorrect sample)"),
+    ("eval.top_p=1.5  eval.decoding=self_consistency", "eval.top_p': expected a number in (0, 1]"),
+    ("model.lora.enabled=true  model.lora.r=0", "model.lora.r': expected a number >= 1, got 0"),
+    ("vlm.vdpo.beta=0", "vlm.vdpo.beta': expected a number > 0, got 0.0"),
+    ("vlm.sft.batch_size=0", "vlm.sft.batch_size': expected a number >= 1, got 0"),
+    ("vlm.pope.ci_level=1", "vlm.pope.ci_level': expected a number in (0, 1), got 1.0"),
+    ("model.tiny.num_hidden_layers=0", "model.tiny.num_hidden_layers': expected a number >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_VALUES, ids=[o.split("=")[0] for o, _ in BAD_VALUES])
+def test_out_of_range_values_are_refused_when_the_config_loads(capsys, overrides, message):
+    rc, err = run_cli(capsys, "show-config", "--config", str(ROOT / "configs/smoke.yaml"), *overrides.split("  "))
+    assert rc == 2 and f"{ROOT / 'configs/smoke.yaml'} + command line: key '{message}" in err, err
+
+
+@pytest.fixture(scope="module")
+def data_repo(tmp_path_factory):
+    """A repo copy with one finished artifact, ``data/smoke/synthetic``, built by real Snakemake."""
+    repo = copy_repo(tmp_path_factory.mktemp("finished") / "repo")
+    run = snakemake(repo, "--configfile", "configs/smoke.yaml", "--", "data/smoke/synthetic")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return repo
+
+
+SNAKEMAKE_REFUSALS = [  # --config values that also change the finished data job's params
+    ("data={tasks: {synthetic: {n_heldout: -5}}}", "key 'data.tasks.synthetic': n_train and n_validation must be"),
+    ("dpo={batch_size: 0}", "key 'dpo.batch_size': expected a number >= 1, got 0"),
+    ("decodings={methods: [greedy], models: [iter5]}", "key 'decodings.models': 'iter5' is not an iteration"),
+]
+
+
+@pytest.mark.parametrize("value,message", SNAKEMAKE_REFUSALS, ids=["n_heldout", "dpo_batch", "iter5"])
+def test_a_refused_value_leaves_the_finished_artifact_in_place(data_repo, value, message):
+    """Issue 15 §3: the refusal comes when Snakemake parses the config, before it deletes an output
+    whose params changed; the finished data artifact is byte-identical and nothing is marked incomplete."""
+    before = snapshot(data_repo)
+    run = snakemake(data_repo, "--configfile", "configs/smoke.yaml", "--forcerun", "data", "--config", value,
+                    "--", "data/smoke/synthetic")
+    assert run.returncode == 1 and message in run.stderr, run.stderr[-2000:]
+    assert snapshot(data_repo) == before
+    assert not any((data_repo / ".snakemake" / "incomplete").glob("*"))
