@@ -10,6 +10,7 @@ two runs at once), lineage verify.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, copy_repo
 
-from closedloop import artifacts, cli
+from closedloop import artifacts, cli, paths
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -163,3 +164,94 @@ def test_a_refused_value_leaves_the_finished_artifact_in_place(data_repo, value,
     assert run.returncode == 1 and message in run.stderr, run.stderr[-2000:]
     assert snapshot(data_repo) == before
     assert not any((data_repo / ".snakemake" / "incomplete").glob("*"))
+
+
+# ---------------------------------------------------------------- faults: resume, stale temp dirs, full disk
+
+def _stop_after(monkeypatch, owner, name: str, calls: int):
+    """Let ``owner.name`` run ``calls`` times, then stop the job as SIGTERM does (the CLI turns
+    SIGTERM into ``SystemExit(143)``): the resume state written so far stays behind."""
+    original, seen = getattr(owner, name), []
+
+    def stopping(*args, **kwargs):
+        if len(seen) == calls:
+            raise SystemExit(143)
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, stopping)
+
+
+def _build(cfg):
+    from closedloop.stages import data, sft
+
+    cfg.sft.max_steps, cfg.sft.batch_size, cfg.sft.lr_scheduler = 1, 2, "constant"  # one step at the full rate
+    cfg.job.task = cfg.sft.task
+    data.main(cfg)
+    sft.main(cfg)
+
+
+@pytest.mark.slow
+def test_mcts_shard_never_resumes_trees_of_another_policy(smoke_cfg, monkeypatch):
+    """Issue 15 §2a: a shard stopped after its first batch, SFT retrained with another learning
+    rate, the shard rerun: its trees are those of a clean run from the new policy, not the old batch."""
+    from closedloop.loop.search import Searcher
+    from closedloop.stages import mcts
+
+    cfg = smoke_cfg
+    cfg.mcts.n_prompts, cfg.mcts.n_shards, cfg.mcts.trees_per_batch = 2, 1, 1
+    cfg.job.iteration, cfg.job.shard = 1, 0
+    _build(cfg)
+    with monkeypatch.context() as patch:
+        _stop_after(patch, Searcher, "search", 1)
+        with pytest.raises(SystemExit):
+            mcts.main(cfg)
+    work = paths.mcts_dir(cfg, 1) / ".work"
+    [old_batch] = work.glob("shard0-*/batch00000.jsonl")
+    old_tree = artifacts.read_jsonl(old_batch)
+    assert not paths.mcts_shard_dir(cfg, 1, 0).exists()  # nothing marked done
+    cfg.sft.learning_rate = 0.05
+    _build(cfg)
+    mcts.main(cfg)  # the rerun
+    resumed = artifacts.read_jsonl(paths.mcts_shard_dir(cfg, 1, 0) / "trees.jsonl")
+    assert not old_batch.exists()
+    shutil.rmtree(paths.mcts_dir(cfg, 1))
+    mcts.main(cfg)  # a clean run from the new policy
+    clean = artifacts.read_jsonl(paths.mcts_shard_dir(cfg, 1, 0) / "trees.jsonl")
+    assert resumed == clean and old_tree[0]["nodes"] != clean[0]["nodes"]
+
+
+@pytest.mark.slow
+def test_dpo_never_resumes_a_checkpoint_trained_from_another_sft(smoke_cfg, monkeypatch, tmp_path, capsys):
+    """Issue 15 §2b: DPO checkpoints every step (the Slurm launch setting), stopped while saving
+    policy_1, SFT retrained with another learning rate, DPO rerun: it trains from step 1 on the
+    new SFT model instead of "resuming from .../checkpoint-2" of the old one."""
+    from closedloop import models
+    from closedloop.stages import dpo
+
+    launch_file = tmp_path / "launch.yaml"
+    launch_file.write_text("checkpoint_steps: 1\n")
+    monkeypatch.setenv("CLOSEDLOOP_LAUNCH_CONFIG", str(launch_file))
+    cfg = smoke_cfg
+    cfg.job.iteration = 1
+    _build(cfg)
+    pair = {"q_chosen": 1.0, "q_rejected": -1.0, "alpha": 0.2}
+    rows = [{"prompt": f"Q: {a}+{b}?\n", "chosen": f"{a} + {b} = {a + b}.\n", "rejected": f"{a} + {b} = {a + b + 1}.\n",
+             **pair} for a, b in ((2, 3), (4, 1), (6, 2), (1, 1))]
+    with artifacts.artifact_dir(paths.mcts_dir(cfg, 1) / "merged", "mcts_merge", {}, {}, 0) as out:
+        (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with monkeypatch.context() as patch:
+        _stop_after(patch, models, "save_policy", 0)
+        with pytest.raises(SystemExit):
+            dpo.main(cfg)
+    assert list((paths.iter_dir(cfg, 1) / ".work").glob("dpo-*/trainer/checkpoint-2"))
+    assert not paths.dpo_dir(cfg, 1).exists()
+    cfg.sft.learning_rate = 0.05
+    _build(cfg)
+    capsys.readouterr()
+    dpo.main(cfg)
+    out = capsys.readouterr().out
+    assert "resuming from" not in out and "dpo: trained steps 1..2 in this run" in out
+    prov = json.loads((paths.dpo_dir(cfg, 1) / "provenance.json").read_text())
+    assert prov["inputs"]["policy"]["sha256"] == artifacts.content_hash(paths.policy_dir(cfg, 0))
+    assert not (paths.iter_dir(cfg, 1) / ".work").exists() or not any((paths.iter_dir(cfg, 1) / ".work").iterdir())

@@ -114,6 +114,21 @@ def input_record(path: Path) -> dict:
     return record
 
 
+def inputs_key(inputs: dict[str, Path]) -> str:
+    """sha256 over each input's name, path and the sha256 of its producer's provenance record
+    (the record names the producer's content; an input without one: its own content hash).
+
+    Part of every resumable work dir's name (:func:`closedloop.checkpoints.work_dir`, MCTS
+    shards), so a job never resumes from state computed on other inputs (issue 15 §2)."""
+    digest = hashlib.sha256()
+    for name in sorted(inputs):
+        path = Path(inputs[name])
+        source = producer_of(path)
+        sha = sha256_file(record_path(source)) if source is not None else content_hash(path)
+        digest.update(f"{name}\0{path}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
 def output_record(final: Path, files: dict[str, str], primary: str | None = None) -> dict:
     """The artifact's own content: ``files`` are relative to the provenance file's directory.
 
