@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,31 @@ def test_dpo_never_resumes_a_checkpoint_trained_from_another_sft(smoke_cfg, monk
     prov = json.loads((paths.dpo_dir(cfg, 1) / "provenance.json").read_text())
     assert prov["inputs"]["policy"]["sha256"] == artifacts.content_hash(paths.policy_dir(cfg, 0))
     assert not (paths.iter_dir(cfg, 1) / ".work").exists() or not any((paths.iter_dir(cfg, 1) / ".work").iterdir())
+
+
+def test_temp_dirs_of_dead_jobs_are_removed_at_the_next_start(tmp_path, capsys):
+    """Issue 15 §5: a killed job's ``.<stage>.tmp-*`` (a partial model) goes when the stage next
+    starts (:func:`closedloop.checkpoints.work_dir`, :func:`closedloop.artifacts.artifact_dir`);
+    a live process's and another host's are left alone, and no finished artifact is touched."""
+    from closedloop import checkpoints
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host, final = socket.gethostname(), tmp_path / "results" / "x" / "sft"
+    with artifacts.artifact_dir(final.with_name("data"), "data", {}, {}, 0) as out:
+        (out / "rows.jsonl").write_text("{}\n")
+    names = {"dead": f".sft.tmp-{host}-{gone.pid}-1", "old_format": f".sft.tmp-{gone.pid}-1",
+             "replaced": f".sft.old-{gone.pid}", "live": f".sft.tmp-{host}-{os.getpid()}-1",
+             "other_host": f".sft.tmp-node-17-{gone.pid}-1", "other_artifact": f".data.tmp-{host}-{gone.pid}-1"}
+    for name in names.values():
+        (final.parent / name / "model").mkdir(parents=True)
+        (final.parent / name / "model" / "model.safetensors").write_bytes(b"partial")
+    finished = snapshot(final.with_name("data"))
+    checkpoints.work_dir(final, {"sft": {}}, {"data": final.with_name("data")})
+    left = {key for key, name in names.items() if (final.parent / name).exists()}
+    assert left == {"live", "other_host", "other_artifact"}
+    assert f"removed {final.parent / names['dead']} (left by process {gone.pid}" in capsys.readouterr().out
+    assert snapshot(final.with_name("data")) == finished
+    with artifacts.artifact_dir(final.with_name("data"), "data", {}, {}, 0) as out:  # its next start
+        (out / "rows.jsonl").write_text("{}\n")
+    assert not (final.parent / names["other_artifact"]).exists()

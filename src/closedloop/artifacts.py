@@ -216,15 +216,48 @@ def _replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_tmp(final: Path) -> list[Path]:
+    """Remove the temporary siblings of ``final`` (``.<name>.tmp-<host>-<pid>-<time>`` of
+    :func:`artifact_dir`, ``.<name>.tmp-<pid>`` of :func:`atomic_file`, ``.<name>.old-<pid>`` of
+    a replace) whose process is gone: a killed job's partial output (a model, for a training stage)
+    never outlives the next start of that stage. Only this host's dead processes are judged; a
+    sibling of another host (a Slurm node) is left alone. Returns what was removed."""
+    final, host, removed = Path(final), socket.gethostname(), []
+    name = "".join(f"[{c}]" if c in "*?[" else c for c in final.name)  # glob-escaped
+    for stale in sorted([*final.parent.glob(f".{name}.tmp-*"), *final.parent.glob(f".{name}.old-*")]):
+        kind, _, suffix = stale.name.removeprefix(f".{final.name}.").partition("-")
+        parts = suffix.rsplit("-", 2)
+        owner, pid = (parts[0], parts[1]) if kind == "tmp" and len(parts) == 3 else (host, parts[0])
+        if kind not in ("tmp", "old") or owner != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        print(f"artifacts: removed {stale} (left by process {pid}, which is gone)", flush=True)
+        removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def artifact_dir(final: Path, stage: str, view: dict, inputs: dict[str, Path], seed: int) -> Iterator[Path]:
     """Yield a temporary directory; on success add config + provenance and rename it to ``final``.
 
-    On a rank other than 0 of a distributed job the directory is thrown away instead."""
+    Temporary dirs of earlier jobs that died are removed first (:func:`remove_stale_tmp`). On a
+    rank other than 0 of a distributed job the directory is thrown away instead."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     started = now()
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{int(time.time())}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        remove_stale_tmp(final)
+    tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{int(time.time())}")
     tmp.mkdir()
     if int(os.environ.get("RANK", "0")) != 0:  # torch.distributed: only rank 0 publishes the artifact
         try:

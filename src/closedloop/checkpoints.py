@@ -39,6 +39,8 @@ def work_dir(final: Path, view: dict, inputs: dict[str, Path], prefix: str | Non
     Other work dirs of the same artifact (``<prefix>-*``, default ``final``'s name) were left by
     a run on another config or other inputs and can never be resumed: rank 0 removes them."""
     final = Path(final)
+    if prefix is None and is_main_process():  # a killed job's partial artifact goes at the stage's next start
+        artifacts.remove_stale_tmp(final)
     prefix = prefix or final.name
     work = final.parent / ".work" / f"{prefix}-{cl_config.config_hash(view)[:12]}-{artifacts.inputs_key(inputs)[:12]}"
     if is_main_process() and work.parent.is_dir():
