@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, copy_repo
 
-from closedloop import artifacts, cli, paths
+from closedloop import artifacts, cli, config, paths
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -284,3 +284,103 @@ def test_temp_dirs_of_dead_jobs_are_removed_at_the_next_start(tmp_path, capsys):
     with artifacts.artifact_dir(final.with_name("data"), "data", {}, {}, 0) as out:  # its next start
         (out / "rows.jsonl").write_text("{}\n")
     assert not (final.parent / names["other_artifact"]).exists()
+
+
+# ---------------------------------------------------------------- data files (source: jsonl)
+
+def _row(i, question=None, **kw):
+    return json.dumps({"id": f"r{i}", "question": question or f"What is {i} + 1?", "answer": str(i + 1), **kw})
+
+
+DATA_CASES = [  # id, heldout file content (bytes), extra overrides, message after "<file>:" (None: no line)
+    ("non_utf8", _row(1).encode() + b"\n" + b'{"id": "r2", "question": "caf\xe9?", "answer": "1"}\n', [],
+     "2: not valid UTF-8 (byte 30 of the line: b'\\xe9')"),
+    ("question_too_long", (_row(1, "x" * 4001) + "\n").encode(), [],
+     "1: question has 4001 characters, more than data.max_question_chars = 4000"),
+    ("answer_too_long", (_row(1) + "\n" + json.dumps({"id": "a", "question": "q?", "answer": "9" * 11})).encode(),
+     ["data.max_answer_chars=10"], "2: answer has 11 characters, more than data.max_answer_chars = 10"),
+    ("too_many_rows", "".join(_row(i) + "\n" for i in range(3)).encode(), ["data.max_rows=2"],
+     "3: more than data.max_rows = 2 rows"),
+    ("empty_file", b"\n\n", [], " no rows (data.tasks.mine.heldout_path: expected at least one)"),
+    ("bad_json", (_row(1) + "\n" + _row(2) + "\n{'id': 3}\n").encode(), [], "3: not valid JSON (Expecting property name enclosed in double quotes)"),
+    ("missing_answer", json.dumps({"id": "a", "question": "q?"}).encode(), [], "1: missing required key 'answer'"),
+    ("duplicate_id", (_row(1) + "\n" + _row(1) + "\n").encode(), [], "2: duplicate id 'r1'"),
+    ("eleven_choices", json.dumps({"id": "a", "question": "q?", "answer": "A",
+                                   "choices": [str(c) for c in range(11)]}).encode(), [],
+     "1: 11 choices (expected 2..10, data.max_choices)"),
+    ("empty_question", json.dumps({"id": "a", "question": "  ", "answer": "1"}).encode(), [], "1: empty question"),
+    ("missing_file", None, [], " cannot read (No such file or directory) (data.tasks.mine.heldout_path)"),
+]
+
+
+@pytest.mark.parametrize("content,extra,message", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_bad_task_files_name_file_and_line(capsys, tmp_path, content, extra, message):
+    """Issue 15 §4: every refusal of a user's task file is one line naming ``file:line``; the data
+    artifact is not written (nor its temp dir left behind)."""
+    heldout = tmp_path / "heldout.jsonl"
+    if content is not None:
+        heldout.write_bytes(content)
+    rc, err = run_cli(capsys, "run-stage", "data", "--config", str(ROOT / "configs/smoke.yaml"),
+                      f"data_dir={tmp_path / 'data'}", "data.tasks.mine.source=jsonl",
+                      f"data.tasks.mine.heldout_path={heldout}", "job.task=mine", *extra)
+    assert rc == 2 and err.strip().splitlines()[-1] == f"closedloop: data: {heldout}:{message}".replace(":  ", ": ")
+    assert not (tmp_path / "data" / "smoke").exists() or not any((tmp_path / "data" / "smoke").iterdir())
+
+
+def test_train_heldout_overlap_ignores_case_and_spaces(capsys, tmp_path):
+    """Issue 15 §4: the same question upper-cased with trailing spaces is caught as an overlap."""
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    train.write_text(_row(1, "What is 2 + 2?") + "\n" + _row(2) + "\n")
+    heldout.write_text(_row(9, "WHAT IS  2 + 2?   ") + "\n")
+    rc, err = run_cli(capsys, "run-stage", "data", "--config", str(ROOT / "configs/smoke.yaml"),
+                      f"data_dir={tmp_path / 'data'}", "data.tasks.mine.source=jsonl", "data.tasks.mine.n_train=2",
+                      f"data.tasks.mine.train_path={train}", f"data.tasks.mine.heldout_path={heldout}", "job.task=mine")
+    assert rc == 2 and "closedloop: data: task mine: train row 'r1' also appears in the heldout split" in err
+    assert not (tmp_path / "data" / "smoke" / "mine").exists()
+
+
+# ---------------------------------------------------------------- model files
+
+@pytest.fixture(scope="module")
+def eval_dirs(tmp_path_factory):
+    """data_dir/results_dir with the smoke synthetic data built, for evaluation refusals."""
+    top = tmp_path_factory.mktemp("models")
+    assert cli.main(["run-stage", "data", "--config", str(ROOT / "configs/smoke.yaml"), f"data_dir={top / 'data'}",
+                     "job.task=synthetic"]) == 0
+    return top
+
+
+def _truncated_sft(results: Path) -> Path:
+    from closedloop import models
+
+    model = results / "smoke" / "sft" / "model"
+    shutil.copytree(models.tiny_dir(config.load([ROOT / "configs/smoke.yaml"]).model), model)
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)
+    return weights
+
+
+MODEL_CASES = [  # id, overrides, how the message starts (a callable of the results dir)
+    ("missing_dir", ["job.model=base", "model.kind=hf", "model.name_or_path=/nonexistent/model"],
+     lambda r: "/nonexistent/model: no such model dir"),
+    ("hub_id_offline", ["job.model=base", "model.kind=hf", "model.name_or_path=nobody/no-such-model"],
+     lambda r: "nobody/no-such-model: cannot load the model: We couldn't connect"),
+    ("not_a_model_dir", ["job.model=base", "model.kind=hf", f"model.name_or_path={ROOT / 'configs'}"],
+     lambda r: f"{ROOT / 'configs'}: not a from_pretrained model dir (no config.json)"),
+    ("truncated_weights", ["job.model=sft"], lambda r: f"{_truncated_sft(r)}: corrupt or truncated weights "
+                                                       "(Error while deserializing header: incomplete metadata"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
+def test_bad_models_fail_in_one_line_naming_the_file(capsys, eval_dirs, tmp_path, overrides, message):
+    """Issue 15 §4: a missing model path, a hub id offline, a dir that is no model and truncated
+    safetensors each give one line naming the path (no traceback); no evaluation is written."""
+    results = tmp_path / "results"
+    expected = message(results)
+    rc, err = run_cli(capsys, "run-stage", "evaluate", "--config", str(ROOT / "configs/smoke.yaml"),
+                      f"data_dir={eval_dirs / 'data'}", f"results_dir={results}", "job.task=synthetic", *overrides)
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"closedloop: evaluate: {expected}"), err
+    assert not (results / "smoke" / "eval").exists() or not any((results / "smoke" / "eval").rglob("*.json"))

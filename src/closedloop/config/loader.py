@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 from closedloop import stage_table
 from closedloop.config.common import SharedSections, check_shared
 from closedloop.config.core import ConfigError, explain, load_yaml, merge
-from closedloop.config.llm import LLMSections, check_llm, dpo_for
+from closedloop.config.llm import DATA_LIMITS, LLMSections, check_llm, dpo_for
 from closedloop.config.vlm import VLMSections, check_vlm, narrowed_sections
 
 
@@ -106,6 +106,8 @@ def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: in
             view[top] = full[top]
     if tasks:
         view["data"] = {"tasks": {t: full["data"]["tasks"][t] for t in tasks}}
+        if stage == "data" and any(full["data"]["tasks"][t]["source"] == "jsonl" for t in tasks):
+            view["data"].update({key: full["data"][key] for key in DATA_LIMITS})  # they judge a user's file
     if stage == "dpo" and iteration is not None:
         view["dpo"] = OmegaConf.to_container(dpo_for(cfg, iteration), enum_to_str=True)
     if model is not None:
