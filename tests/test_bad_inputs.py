@@ -384,3 +384,100 @@ def test_bad_models_fail_in_one_line_naming_the_file(capsys, eval_dirs, tmp_path
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"closedloop: evaluate: {expected}"), err
     assert not (results / "smoke" / "eval").exists() or not any((results / "smoke" / "eval").rglob("*.json"))
+
+
+# ---------------------------------------------------------------- lineage verify
+
+@pytest.fixture
+def chain(tmp_path, monkeypatch):
+    """A recorded chain in a temp root: data -> eval (metrics.json) -> report.md (a file artifact)."""
+    monkeypatch.chdir(tmp_path)
+    data, ev = Path("data/x/synthetic"), Path("results/x/eval/sft/synthetic")
+    with artifacts.artifact_dir(data, "data", {"seed": 0}, {}, 0) as out:
+        (out / "heldout.jsonl").write_text(_row(1) + "\n")
+    with artifacts.artifact_dir(ev, "evaluate", {"eval": {"k": 4}}, {"data": data}, 0) as out:
+        (out / "metrics.json").write_text('{"accuracy": 0.5}\n')
+    write_report(ev)
+    return tmp_path
+
+
+def write_report(ev: Path) -> Path:
+    """What stage report does: the text from the metrics, then its sidecars naming the metrics it read."""
+    report, metrics = Path("results/x/report.md"), ev / "metrics.json"
+    report.write_text(f"accuracy {json.loads(metrics.read_text())['accuracy']}\n")
+    artifacts.write_sidecars(report.parent, "report", {"report": {}}, {"eval": metrics}, artifacts.now(), 0,
+                             prefix="report.", output=artifacts.output_record(
+                                 report, {report.name: artifacts.sha256_file(report)}, primary=report.name))
+    return report
+
+
+def _add_hidden(root):
+    (root / "results/x/eval/sft/synthetic/.stray_hidden").write_text("x")
+
+
+def _add_hidden_dir(root):
+    (root / "results/x/eval/sft/synthetic/.hidden_dir").mkdir()
+    (root / "results/x/eval/sft/synthetic/.hidden_dir/payload.bin").write_bytes(b"\0" * 8)
+
+
+def _edit_sidecar(root):
+    sidecar = root / "results/x/eval/sft/synthetic/config.yaml"
+    sidecar.write_text(sidecar.read_text().replace("k: 4", "k: 8"))
+
+
+def _fake_number(root):
+    """Edit metrics.json, rebuild the report from it, restore metrics.json (issue 15 §5)."""
+    metrics = root / "results/x/eval/sft/synthetic/metrics.json"
+    good = metrics.read_text()
+    metrics.write_text('{"accuracy": 0.99}\n')
+    write_report(Path("results/x/eval/sft/synthetic"))
+    metrics.write_text(good)
+
+
+def _delete_producer(root):
+    shutil.rmtree(root / "data/x/synthetic")
+
+
+LINEAGE_CASES = [  # id, the fault, the line verify prints
+    ("hidden_file", _add_hidden, "ADDED {root}/results/x/eval/sft/synthetic/.stray_hidden in results/x/eval/sft/"
+                                 "synthetic [evaluate]: not in the record"),
+    ("hidden_dir", _add_hidden_dir, "ADDED {root}/results/x/eval/sft/synthetic/.hidden_dir/payload.bin in "),
+    ("sidecar_edit", _edit_sidecar, "MODIFIED {root}/results/x/eval/sft/synthetic/config.yaml in results/x/eval/sft/"
+                                    "synthetic [evaluate]: config_hash recorded"),
+    ("consumed_other_input", _fake_number, "STALE results/x/report.md [report]: input 'eval' "
+                                           "{root}/results/x/eval/sft/synthetic/metrics.json is sha256"),
+    ("deleted_producer", _delete_producer, "MISSING PRODUCER data/x/synthetic of input 'data' of results/x/eval/sft/"
+                                           "synthetic [evaluate]: deleted"),
+]
+
+
+@pytest.mark.parametrize("fault,line", [c[1:] for c in LINEAGE_CASES], ids=[c[0] for c in LINEAGE_CASES])
+def test_verify_finds_every_change_along_the_chain(chain, capsys, fault, line):
+    """Issue 15 §5: ``closedloop lineage verify`` (exit 1) names a hidden file added to an artifact,
+    an edited config sidecar, a consumer whose input is not what it consumed, a deleted producer."""
+    rc, _ = run_cli(capsys, "lineage", "verify", "--root", str(chain))
+    assert rc == 0
+    fault(chain)
+    rc = cli.main(["lineage", "verify", "--root", str(chain)])
+    out = capsys.readouterr()
+    assert rc == 1 and line.format(root=chain) in out.out, out.out
+
+
+def test_vlm_report_records_its_content(tmp_path, monkeypatch, capsys):
+    """Issue 15 §5: a clean V-DPO report no longer fails verify as UNRECORDED; an edit to it is named."""
+    from closedloop.stages import vlm_report
+    from closedloop.vlm import pope
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load([ROOT / "configs/vlm_smoke.yaml"], ["vlm.pope.models=[sft]"])
+    scores = pope.metrics_from_confusion(pope.confusion([1, 0, 1, 0], ["yes", "no", "no", "no"]))
+    ci = {key: [0.0, 1.0] for key in scores}
+    metrics = {"all": {**scores, "n": 4, "ci": ci}, "splits": {s: {**scores, "n": 4, "ci": ci} for s in pope.SPLITS}}
+    with artifacts.artifact_dir(paths.pope_dir(cfg, "sft"), "pope", {}, {}, 0) as out:
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    vlm_report.main(cfg)
+    assert cli.main(["lineage", "verify", "--root", str(tmp_path)]) == 0
+    report = paths.vlm_report_file(cfg)
+    report.write_text(report.read_text() + "| vdpo | 99.9 |\n")
+    assert cli.main(["lineage", "verify", "--root", str(tmp_path)]) == 1
+    assert f"MODIFIED {tmp_path / report} in {report} [vlm_report]: recorded sha256" in capsys.readouterr().out

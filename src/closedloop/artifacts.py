@@ -34,6 +34,8 @@ from closedloop import dvc_store
 
 PROVENANCE = "provenance.json"
 CONFIG = "config.yaml"
+MARKERS = (".snakemake_timestamp",)
+"""Files Snakemake writes into a finished output dir: not part of the content."""
 KEY_PACKAGES = ("closedloop", "torch", "transformers", "trl", "peft", "datasets", "omegaconf")
 
 
@@ -45,19 +47,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def file_hashes(path: Path) -> dict[str, str]:
-    """sha256 of every payload file of a directory, keyed by its relative POSIX path.
+def file_hashes(path: Path, sha=None) -> dict[str, str]:
+    """sha256 of every payload file of a directory, hidden ones included, keyed by its
+    relative POSIX path (``sha``: the file hasher, :func:`sha256_file` by default).
 
-    The provenance and config files inside a directory, and hidden files (such as
-    Snakemake's ``.snakemake_timestamp``), are left out: the hashes name the payload.
+    The provenance and config files at the top and Snakemake's markers (:data:`MARKERS`) are
+    left out: the hashes name the payload, and a file slipped in, hidden or not, changes them.
     """
-    path = Path(path)
+    path, sha = Path(path), sha or sha256_file
     hashes = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
-        if rel in (PROVENANCE, CONFIG) or any(part.startswith(".") for part in Path(rel).parts):
+        if rel in (PROVENANCE, CONFIG) or file.name in MARKERS:
             continue
-        hashes[rel] = sha256_file(file)
+        hashes[rel] = sha(file)
     return hashes
 
 
@@ -69,14 +72,14 @@ def manifest_hash(hashes: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def content_hash(path: Path) -> str:
+def content_hash(path: Path, sha=None) -> str:
     """sha256 of a file, or of a directory's (relative path, file hash) list (see :func:`file_hashes`)."""
-    path = Path(path)
+    path, sha = Path(path), sha or sha256_file
     if path.is_file():
-        return sha256_file(path)
+        return sha(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such artifact")
-    return manifest_hash(file_hashes(path))
+    return manifest_hash(file_hashes(path, sha))
 
 
 def record_path(artifact: Path) -> Path | None:

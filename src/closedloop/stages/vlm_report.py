@@ -17,5 +17,6 @@ def main(cfg) -> None:
     with artifacts.atomic_file(out) as fh:
         fh.write(render_report(cfg))
     artifacts.write_sidecars(out.parent, "vlm_report", view, {t: paths.pope_dir(cfg, t) for t in tags}, started,
-                             cfg.seed, prefix="report.")
+                             cfg.seed, prefix="report.",  # its own content too, so lineage verify can check it
+                             output=artifacts.output_record(out, {out.name: artifacts.sha256_file(out)}, primary=out.name))
     print(f"vlm_report: -> {out}")
