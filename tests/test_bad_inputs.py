@@ -481,3 +481,19 @@ def test_vlm_report_records_its_content(tmp_path, monkeypatch, capsys):
     report.write_text(report.read_text() + "| vdpo | 99.9 |\n")
     assert cli.main(["lineage", "verify", "--root", str(tmp_path)]) == 1
     assert f"MODIFIED {tmp_path / report} in {report} [vlm_report]: recorded sha256" in capsys.readouterr().out
+
+
+def test_full_disk_leaves_no_artifact_and_no_temp_dir(tmp_path):
+    """A write that fails half way (RLIMIT_FSIZE standing in for a full disk): the stage fails
+    naming the error, and neither the artifact nor its temp dir is left."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    run = subprocess.run([sys.executable, "-m", "closedloop", "run-stage", "data", "--config",
+                          str(ROOT / "configs/smoke.yaml"), f"data_dir={tmp_path / 'data'}", "job.task=synthetic"],
+                         env=env(), capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert run.returncode == 1 and "OSError: [Errno 27] File too large" in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "data" / "smoke").exists() or not any((tmp_path / "data" / "smoke").iterdir())
+
