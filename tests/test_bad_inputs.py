@@ -445,7 +445,7 @@ LINEAGE_CASES = [  # id, the fault, the line verify prints
     ("sidecar_edit", _edit_sidecar, "MODIFIED {root}/results/x/eval/sft/synthetic/config.yaml in results/x/eval/sft/"
                                     "synthetic [evaluate]: config_hash recorded"),
     ("consumed_other_input", _fake_number, "STALE results/x/report.md [report]: input 'eval' "
-                                           "{root}/results/x/eval/sft/synthetic/metrics.json is sha256"),
+                                           "results/x/eval/sft/synthetic/metrics.json was sha256"),
     ("deleted_producer", _delete_producer, "MISSING PRODUCER data/x/synthetic of input 'data' of results/x/eval/sft/"
                                            "synthetic [evaluate]: deleted"),
 ]
@@ -497,3 +497,14 @@ def test_full_disk_leaves_no_artifact_and_no_temp_dir(tmp_path):
     assert run.returncode == 1 and "OSError: [Errno 27] File too large" in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "data" / "smoke").exists() or not any((tmp_path / "data" / "smoke").iterdir())
 
+
+
+def test_a_changed_file_is_named_once_not_again_at_each_consumer(chain, capsys):
+    """A file edited on disk is its producer's MODIFIED line; its consumers, which read what the
+    producer recorded, are not flagged again (the count names one artifact)."""
+    metrics = chain / "results/x/eval/sft/synthetic/metrics.json"
+    metrics.write_text('{"accuracy": 0.51}\n')
+    assert cli.main(["lineage", "verify", "--root", str(chain)]) == 1
+    out = capsys.readouterr()
+    assert f"MODIFIED {metrics} in results/x/eval/sft/synthetic [evaluate]" in out.out and "STALE" not in out.out
+    assert "3 artifacts checked, 1 no longer match their record: results/x/eval/sft/synthetic" in out.err

@@ -273,7 +273,7 @@ class Hasher:
 def verify_node(node: Node, root: Path | None = None, sha: Hasher | None = None) -> list[str]:
     """One line per way the artifact no longer matches its record: a payload file changed,
     missing or added (hidden ones too), its ``config.yaml`` sidecar edited, an input whose
-    content now differs from what this artifact consumed, or an input's producer that is gone."""
+    producer records other content than this artifact read, or an input's producer that is gone."""
     sha = sha or Hasher()
     art = node.record.get("artifact")
     where = f"{node.key} [{node.stage}]"
@@ -292,7 +292,7 @@ def verify_node(node: Node, root: Path | None = None, sha: Hasher | None = None)
             problems.append(f"ADDED {base / rel} in {where}: not in the record")
     problems += _verify_sidecar(node, where)
     if root is not None:
-        problems += _verify_edges(node, root, where, sha)
+        problems += _verify_edges(node, root, where)
     return problems
 
 
@@ -313,19 +313,44 @@ def _verify_sidecar(node: Node, where: str) -> list[str]:
     return []
 
 
-def _verify_edges(node: Node, root: Path, where: str, sha: Hasher) -> list[str]:
-    """Each input as consumed: its producer still exists, and its content is what this artifact read."""
+def recorded_input_hash(producer: Node, path: Path) -> str | None:
+    """What ``producer``'s record says the content of ``path`` (the artifact, a file or a
+    subdir of it) is, computed as :func:`closedloop.artifacts.content_hash` would; None when the
+    record does not cover it."""
+    art = producer.record.get("artifact") or {}
+    files, base = art.get("files"), producer.record_file.parent
+    if files is None:
+        return None
+    if Path(os.path.abspath(path)) == Path(os.path.abspath(artifact_of_record(producer.record_file))):
+        return art.get("sha256")
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(base))).as_posix()
+    except ValueError:
+        return None
+    if rel in files:
+        return files[rel]
+    inside = {k[len(rel) + 1:]: v for k, v in files.items() if k.startswith(rel + "/")}
+    return artifacts.manifest_hash(inside) if inside else None
+
+
+def _verify_edges(node: Node, root: Path, where: str) -> list[str]:
+    """Each input as consumed: its producer still exists, and the content this artifact read is
+    what the producer recorded (record against record: a file changed on disk since is the
+    producer's own MODIFIED line, not repeated here)."""
     problems = []
     for name, (source, inp) in sorted(node.inputs.items()):
-        path = _resolve(inp.get("path", ""), root)
-        if source is not None and artifacts.record_path(_resolve(source, root)) is None:
+        if source is None:
+            continue
+        producer_path = _resolve(source, root)
+        if artifacts.record_path(producer_path) is None:
             problems.append(f"MISSING PRODUCER {source} of input '{name}' of {where}: deleted, but {node.key} "
                             "was made from it")
-        elif not path.exists():
-            problems.append(f"MISSING INPUT {path} ('{name}') of {where}")
-        elif inp.get("sha256") and (now := artifacts.content_hash(path, sha)) != inp["sha256"]:
-            problems.append(f"STALE {where}: input '{name}' {path} is sha256 {now[:12]} now, "
-                            f"{node.key} consumed {inp['sha256'][:12]}")
+            continue
+        producer = load_node(producer_path, root)
+        recorded = recorded_input_hash(producer, _resolve(inp.get("path", ""), root))
+        if inp.get("sha256") and recorded and recorded != inp["sha256"]:
+            problems.append(f"STALE {where}: input '{name}' {inp.get('path')} was sha256 {inp['sha256'][:12]} when "
+                            f"it was read, its producer {source} [{producer.stage}] records {recorded[:12]}")
     return problems
 
 
