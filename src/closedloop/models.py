@@ -135,8 +135,9 @@ def base_source(mcfg) -> str:
     return mcfg.name_or_path
 
 
-class ModelError(cl_config.InputError):
-    """A model dir or hub id that cannot be loaded; the message names the file or dir."""
+class ModelError(cl_config.InputError, OSError):
+    """A model dir or hub id that cannot be loaded; the message names the file or dir. Also an
+    OSError, as transformers' own loading errors are, for callers that catch those."""
 
 
 def _first_line(err: BaseException) -> str:
