@@ -201,6 +201,7 @@ def test_mcts_shard_never_resumes_trees_of_another_policy(smoke_cfg, monkeypatch
 
     cfg = smoke_cfg
     cfg.mcts.n_prompts, cfg.mcts.n_shards, cfg.mcts.trees_per_batch = 2, 1, 1
+    cfg.mcts.b1, cfg.mcts.simulations, cfg.mcts.max_step_tokens, cfg.mcts.max_completion_tokens = 2, 1, 8, 12  # small
     cfg.job.iteration, cfg.job.shard = 1, 0
     _build(cfg)
     with monkeypatch.context() as patch:
@@ -508,3 +509,41 @@ def test_a_changed_file_is_named_once_not_again_at_each_consumer(chain, capsys):
     out = capsys.readouterr()
     assert f"MODIFIED {metrics} in results/x/eval/sft/synthetic [evaluate]" in out.out and "STALE" not in out.out
     assert "3 artifacts checked, 1 no longer match their record: results/x/eval/sft/synthetic" in out.err
+
+
+def test_a_second_run_at_once_is_refused_and_the_first_finishes(data_repo, tmp_path):
+    """Two ``snakemake`` runs in one checkout: while the first's job runs (held open on a FIFO
+    it reads as its task file), the second is refused by Snakemake's lock and writes nothing;
+    the first then finishes with its artifact complete, the finished one untouched."""
+    fifo = tmp_path / "heldout.jsonl"
+    os.mkfifo(fifo)
+    task = f"data={{tasks: {{mine: {{source: jsonl, heldout_path: {fifo}}}}}}}"
+    args = ["--cores", "1", "--configfile", "configs/smoke.yaml", "--config", task, "--", "data/smoke/mine"]
+    finished = snapshot(data_repo / "data" / "smoke" / "synthetic")
+    first = subprocess.Popen([*SNAKEMAKE, *args], cwd=data_repo, env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        incomplete = data_repo / ".snakemake" / "incomplete"
+        for _ in range(3000):  # the job has started (so the lock is held) once its output is marked incomplete
+            if incomplete.is_dir() and any(incomplete.iterdir()) or first.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.1"])
+        second = subprocess.run([*SNAKEMAKE, *args], cwd=data_repo, env=env(), capture_output=True, text=True,
+                                timeout=300)
+        for _ in range(3000):  # once the first job opens the FIFO to read, hand it its rows
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no reader yet
+                subprocess.run(["sleep", "0.1"])
+                continue
+            os.write(fd, "".join(_row(i) + "\n" for i in range(3)).encode())
+            os.close(fd)
+            break
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, 9)
+    assert second.returncode == 1 and "Directory cannot be locked" in second.stderr, second.stderr[-2000:]
+    assert first.returncode == 0, err[-2000:]
+    assert json.loads((data_repo / "data/smoke/mine/stats.json").read_text())["rows"]["heldout"] == 3
+    assert snapshot(data_repo / "data" / "smoke" / "synthetic") == finished
