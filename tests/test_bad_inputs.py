@@ -90,12 +90,14 @@ BAD_NAMES = [
     ("experiment=-rf", "key 'experiment': expected a name"),
     ("experiment=" + "x" * 101, "key 'experiment': expected a name"),
     ("data.tasks.a$b.source=synthetic", "key 'data.tasks.a$b': expected a name"),
+    ("results_dir=README.md", "key 'results_dir': 'README.md' is a file (expected a directory"),
 ]
 
 
 @pytest.mark.parametrize("override,message", BAD_NAMES, ids=[o.split("=")[0] + str(i) for i, (o, _) in
                                                               enumerate(BAD_NAMES)])
-def test_unsafe_paths_are_refused_when_the_config_loads(capsys, tmp_path, override, message):
+def test_unsafe_paths_are_refused_when_the_config_loads(capsys, monkeypatch, override, message):
+    monkeypatch.chdir(ROOT)
     rc, err = run_cli(capsys, "show-config", "--config", str(ROOT / "configs/smoke.yaml"), override)
     assert rc == 2 and f"closedloop: config error: {ROOT / 'configs/smoke.yaml'} + command line: {message}" in err
 

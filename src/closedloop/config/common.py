@@ -165,6 +165,8 @@ def check_dir(key: str, value: str) -> None:
         except ConfigError:
             raise ConfigError(f"key '{key}': expected a path of names made of letters, digits and '._-' (no '..', "
                               f"no component starting with '.' or '-'), got {value!r}") from None
+    if Path(value).exists() and not Path(value).is_dir():
+        raise ConfigError(f"key '{key}': {value!r} is a file (expected a directory, or a path not yet created)")
     if path.is_absolute():
         roots = allowed_roots()
         resolved = Path(value).resolve()
