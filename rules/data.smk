@@ -10,7 +10,7 @@ rule data:
     benchmark:
         str(LOGS / "data" / "{task}.benchmark.tsv")
     shell:
-        "closedloop run-stage data --config-yaml {params.cfg:q} job.task={wildcards.task} --log {log}"
+        "closedloop run-stage data --config-yaml {params.cfg:q} job.task={wildcards.task:q} --log {log:q}"
 
 
 rule track_data:
@@ -25,4 +25,4 @@ rule track_data:
     log:
         str(LOGS / "track_data.log"),
     shell:
-        "dvc add --quiet {params.data_dir} 2>&1 | tee {log}"
+        "dvc add --quiet {params.data_dir:q} 2>&1 | tee {log:q}"

@@ -19,7 +19,7 @@ rule dpo:
         str(LOGS / "{loop}iter{k}" / "dpo.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage dpo --config-yaml {params.cfg:q}"
-        " job.iteration={wildcards.k} job.variant={params.variant} --log {log}"
+        " job.iteration={wildcards.k:q} job.variant={params.variant:q} --log {log:q}"
 
 
 # The instance-level online ablation's pairs: sampled full solutions, correct vs incorrect.
@@ -39,7 +39,7 @@ rule instance:
         str(LOGS / "ablations" / "instance_online" / "iter{k}" / "instance.log"),
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage instance --config-yaml {params.cfg:q}"
-        " job.iteration={wildcards.k} --log {log}"
+        " job.iteration={wildcards.k:q} --log {log:q}"
 
 
 for _ablation in cl_config.ABLATIONS:

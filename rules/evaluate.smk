@@ -15,7 +15,7 @@ rule evaluate:
         str(LOGS / "evaluate" / "{model}" / "{task}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage evaluate --config-yaml {params.cfg:q}"
-        " job.model={wildcards.model} job.task={wildcards.task} --log {log}"
+        " job.model={wildcards.model:q} job.task={wildcards.task:q} --log {log:q}"
 
 
 rule evaluate_decoding:
@@ -35,5 +35,5 @@ rule evaluate_decoding:
         str(LOGS / "decodings" / "{model}" / "{task}" / "{decoding}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage evaluate_decoding --config-yaml {params.cfg:q}"
-        " job.model={wildcards.model} job.task={wildcards.task} job.decoding={wildcards.decoding}"
-        " --log {log}"
+        " job.model={wildcards.model:q} job.task={wildcards.task:q} job.decoding={wildcards.decoding:q}"
+        " --log {log:q}"

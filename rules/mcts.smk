@@ -20,7 +20,7 @@ rule mcts:
         str(LOGS / "{loop}iter{k}" / "mcts" / "shards.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage mcts --config-yaml {params.cfg:q}"
-        " job.iteration={wildcards.k} job.variant={params.variant} --log {log}"
+        " job.iteration={wildcards.k:q} job.variant={params.variant:q} --log {log:q}"
 
 
 rule mcts_merge:
@@ -40,5 +40,5 @@ rule mcts_merge:
     log:
         str(LOGS / "{loop}iter{k}" / "mcts" / "merge.log"),
     shell:
-        "closedloop run-stage mcts_merge --config-yaml {params.cfg:q} job.iteration={wildcards.k}"
-        " job.variant={params.variant} --log {log}"
+        "closedloop run-stage mcts_merge --config-yaml {params.cfg:q} job.iteration={wildcards.k:q}"
+        " job.variant={params.variant:q} --log {log:q}"

@@ -41,4 +41,4 @@ rule report:
     benchmark:
         str(LOGS / "report.benchmark.tsv")
     shell:
-        "closedloop run-stage report --config-yaml {params.cfg:q} --log {log}"
+        "closedloop run-stage report --config-yaml {params.cfg:q} --log {log:q}"

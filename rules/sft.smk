@@ -13,4 +13,4 @@ rule sft:
     benchmark:
         str(LOGS / "sft.benchmark.tsv")
     shell:
-        "OMP_NUM_THREADS={threads} closedloop run-stage sft --config-yaml {params.cfg:q} --log {log}"
+        "OMP_NUM_THREADS={threads} closedloop run-stage sft --config-yaml {params.cfg:q} --log {log:q}"

@@ -18,7 +18,7 @@ rule vlcot_data:
     benchmark:
         str(VLCOT_LOGS / "vlcot_data.benchmark.tsv")
     shell:
-        "closedloop run-stage vlcot_data --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+        "closedloop run-stage vlcot_data --config-yaml {params.cfg:q} --log {log:q}"
 
 
 rule vlcot_sft:
@@ -39,7 +39,7 @@ rule vlcot_sft:
         str(VLCOT_LOGS / "sft_{variant}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage vlcot_sft --config-yaml {params.cfg:q}"
-        " job.model={wildcards.variant} 2>&1 | tee {log}"
+        " job.model={wildcards.variant:q} --log {log:q}"
 
 
 rule vlcot_rejection:
@@ -59,7 +59,7 @@ rule vlcot_rejection:
         str(VLCOT_LOGS / "rejection_round{k}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage vlcot_rejection --config-yaml {params.cfg:q}"
-        " job.model=round{wildcards.k} 2>&1 | tee {log}"
+        " job.model=round{wildcards.k:q} --log {log:q}"
 
 
 rule vlcot_eval:
@@ -81,7 +81,7 @@ rule vlcot_eval:
         str(VLCOT_LOGS / "eval_{vlcot_model}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage vlcot_eval --config-yaml {params.cfg:q}"
-        " job.model={wildcards.vlcot_model} 2>&1 | tee {log}"
+        " job.model={wildcards.vlcot_model:q} --log {log:q}"
 
 
 rule vlcot_report:
@@ -97,7 +97,7 @@ rule vlcot_report:
     log:
         str(VLCOT_LOGS / "vlcot_report.log"),
     shell:
-        "closedloop run-stage vlcot_report --config-yaml {params.cfg:q} 2>&1 | tee {log}"
+        "closedloop run-stage vlcot_report --config-yaml {params.cfg:q} --log {log:q}"
 
 
 rule vlcot_all:

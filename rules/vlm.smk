@@ -18,7 +18,7 @@ rule vlm_data:
     benchmark:
         str(VLM_LOGS / "vlm_data.benchmark.tsv")
     shell:
-        "closedloop run-stage vlm_data --config-yaml {params.cfg:q} --log {log}"
+        "closedloop run-stage vlm_data --config-yaml {params.cfg:q} --log {log:q}"
 
 
 rule vlm_sft:
@@ -36,7 +36,7 @@ rule vlm_sft:
     benchmark:
         str(VLM_LOGS / "vlm_sft.benchmark.tsv")
     shell:
-        "OMP_NUM_THREADS={threads} closedloop run-stage vlm_sft --config-yaml {params.cfg:q} --log {log}"
+        "OMP_NUM_THREADS={threads} closedloop run-stage vlm_sft --config-yaml {params.cfg:q} --log {log:q}"
 
 
 rule vdpo_pairs:
@@ -53,7 +53,7 @@ rule vdpo_pairs:
     benchmark:
         str(VLM_LOGS / "vdpo_pairs.benchmark.tsv")
     shell:
-        "closedloop run-stage vdpo_pairs --config-yaml {params.cfg:q} --log {log}"
+        "closedloop run-stage vdpo_pairs --config-yaml {params.cfg:q} --log {log:q}"
 
 
 # V-DPO (γ = vlm.vdpo.gamma) and its plain-DPO ablation (γ = 1) on the same pairs.
@@ -77,7 +77,7 @@ rule vdpo:
         str(VLM_LOGS / "{variant}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage vdpo --config-yaml {params.cfg:q}"
-        " job.variant={wildcards.variant} --log {log}"
+        " job.variant={wildcards.variant:q} --log {log:q}"
 
 
 rule pope:
@@ -99,7 +99,7 @@ rule pope:
         str(VLM_LOGS / "pope" / "{vlm_model}.benchmark.tsv")
     shell:
         "OMP_NUM_THREADS={threads} closedloop run-stage pope --config-yaml {params.cfg:q}"
-        " job.model={wildcards.vlm_model} --log {log}"
+        " job.model={wildcards.vlm_model:q} --log {log:q}"
 
 
 rule vlm_report:
@@ -120,7 +120,7 @@ rule vlm_report:
     log:
         str(VLM_LOGS / "vlm_report.log"),
     shell:
-        "closedloop run-stage vlm_report --config-yaml {params.cfg:q} --log {log}"
+        "closedloop run-stage vlm_report --config-yaml {params.cfg:q} --log {log:q}"
 
 
 rule vdpo_all:

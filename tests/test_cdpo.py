@@ -143,3 +143,14 @@ def test_lora_training_step_moves_only_the_adapters_and_merges(models_, tmp_path
 def test_unsupported_loss_settings_are_refused(models_, tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         make(ConservativeDPOTrainer, models_, tmp_path, alphas=[0.0] * 4, loss_type=["ipo"])
+
+
+def test_loss_weights_scale_the_whole_cdpo_loss(models_, tmp_path):
+    """TRL's ``loss_weights: [w]`` multiplies the sigmoid loss; cDPO weights its α·β·h term too
+    (issue 15 §6: before, only the sigmoid part was weighted)."""
+    alphas = [0.2, 0.0, 0.5, 0.1]
+    ours = make(ConservativeDPOTrainer, models_, tmp_path, alphas=alphas, loss_weights=[2.0])
+    batch = batch_of(ours)
+    h = hand_margin(ours, batch)
+    expected = 2.0 * float(cdpo_loss(h, torch.tensor(alphas), BETA).mean())
+    assert loss_of(ours, batch) == pytest.approx(expected, abs=1e-5)

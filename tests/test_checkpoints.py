@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from closedloop import checkpoints
+from closedloop import artifacts, checkpoints
 
 
 def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
@@ -15,10 +15,19 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
     assert checkpoints.latest(tmp_path).name == "checkpoint-4" and checkpoints.step_of(checkpoints.latest(tmp_path)) == 4
 
 
-def test_work_dir_is_keyed_by_the_config_view(tmp_path):
-    a = checkpoints.work_dir(tmp_path / "sft", {"sft": {"learning_rate": 1e-4}})
-    b = checkpoints.work_dir(tmp_path / "sft", {"sft": {"learning_rate": 3e-5}})
+def test_work_dir_is_keyed_by_the_config_view_and_the_input_records(tmp_path):
+    data = tmp_path / "data"
+    with artifacts.artifact_dir(data, "data", {"seed": 0}, {}, 0) as out:
+        (out / "train.jsonl").write_text("{}\n")
+    a = checkpoints.work_dir(tmp_path / "sft", {"sft": {"learning_rate": 1e-4}}, {"data": data})
+    b = checkpoints.work_dir(tmp_path / "sft", {"sft": {"learning_rate": 3e-5}}, {"data": data})
     assert a.parent == tmp_path / ".work" and a.name.startswith("sft-") and a != b
+    a.mkdir(parents=True)
+    assert checkpoints.work_dir(tmp_path / "sft", {"sft": {"learning_rate": 1e-4}}, {"data": data}) == a
+    with artifacts.artifact_dir(data, "data", {"seed": 0}, {}, 0) as out:  # produced again, other rows
+        (out / "train.jsonl").write_text("{}\n{}\n")
+    c = checkpoints.work_dir(tmp_path / "sft", {"sft": {"learning_rate": 1e-4}}, {"data": data})
+    assert c != a and not a.exists()  # another input record: the old resume state is gone
 
 
 def test_train_log_keeps_rows_up_to_the_resumed_step(tmp_path, monkeypatch):

@@ -34,6 +34,8 @@ from closedloop import dvc_store
 
 PROVENANCE = "provenance.json"
 CONFIG = "config.yaml"
+MARKERS = (".snakemake_timestamp",)
+"""Files Snakemake writes into a finished output dir: not part of the content."""
 KEY_PACKAGES = ("closedloop", "torch", "transformers", "trl", "peft", "datasets", "omegaconf")
 
 
@@ -45,19 +47,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def file_hashes(path: Path) -> dict[str, str]:
-    """sha256 of every payload file of a directory, keyed by its relative POSIX path.
+def file_hashes(path: Path, sha=None) -> dict[str, str]:
+    """sha256 of every payload file of a directory, hidden ones included, keyed by its
+    relative POSIX path (``sha``: the file hasher, :func:`sha256_file` by default).
 
-    The provenance and config files inside a directory, and hidden files (such as
-    Snakemake's ``.snakemake_timestamp``), are left out: the hashes name the payload.
+    The provenance and config files at the top and Snakemake's markers (:data:`MARKERS`) are
+    left out: the hashes name the payload, and a file slipped in, hidden or not, changes them.
     """
-    path = Path(path)
+    path, sha = Path(path), sha or sha256_file
     hashes = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
-        if rel in (PROVENANCE, CONFIG) or any(part.startswith(".") for part in Path(rel).parts):
+        if rel in (PROVENANCE, CONFIG) or file.name in MARKERS:
             continue
-        hashes[rel] = sha256_file(file)
+        hashes[rel] = sha(file)
     return hashes
 
 
@@ -69,14 +72,14 @@ def manifest_hash(hashes: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def content_hash(path: Path) -> str:
+def content_hash(path: Path, sha=None) -> str:
     """sha256 of a file, or of a directory's (relative path, file hash) list (see :func:`file_hashes`)."""
-    path = Path(path)
+    path, sha = Path(path), sha or sha256_file
     if path.is_file():
-        return sha256_file(path)
+        return sha(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such artifact")
-    return manifest_hash(file_hashes(path))
+    return manifest_hash(file_hashes(path, sha))
 
 
 def record_path(artifact: Path) -> Path | None:
@@ -112,6 +115,21 @@ def input_record(path: Path) -> dict:
         record["artifact_stage"] = produced.get("stage")
         record["artifact_sha256"] = (produced.get("artifact") or {}).get("sha256")
     return record
+
+
+def inputs_key(inputs: dict[str, Path]) -> str:
+    """sha256 over each input's name, path and the sha256 of its producer's provenance record
+    (the record names the producer's content; an input without one: its own content hash).
+
+    Part of every resumable work dir's name (:func:`closedloop.checkpoints.work_dir`, MCTS
+    shards), so a job never resumes from state computed on other inputs (issue 15 §2)."""
+    digest = hashlib.sha256()
+    for name in sorted(inputs):
+        path = Path(inputs[name])
+        source = producer_of(path)
+        sha = sha256_file(record_path(source)) if source is not None else content_hash(path)
+        digest.update(f"{name}\0{path}\0{sha}\n".encode())
+    return digest.hexdigest()
 
 
 def output_record(final: Path, files: dict[str, str], primary: str | None = None) -> dict:
@@ -214,15 +232,48 @@ def _replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_tmp(final: Path) -> list[Path]:
+    """Remove the temporary siblings of ``final`` (``.<name>.tmp-<host>-<pid>-<time>`` of
+    :func:`artifact_dir`, ``.<name>.tmp-<pid>`` of :func:`atomic_file`, ``.<name>.old-<pid>`` of
+    a replace) whose process is gone: a killed job's partial output (a model, for a training stage)
+    never outlives the next start of that stage. Only this host's dead processes are judged; a
+    sibling of another host (a Slurm node) is left alone. Returns what was removed."""
+    final, host, removed = Path(final), socket.gethostname(), []
+    name = "".join(f"[{c}]" if c in "*?[" else c for c in final.name)  # glob-escaped
+    for stale in sorted([*final.parent.glob(f".{name}.tmp-*"), *final.parent.glob(f".{name}.old-*")]):
+        kind, _, suffix = stale.name.removeprefix(f".{final.name}.").partition("-")
+        parts = suffix.rsplit("-", 2)
+        owner, pid = (parts[0], parts[1]) if kind == "tmp" and len(parts) == 3 else (host, parts[0])
+        if kind not in ("tmp", "old") or owner != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        print(f"artifacts: removed {stale} (left by process {pid}, which is gone)", flush=True)
+        removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def artifact_dir(final: Path, stage: str, view: dict, inputs: dict[str, Path], seed: int) -> Iterator[Path]:
     """Yield a temporary directory; on success add config + provenance and rename it to ``final``.
 
-    On a rank other than 0 of a distributed job the directory is thrown away instead."""
+    Temporary dirs of earlier jobs that died are removed first (:func:`remove_stale_tmp`). On a
+    rank other than 0 of a distributed job the directory is thrown away instead."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     started = now()
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{int(time.time())}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        remove_stale_tmp(final)
+    tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{int(time.time())}")
     tmp.mkdir()
     if int(os.environ.get("RANK", "0")) != 0:  # torch.distributed: only rank 0 publishes the artifact
         try:

@@ -34,7 +34,9 @@ class ConservativeDPOTrainer(DPOTrainer):
     """TRL DPOTrainer with the cDPO loss of SPEC §3 and α per pair from the dataset.
 
     A dataset without an ``alpha`` column trains plain sigmoid DPO (α = 0). Responses that
-    end in a newline are partial solutions (one MCTS step): they get no EOS token.
+    end in a newline are partial solutions (one MCTS step): they get no EOS token. TRL's
+    ``loss_weights`` (one weight w for the one sigmoid loss) scales the whole cDPO loss,
+    w·[−(1−α)·log σ(βh) − α·log σ(−βh)], the α·β·h term included (SPEC §3).
     """
 
     def __init__(self, *args, **kwargs):
@@ -44,6 +46,7 @@ class ConservativeDPOTrainer(DPOTrainer):
             "f_divergence_type": self.f_divergence_type != "reverse_kl",
             "ld_alpha": self.ld_alpha is not None,
             "use_weighting": self.use_weighting,
+            "loss_weights": len(self.loss_weights) != 1,
         }
         bad = [name for name, is_bad in unsupported.items() if is_bad]
         if bad:
@@ -102,7 +105,8 @@ class ConservativeDPOTrainer(DPOTrainer):
             return result
         loss, outputs = result if return_outputs else (result, None)
         h = self.logratio_margin(captured, inputs)
-        loss = loss + (alpha.to(h.device, h.dtype) * self.beta * h).mean()
+        weight = float(self.loss_weights[0])  # TRL weighted its sigmoid loss by it: the α term too
+        loss = loss + weight * (alpha.to(h.device, h.dtype) * self.beta * h).mean()
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["alpha"].append(self.accelerator.gather(alpha.to(h.device)).mean().item())
         return (loss, outputs) if return_outputs else loss

@@ -1,9 +1,12 @@
-"""Resumable training for sft/dpo: HF Trainer checkpoints in a work dir keyed by the config.
+"""Resumable training for sft/dpo: HF Trainer checkpoints in a work dir keyed by the config
+and the inputs.
 
-The work dir (``<artifact parent>/.work/<name>-<config hash>/``) outlives a killed,
-preempted or requeued job, so the next run of the same stage with the same config view
-resumes from the latest complete ``checkpoint-<step>`` there; it is removed once the
-artifact is in place. How often to save comes from the launch settings
+The work dir (``<artifact parent>/.work/<name>-<config hash>-<inputs hash>/``) outlives a
+killed, preempted or requeued job, so the next run of the same stage with the same config
+view *and the same input artifacts* (the sha256 of each input's provenance record,
+:func:`closedloop.artifacts.inputs_key`) resumes from the latest complete
+``checkpoint-<step>`` there; a run on other inputs starts afresh and removes the stale work
+dirs of that artifact. It is removed once the artifact is in place. How often to save comes from the launch settings
 (``checkpoint_steps``, :mod:`closedloop.launch`), not from the experiment config, because it
 does not change what is trained.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from closedloop import artifacts
 from closedloop import config as cl_config
 
 STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint: its presence marks a complete checkpoint
@@ -28,10 +32,23 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def work_dir(final: Path, view: dict) -> Path:
-    """Where a stage producing ``final`` keeps its checkpoints and running train log."""
+def work_dir(final: Path, view: dict, inputs: dict[str, Path], prefix: str | None = None) -> Path:
+    """Where a stage producing ``final`` from ``inputs`` keeps its resume state (checkpoints,
+    running train log): keyed by the config view and :func:`~closedloop.artifacts.inputs_key`.
+
+    Other work dirs of the same artifact (``<prefix>-*``, default ``final``'s name) were left by
+    a run on another config or other inputs and can never be resumed: rank 0 removes them."""
     final = Path(final)
-    return final.parent / ".work" / f"{final.name}-{cl_config.config_hash(view)[:12]}"
+    if prefix is None and is_main_process():  # a killed job's partial artifact goes at the stage's next start
+        artifacts.remove_stale_tmp(final)
+    prefix = prefix or final.name
+    work = final.parent / ".work" / f"{prefix}-{cl_config.config_hash(view)[:12]}-{artifacts.inputs_key(inputs)[:12]}"
+    if is_main_process() and work.parent.is_dir():
+        for stale in work.parent.glob(f"{prefix}-*"):
+            if stale != work and stale.is_dir():
+                print(f"{prefix}: removing {stale} (resume state of another config or other inputs)", flush=True)
+                shutil.rmtree(stale, ignore_errors=True)
+    return work
 
 
 def latest(trainer_dir: Path) -> Path | None:

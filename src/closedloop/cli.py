@@ -198,6 +198,9 @@ def _main(argv: list[str] | None = None) -> int:
     except cl_config.ConfigError as err:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         return 2
+    except cl_config.InputError as err:  # a bad data or model file: its name (and line) says it all
+        print(f"closedloop: {args.stage}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -257,23 +257,100 @@ def all_nodes(top: Path, root: Path) -> dict[str, Node]:
     return nodes
 
 
-def verify_node(node: Node) -> list[str]:
-    """One line per file of the artifact whose content differs from its record (or is missing)."""
+class Hasher:
+    """sha256 of files, each read once per verify (an artifact's files are also its consumers' inputs)."""
+
+    def __init__(self):
+        self.cache: dict[Path, str] = {}
+
+    def __call__(self, file: Path) -> str:
+        file = Path(os.path.abspath(file))
+        if file not in self.cache:
+            self.cache[file] = artifacts.sha256_file(file)
+        return self.cache[file]
+
+
+def verify_node(node: Node, root: Path | None = None, sha: Hasher | None = None) -> list[str]:
+    """One line per way the artifact no longer matches its record: a payload file changed,
+    missing or added (hidden ones too), its ``config.yaml`` sidecar edited, an input whose
+    producer records other content than this artifact read, or an input's producer that is gone."""
+    sha = sha or Hasher()
     art = node.record.get("artifact")
     where = f"{node.key} [{node.stage}]"
     if not art or "files" not in art:
         return [f"UNRECORDED {where}: {node.record_file} has no content record (written before lineage; "
                 "rerun its stage)"]
     base, problems = node.record_file.parent, []
-    for rel, sha in sorted(art["files"].items()):
+    for rel, recorded in sorted(art["files"].items()):
         file = base / rel
         if not file.is_file():
-            problems.append(f"MISSING {file} in {where}: recorded sha256 {sha[:12]}")
-        elif (now := artifacts.sha256_file(file)) != sha:
-            problems.append(f"MODIFIED {file} in {where}: recorded sha256 {sha[:12]}, now {now[:12]}")
+            problems.append(f"MISSING {file} in {where}: recorded sha256 {recorded[:12]}")
+        elif (now := sha(file)) != recorded:
+            problems.append(f"MODIFIED {file} in {where}: recorded sha256 {recorded[:12]}, now {now[:12]}")
     if node.record_file.name == artifacts.PROVENANCE:
-        for rel in sorted(set(artifacts.file_hashes(base)) - set(art["files"])):
+        for rel in sorted(set(artifacts.file_hashes(base, sha)) - set(art["files"])):
             problems.append(f"ADDED {base / rel} in {where}: not in the record")
+    problems += _verify_sidecar(node, where)
+    if root is not None:
+        problems += _verify_edges(node, root, where)
+    return problems
+
+
+def _verify_sidecar(node: Node, where: str) -> list[str]:
+    """The ``config.yaml`` beside the record must still hash to the record's ``config_hash``."""
+    config_file = node.record_file.with_name(node.record_file.name.replace(artifacts.PROVENANCE, artifacts.CONFIG))
+    recorded = node.record.get("config_hash")
+    if recorded is None:
+        return []
+    if not config_file.is_file():
+        return [f"MISSING {config_file} in {where}: the config sidecar of config_hash {recorded[:12]}"]
+    try:
+        now = cl_config.config_hash(OmegaConf.to_container(OmegaConf.load(config_file)))
+    except Exception as err:  # not YAML any more
+        return [f"MODIFIED {config_file} in {where}: unreadable ({str(err).splitlines()[0]})"]
+    if now != recorded:
+        return [f"MODIFIED {config_file} in {where}: config_hash recorded {recorded[:12]}, now {now[:12]}"]
+    return []
+
+
+def recorded_input_hash(producer: Node, path: Path) -> str | None:
+    """What ``producer``'s record says the content of ``path`` (the artifact, a file or a
+    subdir of it) is, computed as :func:`closedloop.artifacts.content_hash` would; None when the
+    record does not cover it."""
+    art = producer.record.get("artifact") or {}
+    files, base = art.get("files"), producer.record_file.parent
+    if files is None:
+        return None
+    if Path(os.path.abspath(path)) == Path(os.path.abspath(artifact_of_record(producer.record_file))):
+        return art.get("sha256")
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(base))).as_posix()
+    except ValueError:
+        return None
+    if rel in files:
+        return files[rel]
+    inside = {k[len(rel) + 1:]: v for k, v in files.items() if k.startswith(rel + "/")}
+    return artifacts.manifest_hash(inside) if inside else None
+
+
+def _verify_edges(node: Node, root: Path, where: str) -> list[str]:
+    """Each input as consumed: its producer still exists, and the content this artifact read is
+    what the producer recorded (record against record: a file changed on disk since is the
+    producer's own MODIFIED line, not repeated here)."""
+    problems = []
+    for name, (source, inp) in sorted(node.inputs.items()):
+        if source is None:
+            continue
+        producer_path = _resolve(source, root)
+        if artifacts.record_path(producer_path) is None:
+            problems.append(f"MISSING PRODUCER {source} of input '{name}' of {where}: deleted, but {node.key} "
+                            "was made from it")
+            continue
+        producer = load_node(producer_path, root)
+        recorded = recorded_input_hash(producer, _resolve(inp.get("path", ""), root))
+        if inp.get("sha256") and recorded and recorded != inp["sha256"]:
+            problems.append(f"STALE {where}: input '{name}' {inp.get('path')} was sha256 {inp['sha256'][:12]} when "
+                            f"it was read, its producer {source} [{producer.stage}] records {recorded[:12]}")
     return problems
 
 
@@ -391,7 +468,8 @@ def _run_action(action: str, args, root: Path) -> int:
             _, nodes = graph(target, root)
         else:
             nodes = all_nodes(target, root)
-        bad = {key: verify_node(node) for key, node in sorted(nodes.items())}
+        sha = Hasher()
+        bad = {key: verify_node(node, root, sha) for key, node in sorted(nodes.items())}
         bad = {key: lines for key, lines in bad.items() if lines}
         for lines in bad.values():
             print("\n".join(lines))

@@ -221,6 +221,38 @@ def base_source(mcfg) -> str:
     return mcfg.name_or_path
 
 
+class ModelError(cl_config.InputError, OSError):
+    """A model dir or hub id that cannot be loaded; the message names the file or dir. Also an
+    OSError, as transformers' own loading errors are, for callers that catch those."""
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def check_source(source: str, key: str | None = None) -> None:
+    """Refuse, with one line naming the path, a model source that cannot load: a local path
+    that is missing, a dir without ``config.json``, or a ``*.safetensors`` file whose header
+    or length is wrong (truncated, corrupt). Reads only the headers. A hub id passes."""
+    where = f" ({key})" if key else ""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a from_pretrained model dir (no config.json){where}")
+        from safetensors import safe_open
+
+        for weights in sorted(path.glob("*.safetensors")):
+            try:
+                with safe_open(weights, "pt"):
+                    pass
+            except Exception as err:  # SafetensorError (no public import path), OSError
+                raise ModelError(f"{weights}: corrupt or truncated weights ({_first_line(err)})") from None
+    elif path.exists():
+        raise ModelError(f"{path}: a file, not a from_pretrained model dir{where}")
+    elif path.is_absolute() or source.startswith((".", "~")):
+        raise ModelError(f"{path}: no such model dir{where}")
+
+
 def load_tokenizer(source: str, mcfg):
     from transformers import AutoTokenizer
 
@@ -232,19 +264,24 @@ def load_tokenizer(source: str, mcfg):
     return tokenizer
 
 
-def load_dir(source: str | Path, mcfg, inference: bool = False):
+def load_dir(source: str | Path, mcfg, inference: bool = False, key: str | None = None):
     """(model, tokenizer) from a ``from_pretrained`` dir or hub id, in eval mode; in
-    ``model.inference_dtype`` (when set) for stages that only decode."""
+    ``model.inference_dtype`` (when set) for stages that only decode. A source that cannot
+    load raises :class:`ModelError` naming it (and the config ``key`` that chose it)."""
     from transformers import AutoModelForCausalLM
 
     source = str(source)
-    tokenizer = load_tokenizer(source, mcfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        revision=mcfg.revision,
-        trust_remote_code=mcfg.trust_remote_code,
-        dtype=DTYPES[dtype_name(mcfg, inference)],
-    )
+    check_source(source, key)
+    try:
+        tokenizer = load_tokenizer(source, mcfg)
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=mcfg.revision,
+            trust_remote_code=mcfg.trust_remote_code,
+            dtype=DTYPES[dtype_name(mcfg, inference)],
+        )
+    except (OSError, ValueError) as err:  # no such hub id / offline / not a model transformers knows
+        raise ModelError(f"{source}: cannot load the model{f' ({key})' if key else ''}: {_first_line(err)}") from None
     model.eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -258,7 +295,7 @@ def dtype_name(mcfg, inference: bool) -> str:
 
 
 def load_base(mcfg):
-    return load_dir(base_source(mcfg), mcfg)
+    return load_dir(base_source(mcfg), mcfg, key="model.name_or_path" if cl_config.enum_value(mcfg.kind) == "hf" else None)
 
 
 def lora_config(lcfg):

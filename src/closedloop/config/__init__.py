@@ -25,7 +25,7 @@ from closedloop.config.common import (
     Tracker,
     TrainArgs,
 )
-from closedloop.config.core import ConfigError, config_hash, enum_value, explain, load_yaml, merge, to_yaml
+from closedloop.config.core import ConfigError, InputError, config_hash, enum_value, explain, load_yaml, merge, to_yaml
 from closedloop.config.llm import (
     ABLATIONS,
     DataConfig,
@@ -64,7 +64,7 @@ from closedloop.config.vlm import (
 )
 
 __all__ = [
-    "ABLATIONS", "LLMSections", "SHARED_KEYS", "SharedSections", "VLMSections", "ConfigError", "DPOConfig", "DType", "DataConfig", "Decoding", "DecodingsConfig",
+    "ABLATIONS", "InputError", "LLMSections", "SHARED_KEYS", "SharedSections", "VLMSections", "ConfigError", "DPOConfig", "DType", "DataConfig", "Decoding", "DecodingsConfig",
     "EvalConfig", "ExperimentConfig", "JobConfig", "LoopConfig", "LoraConfig", "MCTSConfig", "ModelConfig",
     "ModelKind", "PopeConfig", "Reference", "RejectedChoice", "ReportConfig", "SFTConfig", "Split",
     "SyntheticTaskConfig", "TaskConfig", "TaskSource", "TextBackbone", "TinyModelConfig", "Tracker", "TrainArgs",

@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+class InputError(ValueError):
+    """An input file (task data, model weights) is missing or malformed; the message names the
+    file (and the line), so the CLI prints it as one line, without a traceback."""
+
+
 
 def enum_value(value: Any) -> str:
     """The string of a config choice: a validated config holds the Enum, a stage's plain view the str."""

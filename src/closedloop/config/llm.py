@@ -1,5 +1,8 @@
 """Schemas of the LLM closed loop (SPEC §1–3, §7): tasks, SFT, evaluation, MCTS, DPO, the
-loop and its ablations, the decoding comparison, the report; with their cross-field checks."""
+loop and its ablations, the decoding comparison, the report; with their cross-field checks.
+
+Longer than 400 lines because every field's range check sits beside its schema, so a new
+field and its check are read (and reviewed) together."""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from closedloop.config.common import TrainArgs
-from closedloop.config.core import ConfigError, merge
+from closedloop.config.common import TrainArgs, check_lora, check_name, check_range, check_train_args
+from closedloop.config.core import ConfigError, enum_value, merge
 
 
 class TaskSource(str, Enum):
@@ -94,6 +97,17 @@ class DataConfig:
     """The task catalogue; only the tasks that SFT or evaluation need are built."""
 
     tasks: dict[str, TaskConfig] = field(default_factory=_default_tasks)
+    max_question_chars: int = 4000
+    """Limits on a ``source: jsonl`` row (the other sources are known): longer rows are refused
+    with their file and line, before a stage tries to tokenise or batch them (a 50 MB question
+    once made evaluation allocate 11 GB). The longest built-in question (MATH-500) has < 2000."""
+    max_answer_chars: int = 1000
+    max_solution_chars: int = 16000
+    """All of a row's ``solution_steps`` together."""
+    max_choices: int = 10
+    """Answer letters run A..J."""
+    max_rows: int = 1_000_000
+    """Rows per ``source: jsonl`` file."""
 
 
 @dataclass
@@ -253,11 +267,38 @@ class ReportConfig:
 
 
 
+DATA_LIMITS = ("max_question_chars", "max_answer_chars", "max_solution_chars", "max_choices", "max_rows")
+SAMPLING = (Decoding.sampled, Decoding.self_consistency)
+
+
 def check_llm(cfg: DictConfig) -> None:
-    """Cross-field checks of the LLM loop's sections that types alone cannot express."""
+    """Every value of the LLM loop's sections in its range, and the cross-field checks types
+    cannot express, when the config loads: a bad value fails before Snakemake plans (or
+    deletes) anything. Temperatures must be > 0 where they sample (SPEC §1–2)."""
+    _check_tasks(cfg)
+    _check_eval(cfg)
+    _check_mcts(cfg.mcts)
+    check_train_args("sft", cfg.sft)
+    check_range("sft.max_length", cfg.sft.max_length, 1)
+    check_lora("model.lora", cfg.model.lora)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings"):
+        check_range(f"model.tiny.{key}", cfg.model.tiny[key], 1)
+    for name in cfg.loop.ablations:
+        if name not in ABLATIONS:
+            raise ConfigError(f"key 'loop.ablations': unknown ablation {name!r} (expected any of {list(ABLATIONS)})")
+    check_range("loop.iterations", cfg.loop.iterations, 0)
+    check_range("loop.instance_samples", cfg.loop.instance_samples, 2, why="a correct and an incorrect sample")
+    _check_dpo(cfg)
+    _check_decodings(cfg)
+
+
+def _check_tasks(cfg: DictConfig) -> None:
     tasks = cfg.data.tasks
+    for name in tasks:
+        check_name(f"data.tasks.{name}", name)
     for key, names in (("eval.tasks", list(cfg.eval.tasks)), ("sft.task", [cfg.sft.task]),
-                       ("mcts.task", [cfg.mcts.task])):
+                       ("mcts.task", [cfg.mcts.task]), ("decodings.tasks", list(cfg.decodings.tasks))):
         for name in names:
             if name not in tasks:
                 raise ConfigError(f"key '{key}': task {name!r} is not in data.tasks (expected one of {sorted(tasks)})")
@@ -270,41 +311,82 @@ def check_llm(cfg: DictConfig) -> None:
         if task.n_validation and task.source == TaskSource.jsonl:
             raise ConfigError(f"key 'data.tasks.{name}.n_validation': source jsonl has no validation split "
                               f"here (expected 0; hold rows out of train_path yourself)")
-    if not 0 < cfg.eval.ci_level < 1:
-        raise ConfigError(f"key 'eval.ci_level': expected a number in (0, 1), got {cfg.eval.ci_level}")
-    for key in ("batch_size", "k", "n_bootstrap", "max_new_tokens"):
-        if cfg.eval[key] < 1:
-            raise ConfigError(f"key 'eval.{key}': expected an integer >= 1, got {cfg.eval[key]}")
-    m = cfg.mcts
-    for key in ("n_prompts", "n_shards", "trees_per_batch", "b1", "b2", "max_children", "depth_limit", "simulations"):
-        if m[key] < 1:
-            raise ConfigError(f"key 'mcts.{key}': expected an integer >= 1, got {m[key]}")
-    if m.depth_limit < 2:
-        raise ConfigError(f"key 'mcts.depth_limit': expected >= 2 (one step, then a completion), got {m.depth_limit}")
-    if cfg.sft.batch_size < 1:
-        raise ConfigError(f"key 'sft.batch_size': expected an integer >= 1, got {cfg.sft.batch_size}")
-    for tag in cfg.eval.models:
+        s = task.synthetic
+        for key in ("min_steps", "max_start", "max_operand"):
+            check_range(f"data.tasks.{name}.synthetic.{key}", s[key], 1)
+        check_range(f"data.tasks.{name}.synthetic.max_steps", s.max_steps, s.min_steps,
+                    why=f"data.tasks.{name}.synthetic.min_steps")
+    for key in DATA_LIMITS:
+        check_range(f"data.{key}", cfg.data[key], 1)
+    for role, name in (("sft.task", cfg.sft.task), ("mcts.task", cfg.mcts.task)):
+        if tasks[name].source == TaskSource.jsonl and not (tasks[name].train_path and tasks[name].n_train):
+            raise ConfigError(f"key 'data.tasks.{name}': {role} trains on it, so it needs train_path and "
+                              f"n_train >= 1")
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    e = cfg.eval
+    check_range("eval.ci_level", e.ci_level, 0, 1, low_open=True, high_open=True)
+    for key in ("batch_size", "k", "n_bootstrap", "max_new_tokens", "mc_max_new_tokens", "beam_k", "beam_n",
+                "beam_max_steps", "beam_step_tokens"):
+        check_range(f"eval.{key}", e[key], 1)
+    for tag in e.models:
         if tag not in ("base", "sft"):
             raise ConfigError(f"key 'eval.models': unknown model tag {tag!r} (expected 'base' or 'sft')")
-    for name in cfg.loop.ablations:
-        if name not in ABLATIONS:
-            raise ConfigError(f"key 'loop.ablations': unknown ablation {name!r} (expected any of {list(ABLATIONS)})")
+    used = {e.decoding, *cfg.decodings.methods}
+    if used & set(SAMPLING):
+        why = "it samples for " + ", ".join(sorted(enum_value(d) for d in used & set(SAMPLING)))
+        check_range("eval.temperature", e.temperature, 0, low_open=True, why=why)
+        check_range("eval.top_p", e.top_p, 0, 1, low_open=True, why=why)
+    if Decoding.beam_self_eval in used:
+        check_range("eval.beam_temperature", e.beam_temperature, 0, low_open=True, why="beam_self_eval samples")
+        check_range("eval.beam_lambda", e.beam_lambda, 0, 1)
+        check_range("eval.beam_tau", e.beam_tau, 0)
+        check_range("eval.beam_tau_decay", e.beam_tau_decay, 0, 1)
+
+
+def _check_mcts(m) -> None:
+    for key in ("n_prompts", "n_shards", "trees_per_batch", "b1", "b2", "max_children", "simulations",
+                "max_step_tokens", "max_completion_tokens", "generate_batch_size", "self_eval_batch_size"):
+        check_range(f"mcts.{key}", m[key], 1)
+    check_range("mcts.depth_limit", m.depth_limit, 2, why="one step, then a completion")
+    check_range("mcts.n_shards", m.n_shards, 1, m.n_prompts, why="mcts.n_prompts: a shard per prompt at most")
+    check_range("mcts.temperature", m.temperature, 0, low_open=True, why="the search samples its children")
+    check_range("mcts.top_p", m.top_p, 0, 1, low_open=True)
+    check_range("mcts.c_puct", m.c_puct, 0)
+    check_range("mcts.prior_lambda", m.prior_lambda, 0, low_open=True)
+    check_range("mcts.gamma", m.gamma, 0, 1)
+    check_range("mcts.outcome_reward", m.outcome_reward, 0)
+
+
+def _check_dpo(cfg: DictConfig) -> None:
+    n = cfg.loop.iterations
     for k in cfg.dpo.per_iteration or {}:
-        if not str(k).isdigit():
-            raise ConfigError(f"key 'dpo.per_iteration.{k}': expected an iteration number")
-        dpo_for(cfg, int(k))  # raises on a bad key or type
-    if cfg.loop.iterations < 0:
-        raise ConfigError(f"key 'loop.iterations': expected an integer >= 0, got {cfg.loop.iterations}")
-    for name in cfg.decodings.tasks:
-        if name not in tasks:
-            raise ConfigError(f"key 'decodings.tasks': task {name!r} is not in data.tasks "
-                              f"(expected one of {sorted(tasks)})")
-    for tag in cfg.decodings.models:
-        if tag not in ("base", "sft", "last") and not re.fullmatch(r"iter\d+", tag):
+        if not str(k).isdigit() or not 1 <= int(k) <= n:
+            raise ConfigError(f"key 'dpo.per_iteration.{k}': expected an iteration number in 1..{n} "
+                              f"(loop.iterations)")
+    for k in range(1, n + 1):
+        d = dpo_for(cfg, k)  # raises on a bad key or type
+        key = f"dpo.per_iteration.{k}" if str(k) in (cfg.dpo.per_iteration or {}) else "dpo"
+        check_train_args(key, d)
+        check_range(f"{key}.beta", d.beta, 0, low_open=True)
+        check_range(f"{key}.max_length", d.max_length, 1)
+        check_range(f"{key}.min_q_margin", d.min_q_margin, 0)
+
+
+def _check_decodings(cfg: DictConfig) -> None:
+    dc, n = cfg.decodings, cfg.loop.iterations
+    for tag in dc.models:
+        match = re.fullmatch(r"iter(\d+)", tag)
+        if tag not in ("base", "sft", "last") and not match:
             raise ConfigError(f"key 'decodings.models': unknown model tag {tag!r} "
                               "(expected base, sft, last or iter<k>)")
-    if cfg.decodings.n_questions < 0:
-        raise ConfigError(f"key 'decodings.n_questions': expected an integer >= 0, got {cfg.decodings.n_questions}")
+        if match and not 1 <= int(match.group(1)) <= n:
+            raise ConfigError(f"key 'decodings.models': {tag!r} is not an iteration of the loop "
+                              f"(expected iter1..iter{n}, loop.iterations = {n})")
+    check_range("decodings.n_questions", dc.n_questions, 0)
+    for key in ("samples", "beam_k", "beam_n"):
+        check_range(f"decodings.{key}", dc[key], 1)
 
 
 

@@ -10,9 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from closedloop import stage_table
-from closedloop.config.common import SharedSections
+from closedloop.config.common import SharedSections, check_shared
 from closedloop.config.core import ConfigError, explain, load_yaml, merge
-from closedloop.config.llm import LLMSections, check_llm, dpo_for
+from closedloop.config.llm import DATA_LIMITS, LLMSections, check_llm, dpo_for
 from closedloop.config.vlcot import VLCoTSections, check_vlcot
 from closedloop.config.vlm import VLMSections, check_vlm, narrowed_sections
 
@@ -49,7 +49,8 @@ def load(
             raise explain(err, "command line") from err
         cfg = merge(cfg, layer, "command line")
     if validate:
-        check(cfg)
+        sources = [str(p) for p in files] + (["command line"] if overrides else [])
+        check(cfg, " + ".join(sources) or "defaults")
     return cfg
 
 
@@ -82,15 +83,23 @@ def from_dict(data: dict, source: str, layers: list[tuple[str, dict]] = ()) -> D
         for name, layer in layers:
             layered = _apply(layered, dict(layer), name)  # raises, naming the layer at fault
         raise  # each layer alone is fine: report the merged config's error
-    check(cfg)
+    check(cfg, source)
     return cfg
 
 
-def check(cfg: DictConfig) -> None:
-    """Cross-field checks that types alone cannot express, family by family."""
-    check_llm(cfg)
-    check_vlm(cfg.vlm)
-    check_vlcot(cfg.vlcot)
+def check(cfg: DictConfig, source: str | None = None) -> None:
+    """Names that reach a path or a shell, then every value's range and the cross-field
+    checks that types alone cannot express, family by family; the error names ``source``
+    (the config files) and the key."""
+    try:
+        check_shared(cfg)
+        check_llm(cfg)
+        check_vlm(cfg.vlm)
+        check_vlcot(cfg.vlcot)
+    except ConfigError as err:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: int | None = None,
@@ -115,6 +124,8 @@ def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: in
             view[top] = full[top]
     if tasks:
         view["data"] = {"tasks": {t: full["data"]["tasks"][t] for t in tasks}}
+        if stage == "data" and any(full["data"]["tasks"][t]["source"] == "jsonl" for t in tasks):
+            view["data"].update({key: full["data"][key] for key in DATA_LIMITS})  # they judge a user's file
     if stage == "dpo" and iteration is not None:
         view["dpo"] = OmegaConf.to_container(dpo_for(cfg, iteration), enum_to_str=True)
     if model is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from closedloop.config.common import DType, LoraConfig, TrainArgs
+from closedloop.config.common import DType, LoraConfig, TrainArgs, check_lora, check_range, check_train_args
 from closedloop.config.core import ConfigError
 
 
@@ -153,7 +153,22 @@ class VLMSections:
 
 
 def check_vlm(v) -> None:
-    """Cross-field checks of the V-DPO branch's section (SPEC §4)."""
+    """Every value of the V-DPO branch's section (SPEC §4) in its range, and its cross-field
+    checks, when the config loads (before Snakemake plans or deletes anything)."""
+    check_train_args("vlm.sft", v.sft)
+    check_range("vlm.sft.vision_pretrain_steps", v.sft.vision_pretrain_steps, 0)
+    check_range("vlm.sft.vision_learning_rate", v.sft.vision_learning_rate, 0, low_open=True)
+    check_train_args("vlm.vdpo", v.vdpo)
+    check_range("vlm.vdpo.beta", v.vdpo.beta, 0, low_open=True)
+    check_lora("vlm.model.lora", v.model.lora)
+    for key in ("vision_patch_size", "vision_hidden_size", "vision_layers", "vision_heads", "text_hidden_size",
+                "text_intermediate_size", "text_layers", "text_heads", "text_kv_heads"):
+        check_range(f"vlm.model.{key}", v.model[key], 1)
+    for key in ("batch_size", "max_new_tokens", "n_bootstrap"):
+        check_range(f"vlm.pope.{key}", v.pope[key], 1)
+    check_range("vlm.pope.ci_level", v.pope.ci_level, 0, 1, low_open=True, high_open=True)
+    for key in ("n_response", "n_image"):
+        check_range(f"vlm.pairs.{key}", v.pairs[key], 0)
     for tag in v.pope.models:
         if tag not in ("sft", "dpo", "vdpo"):
             raise ConfigError(f"key 'vlm.pope.models': unknown model {tag!r} (expected any of ['sft', 'dpo', 'vdpo'])")

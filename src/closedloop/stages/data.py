@@ -13,7 +13,7 @@ def main(cfg) -> None:
     name = cfg.job.task
     if name not in cfg.data.tasks:
         raise cl_config.ConfigError(f"key 'job.task': {name!r} is not in data.tasks ({sorted(cfg.data.tasks)})")
-    splits = tasks.build_splits(name, cfg.data.tasks[name], cfg.seed)
+    splits = tasks.build_splits(name, cfg.data.tasks[name], cfg.seed, cfg.data)
     tasks.check_disjoint(splits, name)
     view = cl_config.stage_view(cfg, "data", [name])
     with artifacts.artifact_dir(paths.data_dir(cfg, name), "data", view, {}, cfg.seed) as out:

@@ -51,7 +51,7 @@ def main(cfg) -> None:
     view["job"] = {"iteration": k, "variant": variant, "pairs": str(source), "alpha": with_alpha}
     inputs = {"pairs": source, "policy": policy_in, "reference": ref_in}
     out_dir = paths.dpo_dir(cfg, k, variant)
-    work = checkpoints.work_dir(out_dir, view)  # survives a requeue: checkpoints, running log
+    work = checkpoints.work_dir(out_dir, view, inputs)  # survives a requeue: checkpoints, running log
     resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
     with artifacts.artifact_dir(out_dir, "dpo", view, inputs, cfg.seed) as out:
         trainer = ConservativeDPOTrainer(

@@ -2,7 +2,8 @@
 :mod:`closedloop.loop.search`) and write each shard's trees, step-level pairs and stats.
 
 Each shard searches its prompts in batches of ``trees_per_batch`` trees. Completed batches
-are written to a work dir keyed by the config hash, so a killed shard resumes where it
+are written to a work dir keyed by the config hash and the inputs' provenance records
+(:func:`closedloop.checkpoints.work_dir`: a changed policy or data never resumes old trees), so a killed shard resumes where it
 stopped with identical results (each batch has its own seed, each request its own generator).
 """
 
@@ -14,7 +15,7 @@ import shutil
 import torch
 from tqdm.auto import tqdm
 
-from closedloop import artifacts, models, paths
+from closedloop import artifacts, checkpoints, models, paths
 from closedloop import config as cl_config
 from closedloop.loop.search import (
     Searcher,
@@ -35,7 +36,9 @@ def main(cfg) -> None:
         raise cl_config.ConfigError(f"key 'job.shard': expected 0..{cfg.mcts.n_shards - 1}, got {shard}")
     policy_dir = paths.policy_dir(cfg, k - 1, variant)
     view = cl_config.stage_view(cfg, "mcts", [cfg.mcts.task])
-    work = paths.mcts_dir(cfg, k, variant) / ".work" / f"shard{shard}-{cl_config.config_hash(view)[:12]}"
+    inputs = {"data": paths.data_dir(cfg, cfg.mcts.task), "policy": policy_dir}
+    # keyed by the config view and the inputs' records: never resumed from another policy's trees
+    work = checkpoints.work_dir(paths.mcts_dir(cfg, k, variant) / "shard", view, inputs, prefix=f"shard{shard}")
     work.mkdir(parents=True, exist_ok=True)
     model, tokenizer = models.load_dir(policy_dir, cfg.model, inference=True)
     searcher = Searcher(model, tokenizer, cfg.mcts, str(policy_dir))
@@ -59,7 +62,6 @@ def main(cfg) -> None:
     progress.close()
     records = [rec for b in range(len(batches)) for rec in artifacts.read_jsonl(work / f"batch{b:05d}.jsonl")]
     by_id = {r["id"]: r for r in rows}
-    inputs = {"data": paths.data_dir(cfg, cfg.mcts.task), "policy": policy_dir}
     out_dir = paths.mcts_shard_dir(cfg, k, shard, variant)
     with artifacts.artifact_dir(out_dir, "mcts", view, inputs, cfg.seed) as out:
         with open(out / "trees.jsonl", "w") as fh:

@@ -36,7 +36,7 @@ def main(cfg) -> None:
         model = models.add_lora(model, cfg.model.lora)
     view = cl_config.stage_view(cfg, "sft", [cfg.sft.task])
     data = paths.data_dir(cfg, cfg.sft.task)
-    work = checkpoints.work_dir(paths.sft_dir(cfg), view)  # survives a requeue: checkpoints, running log
+    work = checkpoints.work_dir(paths.sft_dir(cfg), view, {"data": data})  # survives a requeue: checkpoints, log
     resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
     with artifacts.artifact_dir(paths.sft_dir(cfg), "sft", view, {"data": data}, cfg.seed) as out:
         trainer = SFTTrainer(

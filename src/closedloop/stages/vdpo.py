@@ -40,9 +40,9 @@ def main(cfg) -> None:
     select = len(gammas) > 1
     view = cl_config.stage_view(cfg, "vdpo", model=variant)
     view["job"].update({"variant": variant, "gamma": gammas if select else gammas[0], "alpha": with_alpha})
-    work = checkpoints.work_dir(out_dir, view)  # survives a requeue: each γ's checkpoints, log, finished model
-    with artifacts.artifact_dir(out_dir, "vdpo", view, {"pairs": pairs, "data": data, "sft": sft.parent},
-                                cfg.seed) as out:
+    inputs = {"pairs": pairs, "data": data, "sft": sft.parent}
+    work = checkpoints.work_dir(out_dir, view, inputs)  # survives a requeue: each γ's checkpoints, log, model
+    with artifacts.artifact_dir(out_dir, "vdpo", view, inputs, cfg.seed) as out:
         table = [train_gamma(cfg, gamma, rows, (pairs, data, sft), with_alpha, select, work / f"gamma-{gamma:g}")
                  for gamma in gammas]
         entry = best_gamma(table) if select else table[0]

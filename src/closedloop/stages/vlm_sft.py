@@ -41,7 +41,7 @@ def main(cfg) -> None:
     data, out_dir, mcfg = paths.vlm_data_dir(cfg), paths.vlm_sft_dir(cfg), cfg.vlm.model
     rows = artifacts.read_jsonl(data / "sft.jsonl")
     view = cl_config.stage_view(cfg, "vlm_sft")
-    work = checkpoints.work_dir(out_dir, view)
+    work = checkpoints.work_dir(out_dir, view, {"data": data})
     with artifacts.artifact_dir(out_dir, "vlm_sft", view, {"data": data}, cfg.seed) as out:
         standardized = vision_heldout = None
         if cl_config.enum_value(mcfg.kind) == "tiny" and cfg.vlm.sft.vision_pretrain_steps > 0:
