@@ -3,6 +3,7 @@
 #   snakemake --cores 2                                   # the embedded default experiment
 #   snakemake --cores 2 --configfile configs/smoke.yaml   # the smoke config (tests)
 #   snakemake --cores 2 vdpo_all                          # the V-DPO branch (SPEC §4)
+#   snakemake --cores 2 coral_all                         # COrAL post-training + decoding (SPEC §5)
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -19,6 +20,7 @@ include: "rules/mcts.smk"
 include: "rules/dpo.smk"
 include: "rules/report.smk"
 include: "rules/vlm.smk"  # V-DPO branch: `snakemake vdpo_all`
+include: "rules/coral.smk"  # COrAL: `snakemake coral_all`
 
 
 rule all:

@@ -24,7 +24,7 @@ class Stage:
 
     name: str
     family: str
-    """``loop`` (the LLM closed loop, SPEC §1–3), ``vlm`` (V-DPO, SPEC §4), ``shared``."""
+    """``loop`` (the LLM closed loop, SPEC §1–3), ``vlm`` (V-DPO, SPEC §4), ``coral`` (SPEC §5), ``shared``."""
     sections: tuple[str, ...]
     """Config sections the stage's output depends on (``vlm.sft``: one subsection); a change
     anywhere else does not rerun it (:func:`closedloop.config.stage_view`)."""
@@ -37,6 +37,10 @@ class Stage:
 
 
 _VLM_TRAINED = ("vlm.model", "vlm.data", "vlm.sft")
+
+_CORAL_TRAINED = ("model", "coral.init", "coral.task", "coral.window", "coral.n_back_pred", "coral.max_chunk",
+                  "coral.max_length", "coral.stage1")
+"""What the COrAL model depends on: not its decoding or evaluation settings."""
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("data", "shared", ()),
@@ -54,6 +58,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("vdpo", "vlm", (*_VLM_TRAINED, "vlm.pairs", "vlm.vdpo"), HEAVY),
     Stage("pope", "vlm", (*_VLM_TRAINED, "vlm.pairs", "vlm.vdpo", "vlm.pope"), HEAVY),
     Stage("vlm_report", "vlm", ("vlm.pope",)),
+    Stage("coral_stage1", "coral", _CORAL_TRAINED, TRAINING),
+    Stage("coral_stage2", "coral", (*_CORAL_TRAINED, "coral.stage2"), TRAINING),
+    Stage("coral_evaluate", "coral", (*_CORAL_TRAINED, "coral.stage2", "eval", "coral.decoding",
+                                      "coral.n_questions"), HEAVY),
+    Stage("coral_report", "coral", ("eval", "coral")),
 )}
 
 

@@ -11,16 +11,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from closedloop import stage_table
 from closedloop.config.common import SharedSections
+from closedloop.config.coral import CoralSections, check_coral
 from closedloop.config.core import ConfigError, explain, load_yaml, merge
 from closedloop.config.llm import LLMSections, check_llm, dpo_for
 from closedloop.config.vlm import VLMSections, check_vlm, narrowed_sections
 
 
 @dataclass
-class ExperimentConfig(VLMSections, LLMSections, SharedSections):
+class ExperimentConfig(CoralSections, VLMSections, LLMSections, SharedSections):
     """A whole experiment: the shared settings, then each family's sections (a family adds a
     section in its own module: :class:`~closedloop.config.llm.LLMSections`,
-    :class:`~closedloop.config.vlm.VLMSections`)."""
+    :class:`~closedloop.config.vlm.VLMSections`, :class:`~closedloop.config.coral.CoralSections`)."""
 
 
 SHARED_KEYS = ("experiment", "seed", "data_dir", "results_dir")
@@ -73,6 +74,7 @@ def check(cfg: DictConfig) -> None:
     """Cross-field checks that types alone cannot express, family by family."""
     check_llm(cfg)
     check_vlm(cfg.vlm)
+    check_coral(cfg)
 
 
 def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: int | None = None,

@@ -71,17 +71,18 @@ class Decoded:
 
 
 @torch.inference_mode()
-def ar_greedy(model, prompt: list[int], max_new: int, eos: set[int]) -> Decoded:
-    """Greedy decoding of the +1 prediction with a KV cache: one forward per token."""
+def ar_greedy(model, prompt: list[int], max_new: int, eos: set[int], stop=None) -> Decoded:
+    """Greedy decoding of the +1 prediction with a KV cache: one forward per token.
+    ``stop(tokens)``: end early once it returns True (e.g. after the final-answer line)."""
     start = time.perf_counter()
     cache, out, passes = DynamicCache(), [], 0
     feed = torch.tensor([prompt])
     while len(out) < max_new:
-        logits = model.oa_offsets(feed, [1], cache=cache)[0, -1, 0]
+        logits = model.oa_offsets(feed, [1], cache=cache, query_from=feed.shape[1] - 1)[0, -1, 0]
         passes += 1
         tok = int(logits.argmax())
         out.append(tok)
-        if tok in eos:
+        if tok in eos or (stop is not None and stop(out)):
             break
         feed = torch.tensor([[tok]])
     return Decoded(out, passes, time.perf_counter() - start)
@@ -98,9 +99,10 @@ def _update_counts(old_draft: list[int], old_counts: list[int], draft: list[int]
 
 @torch.inference_mode()
 def blockwise(model, prompt: list[int], max_new: int, eos: set[int], *, block: int = 16, eps: float = 0.1,
-              threshold: int = 3, max_refinements: int = 512, use_cache: bool = True) -> Decoded:
+              threshold: int = 3, max_refinements: int = 512, use_cache: bool = True, stop=None) -> Decoded:
     """Sliding blockwise order-agnostic decoding (module docstring). ``max_refinements`` caps
-    the iterations (forward passes); when hit, the unfixed draft is appended as it stands."""
+    the iterations (forward passes); when hit, the unfixed draft is appended as it stands.
+    ``stop(fixed tokens)``: end once it returns True."""
     started = time.perf_counter()
     w_f, w_b = model.windows
     offsets = list(range(-w_b, w_f + 1))
@@ -114,11 +116,18 @@ def blockwise(model, prompt: list[int], max_new: int, eos: set[int], *, block: i
         keep = min(cache.get_seq_length(), fixed - 1) if cache is not None else 0
         if cache is not None:
             crop_cache(cache, keep)
-        logp = model.oa_offsets(torch.tensor([ids[keep:]]), offsets, cache=cache)[0].log_softmax(-1)  # row s − keep: source s
+        first = fixed - 1  # rows of sources before fixed−1 are never used
+        src = torch.arange(first, len(ids))
+        targets = src[:, None] + torch.tensor(offsets)[None]  # [R, N]
+        hidden = model.oa_hidden(torch.tensor([ids[keep:]]), targets[None], cache=cache, query_from=first - keep)[0]
+        # norm + lm_head only where the pair's target can still be verified or proposed
+        need = (targets >= fixed) & (targets <= min(len(ids) - 1 + w_f, end - 1))
+        logp = torch.zeros(*targets.shape, model.config.vocab_size)  # row s − first: source s
+        logp[need] = model.head(hidden[need]).log_softmax(-1)
         passes += 1
         accepted = 0
         for t in range(fixed, len(ids)):
-            if not accepts(logp[t - 1 - keep][plus1].exp(), ids[t], eps):
+            if not accepts(logp[t - 1 - first][plus1].exp(), ids[t], eps):
                 break
             accepted += 1
         stable = next((k for k, c in enumerate(counts) if c <= threshold), len(counts))
@@ -126,9 +135,10 @@ def blockwise(model, prompt: list[int], max_new: int, eos: set[int], *, block: i
         stalled = 0 if new_fixed > fixed else stalled + 1
         broke = stalled > threshold
         if broke:  # stall breaker: fix the +1 argmax of row fixed−1 (no row of this pass saw it)
-            ids = ids[:fixed] + [int(logp[fixed - 1 - keep][plus1].argmax())]
+            ids = ids[:fixed] + [int(logp[fixed - 1 - first][plus1].argmax())]
             counts, new_fixed, stalled = [], fixed + 1, 0
-        if any(tok in eos for tok in ids[L:new_fixed]):
+        if any(tok in eos for tok in ids[L:new_fixed]) or (stop is not None and new_fixed > fixed
+                                                            and stop(ids[L:new_fixed])):
             fixed = new_fixed
             break
         t_hi = new_fixed - 1 if broke else min(new_fixed + block - 1, end - 1, len(ids) - 1 + w_f)
@@ -137,7 +147,7 @@ def blockwise(model, prompt: list[int], max_new: int, eos: set[int], *, block: i
             num, den = 0.0, 0.0
             for s in range(max(new_fixed - 1, t - w_f), min(len(ids) - 1, t + w_b) + 1):
                 w = offset_weight(t - s)
-                num = num + w * logp[s - keep][offsets.index(t - s)]
+                num = num + w * logp[s - first][offsets.index(t - s)]
                 den += w
             draft.append(int((num / den).argmax()))
         cut = next((k + 1 for k, tok in enumerate(draft) if tok in eos), len(draft))
@@ -149,3 +159,41 @@ def blockwise(model, prompt: list[int], max_new: int, eos: set[int], *, block: i
     out = ids[L:fixed]
     first_eos = next((k + 1 for k, tok in enumerate(out) if tok in eos), len(out))
     return Decoded(out[:first_eos], passes, time.perf_counter() - started)
+
+
+def decode_rows(model, tokenizer, rows: list[dict], mode: str, dcfg, max_new_tokens: int, mc_max_new_tokens: int,
+                desc: str) -> tuple[list[list[str]], int, dict]:
+    """Completions of ``rows`` under ``mode`` (``greedy``: :func:`ar_greedy`; ``coral_blockwise``:
+    :func:`blockwise` with ``dcfg`` = ``coral.decoding``), the generated-token count (a final
+    EOS included) and the metrics SPEC §5 adds: forward passes, tokens per forward, wall time.
+    Like the shared greedy evaluation, a step-by-step answer stops after its final-answer line
+    and its text is cut there."""
+    from tqdm.auto import tqdm
+
+    from closedloop import prompts
+    from closedloop.generation import FINAL_ANSWER
+
+    if mode not in ("greedy", "coral_blockwise"):
+        raise ValueError(f"key 'job.decoding': expected 'greedy' or 'coral_blockwise' for a COrAL model, got {mode!r}")
+    eos = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    texts, n_tokens, passes, seconds = [], 0, 0, 0.0
+    for row in tqdm(rows, desc=desc, unit="question"):
+        mc = bool(row.get("choices"))
+        prompt = tokenizer(prompts.chat_prompt(tokenizer, row), add_special_tokens=False)["input_ids"]
+        budget = mc_max_new_tokens if mc else max_new_tokens
+        stop = None if mc else (lambda toks: FINAL_ANSWER.search(tokenizer.decode(toks, skip_special_tokens=True))
+                                is not None)
+        if mode == "greedy":
+            out = ar_greedy(model, prompt, budget, eos, stop=stop)
+        else:
+            out = blockwise(model, prompt, budget, eos, block=dcfg.block, eps=dcfg.eps, threshold=dcfg.threshold,
+                            max_refinements=dcfg.max_refinements, stop=stop)
+        text = tokenizer.decode(out.tokens, skip_special_tokens=True)
+        found = None if mc else FINAL_ANSWER.search(text)
+        texts.append([text[:found.end()] if found else text])
+        n_tokens, passes, seconds = n_tokens + len(out.tokens), passes + out.forward_passes, seconds + out.seconds
+    extra = {"forward_passes": passes, "tokens_per_forward": n_tokens / max(passes, 1),
+             "wall_seconds": round(seconds, 3), "seconds_per_question": round(seconds / max(len(rows), 1), 4)}
+    if mode == "coral_blockwise":
+        extra["coral_decoding"] = {k: dcfg[k] for k in ("block", "eps", "threshold", "max_refinements")}
+    return texts, n_tokens, extra

@@ -93,14 +93,16 @@ class CoralLlamaForCausalLM(LlamaForCausalLM):
         return h, pos, allow
 
     def oa_hidden(self, input_ids: torch.Tensor, targets: torch.Tensor, key_mask: torch.Tensor | None = None,
-                  cache=None) -> torch.Tensor:
+                  cache=None, query_from: int = 0) -> torch.Tensor:
         """OA layer outputs before the final norm, [B, T, N, D]: row (b, i, n) predicts the token
         at absolute position ``targets[b, i, n]`` from the keys at positions ≤ i.
 
         ``input_ids`` [B, T] are the tokens after the ``cache`` (their positions start at the
         cache length); ``key_mask`` [B, cache + T] marks real tokens (None: all real). Any
         target value is allowed (invalid pairs simply go unused); negative ones are clamped
-        to 0 for the rotation only.
+        to 0 for the rotation only. ``query_from``: run the OA queries only for rows
+        ``query_from..T−1`` (decoding needs the last rows only; every row's key and value still
+        enters the cache); ``targets`` then covers those rows, and so does the output.
         """
         h, pos, allow = self._backbone(input_ids, key_mask, cache)
         layer = self.model.layers[-1]
@@ -115,6 +117,8 @@ class CoralLlamaForCausalLM(LlamaForCausalLM):
         k = rope(k, cos, sin)  # keys keep their own positions
         if cache is not None:  # keys/values do not depend on the targets: the cache is exact
             k, v = cache.update(k, v, att.layer_idx)
+        q, h, x, allow = q[:, :, query_from:], h[:, query_from:], x[:, query_from:], allow[:, query_from:]
+        T = h.shape[1]
         tq = targets.clamp(min=0).reshape(B, T * N)
         cq, sq = self.model.rotary_emb(x, tq)
         Hq = q.shape[1]
@@ -132,18 +136,20 @@ class CoralLlamaForCausalLM(LlamaForCausalLM):
         """Final norm + lm_head (fp32 logits)."""
         return self.lm_head(self.model.norm(hidden)).float()
 
-    def oa_logits(self, input_ids, targets, key_mask=None, cache=None) -> torch.Tensor:
+    def oa_logits(self, input_ids, targets, key_mask=None, cache=None, query_from: int = 0) -> torch.Tensor:
         """[B, T, N, V] logits of every (i, n) pair (for decoding and tests; training gathers
-        the valid rows first, :mod:`closedloop.coral.objective`)."""
-        return self.head(self.oa_hidden(input_ids, targets, key_mask, cache))
+        the valid rows first, :meth:`forward`)."""
+        return self.head(self.oa_hidden(input_ids, targets, key_mask, cache, query_from))
 
-    def oa_offsets(self, input_ids, offsets, key_mask=None, cache=None) -> torch.Tensor:
-        """:meth:`oa_logits` with targets = own position + each of ``offsets``."""
+    def oa_offsets(self, input_ids, offsets, key_mask=None, cache=None, query_from: int = 0) -> torch.Tensor:
+        """:meth:`oa_logits` with targets = own position + each of ``offsets``, for rows
+        ``query_from..T−1``."""
         start = cache.get_seq_length() if cache is not None else 0
         B, T = input_ids.shape
-        pos = torch.arange(T, device=input_ids.device) + start
+        pos = torch.arange(query_from, T, device=input_ids.device) + start
         off = torch.as_tensor(list(offsets), device=input_ids.device)
-        return self.oa_logits(input_ids, (pos[:, None] + off)[None].expand(B, T, len(off)), key_mask, cache)
+        targets = (pos[:, None] + off)[None].expand(B, T - query_from, len(off))
+        return self.oa_logits(input_ids, targets, key_mask, cache, query_from)
 
     def forward(self, *args, coral_targets=None, coral_valid=None, coral_labels=None, coral_key_mask=None,
                 **kwargs):
