@@ -11,7 +11,7 @@ trained here with the default ``coral`` settings (stage 1, then stage 2; ``--max
 caps each) from ``--init`` (default: results/default/sft/model, else the base model) on
 the default synthetic training split's generator.
 
-    python bench/coral_decoding.py [--model DIR] [--questions 200] [--grid 16:0.1,4:0.1,16:0.0]
+    python bench/coral_decoding.py [--model DIR | --untrained] [--questions 200] [--grid 16:0.1,4:0.1,16:0.0]
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def main():
     parser.add_argument("--model", default=None, help="a COrAL model dir (default: train one)")
     parser.add_argument("--init", default=None, help="policy to train from (default: results/default/sft/model)")
     parser.add_argument("--max-steps", type=int, default=0, help="cap on each training stage's steps (0: epochs)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="no COrAL training: the init policy as a COrAL model (its last layer run in OA mode)")
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--grid", default="16:0.1,4:0.1,16:0.0", help="block:eps,... for blockwise decoding")
@@ -80,10 +82,16 @@ def main():
     if source is None:
         init = args.init or ("results/default/sft/model" if Path("results/default/sft/model").is_dir()
                              else models.base_source(cfg.model))
+    if source is None and args.untrained:
+        source = init
+        print(f"untrained: {init} decoded as a COrAL model (W_f {cfg.coral.window})")
+    elif source is None:
         seconds = train(cfg, init, tmp, args.max_steps)
         print(f"trained a COrAL model from {init} in {seconds:.0f} s (max_steps {args.max_steps or 'epochs'})")
         source = str(tmp / "stage2")
     m = coral_model.load(source, models.DTYPES[args.dtype])
+    if not coral_model.is_coral_dir(source):
+        coral_model.mark(m, cfg.coral.window, backward_window(cfg.coral.window, cfg.coral.n_back_pred))
     tokenizer = models.load_tokenizer(source, cfg.model)
     eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     budget = args.max_new_tokens or cfg.eval.max_new_tokens

@@ -3,11 +3,6 @@
 # (the "training tax"), and a report:  snakemake --cores 2 coral_all
 
 
-def coral_input_artifact():
-    """The artifact dir of the policy COrAL post-trains (``coral.init``)."""
-    return model_artifact(paths.coral_input_tag(CFG))
-
-
 rule coral_all:
     input:
         str(paths.coral_report_file(CFG)),
@@ -16,7 +11,7 @@ rule coral_all:
 rule coral_stage1:
     input:
         data=str(paths.data_dir(CFG, CFG.coral.task)),
-        model=coral_input_artifact(),
+        model=model_artifact(paths.coral_input_tag(CFG)),  # coral.init: the loop's last policy or SFT
     output:
         directory(str(paths.coral_stage_dir(CFG, 1))),
     params:

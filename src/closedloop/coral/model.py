@@ -193,13 +193,21 @@ def is_coral_dir(path: str | Path) -> bool:
     return config.is_file() and MARKER in json.loads(config.read_text())
 
 
+LLAMA_FAMILY = ("llama", "mistral")
+"""``model_type`` values :func:`load` accepts. A Mistral dir loads as a Llama (same weight
+names and layers); its sliding window (4096 in Mistral-7B-v0.1) is not applied, which changes
+nothing for sequences up to that length, and it is saved back as a Llama dir."""
+
+
 def load(path: str | Path, dtype: torch.dtype = torch.float32) -> CoralLlamaForCausalLM:
-    """A Llama ``from_pretrained`` dir as :class:`CoralLlamaForCausalLM` (eval mode); a dir
-    without the marker loads too (the base model, e.g. a stage's input policy)."""
+    """A Llama-family ``from_pretrained`` dir (local) as :class:`CoralLlamaForCausalLM`, in eval
+    mode; a dir without the marker loads too (the base model, e.g. a stage's input policy)."""
+    config = Path(path) / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if model_type not in LLAMA_FAMILY:
+        raise ValueError(f"{config}: key 'model_type': expected one of {list(LLAMA_FAMILY)} for COrAL, "
+                         f"got {model_type!r}")
     model = CoralLlamaForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
-    if model.config.model_type != "llama":
-        raise ValueError(f"{path}/config.json: key 'model_type': expected 'llama' for COrAL, "
-                         f"got {model.config.model_type!r}")
     return model.eval()
 
 
