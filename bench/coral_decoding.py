@@ -121,6 +121,8 @@ def main():
             r["tokens"] += len(out.tokens)
             r["passes"] += out.forward_passes
             r["seconds"] += out.seconds
+            print(f"question {row['id']} {name}: {len(out.tokens)} tokens, {out.forward_passes} passes, "
+                  f"{out.seconds:.1f} s", flush=True)
     ar = res["ar"]
     print(f"model {source}; {len(rows)} held-out synthetic questions, budget {budget}, threshold {threshold}, "
           f"{args.dtype}, torch threads {torch.get_num_threads()}")

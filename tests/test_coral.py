@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from closedloop import models
+from closedloop import config, models, paths
 from closedloop.coral import decoding, objective
 from closedloop.coral import model as coral_model
 from closedloop.coral.trainer import set_trainable
@@ -268,3 +268,16 @@ def test_coral_all_on_the_smoke_run(smoke_local_run):
                             "configs/smoke.yaml", "--", "coral_all"], cwd=repo, env=env, capture_output=True,
                            text=True, timeout=300)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(config.ConfigError, match="key 'eval.decoding': coral_blockwise decodes a COrAL model"):
+        config.load([], ["eval.decoding=coral_blockwise"])
+    with pytest.raises(config.ConfigError, match="key 'coral.eval_tasks': task 'nope'"):
+        config.load([], ["coral.eval_tasks=[nope]"])
+    with pytest.raises(config.ConfigError, match="key 'coral.decoding'"):
+        config.load([], ["coral.decoding.block=0"])
+    cfg = config.load([], ["loop.iterations=3"])
+    assert paths.coral_input_tag(cfg) == "iter3"
+    assert paths.coral_input_tag(config.load([], ["coral.init=sft"])) == "sft"
+    assert paths.coral_eval_runs(cfg) == [("greedy", "synthetic"), ("coral_blockwise", "synthetic")]

@@ -90,6 +90,11 @@ class CoralSections:
 def check_coral(cfg: DictConfig) -> None:
     """Cross-field checks of the ``coral`` section."""
     c = cfg.coral
+    shared = [("eval.decoding", [cfg.eval.decoding]), ("decodings.methods", list(cfg.decodings.methods))]
+    for key, values in shared:
+        if "coral_blockwise" in [getattr(v, "value", v) for v in values]:
+            raise ConfigError(f"key '{key}': coral_blockwise decodes a COrAL model only; it runs in the "
+                              "coral_evaluate jobs of `snakemake coral_all` (set coral.eval_decodings)")
     for key, names in (("coral.task", [c.task]), ("coral.eval_tasks", list(c.eval_tasks))):
         for name in names:
             if name not in cfg.data.tasks:
