@@ -216,9 +216,9 @@ def test_save_load_round_trip_gives_identical_logits(varied, tmp_path):
     ids = torch.randint(3, 1000, (2, 9))
     before = varied.oa_offsets(ids, range(-8, 5))
     varied.save_pretrained(tmp_path, safe_serialization=True)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["coral"] == {"w_f": 4, "w_b": 8} and config["architectures"] == ["LlamaForCausalLM"]
-    assert config["tie_word_embeddings"] is False
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["coral"] == {"w_f": 4, "w_b": 8} and written["architectures"] == ["LlamaForCausalLM"]
+    assert written["tie_word_embeddings"] is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json",
                                                           "model.safetensors"]
     assert "lm_head.weight" in load_file(tmp_path / "model.safetensors")

@@ -62,6 +62,35 @@ def offset_weight(d: int) -> float:
     return math.exp(-abs(d + 2) / 8) if d <= 0 else math.exp(-8 * (d - 1))
 
 
+def _accepted(logp: torch.Tensor, draft: list[int], eps: float) -> int:
+    """Length of the draft's prefix that passes the η test; ``logp`` [D, V] are the +1
+    log-probabilities of the rows before each draft position (:func:`accepts`, vectorised)."""
+    if not draft:
+        return 0
+    probs = logp.exp()
+    entropy_ = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    eta = torch.clamp(math.sqrt(eps) * torch.exp(-entropy_), max=eps)
+    ok = probs[torch.arange(len(draft)), torch.tensor(draft)] >= eta
+    return len(draft) if bool(ok.all()) else int((~ok).nonzero()[0])
+
+
+def _propose(logp, pair, first: int, lo: int, hi: int, last: int, w_f: int, w_b: int) -> list[int]:
+    """Draft tokens for targets lo..hi: argmax of Σ_s w(t−s)·log p_s(t) / Σ_s w(t−s) over the
+    sources s in [lo − 1, last] whose window reaches t (one gather and index_add)."""
+    ts, rows, ws = [], [], []
+    for t in range(lo, hi + 1):
+        for s in range(max(lo - 1, t - w_f), min(last, t + w_b) + 1):
+            ts.append(t - lo)
+            rows.append(int(pair[s - first, t - s + w_b]))
+            ws.append(offset_weight(t - s))
+    if not ts:
+        return []
+    w, index = torch.tensor(ws), torch.tensor(ts)
+    num = torch.zeros(hi - lo + 1, logp.shape[-1]).index_add_(0, index, logp[torch.tensor(rows)] * w[:, None])
+    den = torch.zeros(hi - lo + 1).index_add_(0, index, w)
+    return (num / den[:, None]).argmax(-1).tolist()
+
+
 @dataclass
 class Decoded:
     tokens: list[int]
@@ -120,36 +149,26 @@ def blockwise(model, prompt: list[int], max_new: int, eos: set[int], *, block: i
         src = torch.arange(first, len(ids))
         targets = src[:, None] + torch.tensor(offsets)[None]  # [R, N]
         hidden = model.oa_hidden(torch.tensor([ids[keep:]]), targets[None], cache=cache, query_from=first - keep)[0]
-        # norm + lm_head only where the pair's target can still be verified or proposed
+        # norm + lm_head only for the pairs whose target can still be verified or proposed
         need = (targets >= fixed) & (targets <= min(len(ids) - 1 + w_f, end - 1))
-        logp = torch.zeros(*targets.shape, model.config.vocab_size)  # row s − first: source s
-        logp[need] = model.head(hidden[need]).log_softmax(-1)
+        pair = torch.full(targets.shape, -1, dtype=torch.long)  # (s − first, n) -> row of logp
+        pair[need] = torch.arange(int(need.sum()))
+        logp = model.head(hidden[need]).log_softmax(-1)
         passes += 1
-        accepted = 0
-        for t in range(fixed, len(ids)):
-            if not accepts(logp[t - 1 - first][plus1].exp(), ids[t], eps):
-                break
-            accepted += 1
+        accepted = _accepted(logp[pair[:len(ids) - fixed, plus1]], ids[fixed:], eps)
         stable = next((k for k, c in enumerate(counts) if c <= threshold), len(counts))
         new_fixed = fixed + max(accepted, stable)
         stalled = 0 if new_fixed > fixed else stalled + 1
         broke = stalled > threshold
         if broke:  # stall breaker: fix the +1 argmax of row fixed−1 (no row of this pass saw it)
-            ids = ids[:fixed] + [int(logp[fixed - 1 - first][plus1].argmax())]
+            ids = ids[:fixed] + [int(logp[pair[0, plus1]].argmax())]
             counts, new_fixed, stalled = [], fixed + 1, 0
         if any(tok in eos for tok in ids[L:new_fixed]) or (stop is not None and new_fixed > fixed
                                                             and stop(ids[L:new_fixed])):
             fixed = new_fixed
             break
         t_hi = new_fixed - 1 if broke else min(new_fixed + block - 1, end - 1, len(ids) - 1 + w_f)
-        draft = []
-        for t in range(new_fixed, t_hi + 1):
-            num, den = 0.0, 0.0
-            for s in range(max(new_fixed - 1, t - w_f), min(len(ids) - 1, t + w_b) + 1):
-                w = offset_weight(t - s)
-                num = num + w * logp[s - first][offsets.index(t - s)]
-                den += w
-            draft.append(int((num / den).argmax()))
+        draft = _propose(logp, pair, first, new_fixed, t_hi, len(ids) - 1, w_f, w_b)
         cut = next((k + 1 for k, tok in enumerate(draft) if tok in eos), len(draft))
         draft = draft[:cut]
         counts = _update_counts(ids[new_fixed:], counts[new_fixed - fixed:], draft)
