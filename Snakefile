@@ -4,6 +4,7 @@
 #   snakemake --cores 2 --configfile configs/smoke.yaml   # the smoke config (tests)
 #   snakemake --cores 2 vdpo_all                          # the V-DPO branch (SPEC §4)
 #   snakemake --cores 2 vlcot_all                         # VL-CoT with a vision head (SPEC §6)
+#   snakemake --cores 2 coral_all                         # COrAL post-training + decoding (SPEC §5)
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -21,6 +22,7 @@ include: "rules/dpo.smk"
 include: "rules/report.smk"
 include: "rules/vlm.smk"  # V-DPO branch: `snakemake vdpo_all`
 include: "rules/vlcot.smk"  # VL-CoT (SPEC §6): `snakemake vlcot_all`
+include: "rules/coral.smk"  # COrAL: `snakemake coral_all`
 
 
 rule all:

@@ -16,7 +16,7 @@ from closedloop.cli import _parser
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "closedloop"
-FAMILIES = ("loop", "vlm", "vlcot")
+FAMILIES = ("loop", "vlm", "vlcot", "coral")
 
 
 def _rules() -> dict[str, str]:

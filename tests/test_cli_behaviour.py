@@ -40,7 +40,7 @@ def write(tmp_path, text, name="mine.yaml"):
      "key 'model.lora.target_modules': Invalid value assigned: AnyNode is not a ListConfig, TupleConfig, list, "
      "or tuple. (expected list of str)"),
     ("eval:\n  decoding: best\n",  # an enum lists its values itself: no second "expected"
-     "key 'eval.decoding': Invalid value 'best', expected one of [greedy, sampled, self_consistency, beam_self_eval]"),
+     "key 'eval.decoding': Invalid value 'best', expected one of [greedy, sampled, self_consistency, beam_self_eval, coral_blockwise]"),
 ])
 def test_a_wrong_type_names_the_file_the_key_and_the_fields_own_type(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -52,7 +52,7 @@ def test_a_wrong_type_names_the_file_the_key_and_the_fields_own_type(tmp_path, t
 def test_type_names_read_like_the_annotations():
     assert config.core.type_name(int | None) == "int or null"
     assert config.core.type_name(list[str]) == "list of str"
-    assert config.core.type_name(config.Decoding) == "one of [greedy, sampled, self_consistency, beam_self_eval]"
+    assert config.core.type_name(config.Decoding) == "one of [greedy, sampled, self_consistency, beam_self_eval, coral_blockwise]"
     assert config.core.type_name(config.SFTConfig) == "a SFTConfig mapping"
 
 

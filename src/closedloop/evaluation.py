@@ -6,6 +6,9 @@ Decoding: ``greedy`` (one completion, through the continuous-batching decode loo
 temperature: accuracy is the mean per-sample correctness, ``pass_at_k`` whether any
 sample is right); ``self_consistency`` (majority vote over ``k`` samples);
 ``beam_self_eval`` (SPEC §1 self-evaluation guided beam search, :mod:`closedloop.beam`).
+A family with its own model and decoding (COrAL's ``coral_blockwise``, SPEC §5) hands
+:func:`evaluate` a :class:`FamilyDecoding`; its extra metrics (forward passes, tokens per
+forward, wall time) are recorded beside accuracy.
 Generated tokens are counted for every decoding, so budgets can be matched. Writes
 ``predictions.jsonl`` and ``metrics.json`` with accuracy, n and a bootstrap CI, and the
 model and data artifacts it used.
@@ -14,6 +17,8 @@ model and data artifacts it used.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,19 @@ def model_record(cfg, tag: str) -> tuple[str, dict]:
     return source, record
 
 
+@dataclass
+class FamilyDecoding:
+    """A family's own model and decoding for :func:`evaluate` (shared code imports no family).
+
+    ``decode(rows, desc)`` loads the model from ``model_dir`` itself and returns the
+    completions per row, the generated-token count and extra metrics (``dtype`` among them)."""
+
+    name: str
+    """Recorded as ``metrics["decoding"]``."""
+    model_dir: Path
+    decode: Callable[[list[dict], str], tuple[list[list[str]], int, dict]]
+
+
 def score(rows: list[dict], completions: list[list[str]]) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Per-row predictions, per-row accuracy (mean over samples) and per-row pass@k."""
     records, acc, any_ok = [], [], []
@@ -53,6 +71,9 @@ def decode(model, tokenizer, rows: list[dict], ev, seed: int, desc: str) -> tupl
     """Completions per row under ``eval.decoding``, and the number of tokens generated."""
     mode = ev.decoding.value
     mc = bool(rows) and bool(rows[0].get("choices"))
+    if mode == "coral_blockwise":
+        raise cl_config.ConfigError("key 'eval.decoding': coral_blockwise decodes a COrAL model (SPEC §5); its "
+                                    "evaluations are the coral_evaluate jobs of `snakemake coral_all`")
     if mode == "beam_self_eval":
         texts, n_tokens = beam.beam_search(
             model, tokenizer, rows, k=ev.beam_k, n=ev.beam_n, lam=ev.beam_lambda, tau=ev.beam_tau,
@@ -88,31 +109,39 @@ def split_rows(cfg, task: str, ev) -> list[dict]:
     return rows
 
 
-def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view: dict, stage: str) -> None:
-    """Decode ``rows`` with model ``tag`` under ``ev`` and write predictions + metrics to ``out_dir``."""
+def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view: dict, stage: str,
+             family: FamilyDecoding | None = None) -> None:
+    """Decode ``rows`` with model ``tag`` under ``ev`` (or ``family``'s own decoding) and write
+    predictions + metrics to ``out_dir``."""
     data = paths.data_dir(cfg, task)
-    source, model_info = model_record(cfg, tag)
-    model, tokenizer = models.load_dir(source, cfg.model, inference=True)
-    set_seed(cfg.seed)
-    completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"{stage} {tag}/{task}")
-    decoding = ev.decoding.value
+    if family is None:
+        source, model_info = model_record(cfg, tag)
+        model, tokenizer = models.load_dir(source, cfg.model, inference=True)
+        set_seed(cfg.seed)
+        completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"{stage} {tag}/{task}")
+        decoding, extra = ev.decoding.value, {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    else:
+        source, model_info = str(family.model_dir), {"tag": tag, "path": str(family.model_dir)}
+        set_seed(cfg.seed)
+        completions, n_tokens, extra = family.decode(rows, f"{stage} {tag}/{task} {family.name}")
+        decoding = family.name
     records, acc, any_ok = score(rows, completions)
     split = split_name(ev)
     metrics = {"task": task, "split": split, "model": model_info, "decoding": decoding,
-               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+               "dtype": extra.pop("dtype"),
                "k": ev.k if decoding in ("sampled", "self_consistency") else 1,
-               "temperature": 0.0 if decoding == "greedy" else ev.temperature,
+               "temperature": 0.0 if decoding in ("greedy", "coral_blockwise") else ev.temperature,
                "seed": cfg.seed, "generated_tokens": n_tokens,
                "generated_tokens_per_question": n_tokens / max(len(rows), 1),
                "data": {"path": str(data), "sha256": artifacts.content_hash(data / f"{split}.jsonl")},
-               **stats.summarise(acc, ev.n_bootstrap, ev.ci_level, cfg.seed)}
+               **stats.summarise(acc, ev.n_bootstrap, ev.ci_level, cfg.seed), **extra}
     if decoding == "beam_self_eval":
         metrics["beam"] = {key: ev[f"beam_{key}"] for key in ("k", "n", "lambda", "tau", "tau_decay", "max_steps",
                                                                "temperature", "step_tokens")}
     if decoding == "sampled":
         metrics["pass_at_k"] = stats.summarise(any_ok, ev.n_bootstrap, ev.ci_level, cfg.seed)
     inputs = {"data": data}
-    if paths.model_dir(cfg, tag) is not None:
+    if family is not None or paths.model_dir(cfg, tag) is not None:
         inputs["model"] = Path(source)
     with artifacts.artifact_dir(out_dir, stage, view, inputs, cfg.seed) as out:
         with open(out / "predictions.jsonl", "w") as fh:

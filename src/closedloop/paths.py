@@ -262,3 +262,42 @@ def vlcot_eval_dir(cfg, tag: str) -> Path:
 
 def vlcot_report_file(cfg) -> Path:
     return vlcot_run_dir(cfg) / "report.md"
+
+
+# ---- COrAL (SPEC §5): results/<experiment>/coral/ ------------------------------------------
+
+def coral_input_tag(cfg) -> str:
+    """The model tag COrAL post-trains: the closed loop's last policy (``coral.init: last``;
+    the SFT model when the loop has no iterations) or the SFT model (``sft``)."""
+    if cl_config.enum_value(cfg.coral.init) == "sft" or not cfg.loop.iterations:
+        return "sft"
+    return model_tag(cfg.loop.iterations)
+
+
+def coral_run_dir(cfg) -> Path:
+    return run_dir(cfg) / "coral"
+
+
+def coral_stage_dir(cfg, stage: int) -> Path:
+    """``results/<experiment>/coral/stage<1|2>/``: model/ (from_pretrained dir with the
+    ``coral`` marker in config.json), train_log.csv, stats.json."""
+    return coral_run_dir(cfg) / f"stage{stage}"
+
+
+def coral_model_dir(cfg) -> Path:
+    """The COrAL model after both stages."""
+    return coral_stage_dir(cfg, 2) / "model"
+
+
+def coral_eval_dir(cfg, decoding: str, task: str) -> Path:
+    """``results/<experiment>/coral/eval/<greedy|coral_blockwise>/<task>/``: predictions.jsonl, metrics.json."""
+    return coral_run_dir(cfg) / "eval" / decoding / task
+
+
+def coral_eval_runs(cfg) -> list[tuple[str, str]]:
+    """(decoding, task) of every evaluation of the COrAL model."""
+    return [(cl_config.enum_value(d), task) for d in cfg.coral.eval_decodings for task in cfg.coral.eval_tasks]
+
+
+def coral_report_file(cfg) -> Path:
+    return coral_run_dir(cfg) / "report.md"

@@ -24,7 +24,7 @@ class Stage:
 
     name: str
     family: str
-    """``loop`` (the LLM closed loop, SPEC §1–3), ``vlm`` (V-DPO, SPEC §4), ``vlcot`` (VL-CoT, SPEC §6), ``shared``."""
+    """``loop`` (the LLM closed loop, SPEC §1–3), ``vlm`` (V-DPO, SPEC §4), ``coral`` (SPEC §5), ``vlcot`` (SPEC §6), ``shared``."""
     sections: tuple[str, ...]
     """Config sections the stage's output depends on (``vlm.sft``: one subsection); a change
     anywhere else does not rerun it (:func:`closedloop.config.stage_view`)."""
@@ -38,6 +38,10 @@ class Stage:
 
 _VLM_TRAINED = ("vlm.model", "vlm.data", "vlm.sft")
 _VLCOT_TRAINED = ("vlcot.model", "vlcot.data", "vlcot.head", "vlcot.sft")
+
+_CORAL_TRAINED = ("model", "coral.init", "coral.task", "coral.window", "coral.n_back_pred", "coral.max_chunk",
+                  "coral.max_length", "coral.stage1")
+"""What the COrAL model depends on: not its decoding or evaluation settings."""
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("data", "shared", ()),
@@ -60,6 +64,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("vlcot_rejection", "vlcot", (*_VLCOT_TRAINED, "vlcot.rejection"), HEAVY),
     Stage("vlcot_eval", "vlcot", (*_VLCOT_TRAINED, "vlcot.rejection", "vlcot.eval"), HEAVY),
     Stage("vlcot_report", "vlcot", ("vlcot.data", "vlcot.sft", "vlcot.rejection", "vlcot.eval")),
+    Stage("coral_stage1", "coral", _CORAL_TRAINED, TRAINING),
+    Stage("coral_stage2", "coral", (*_CORAL_TRAINED, "coral.stage2"), TRAINING),
+    Stage("coral_evaluate", "coral", (*_CORAL_TRAINED, "coral.stage2", "eval", "coral.decoding",
+                                      "coral.n_questions"), HEAVY),
+    Stage("coral_report", "coral", ("eval", "coral")),
 )}
 
 

@@ -5,6 +5,7 @@
 - :mod:`.llm`: the LLM closed loop's sections (SPEC §1–3, §7) and their checks;
 - :mod:`.vlm`: the V-DPO branch's sections (SPEC §4) and their checks;
 - :mod:`.vlcot`: the VL-CoT family's sections (SPEC §6) and their checks;
+- :mod:`.coral`: the COrAL family's section (SPEC §5) and its checks;
 - :mod:`.loader`: :class:`ExperimentConfig`, :func:`load`, :func:`stage_view`.
 
 The dataclass defaults *are* the embedded default experiment; ``configs/default.yaml``
@@ -24,6 +25,15 @@ from closedloop.config.common import (
     TinyModelConfig,
     Tracker,
     TrainArgs,
+)
+from closedloop.config.coral import (
+    CoralConfig,
+    CoralDecoding,
+    CoralDecodingConfig,
+    CoralInit,
+    CoralSections,
+    CoralStageConfig,
+    check_coral,
 )
 from closedloop.config.core import ConfigError, InputError, config_hash, enum_value, explain, load_yaml, merge, to_yaml
 from closedloop.config.llm import (
@@ -64,6 +74,8 @@ from closedloop.config.vlm import (
 )
 
 __all__ = [
+    "CoralConfig", "CoralDecoding", "CoralDecodingConfig", "CoralInit", "CoralSections", "CoralStageConfig",
+    "check_coral",
     "ABLATIONS", "InputError", "LLMSections", "SHARED_KEYS", "SharedSections", "VLMSections", "ConfigError", "DPOConfig", "DType", "DataConfig", "Decoding", "DecodingsConfig",
     "EvalConfig", "ExperimentConfig", "JobConfig", "LoopConfig", "LoraConfig", "MCTSConfig", "ModelConfig",
     "ModelKind", "PopeConfig", "Reference", "RejectedChoice", "ReportConfig", "SFTConfig", "Split",

@@ -49,6 +49,7 @@ class Decoding(str, Enum):
     sampled = "sampled"  # sampled@k: mean accuracy of k samples, and pass@k
     self_consistency = "self_consistency"  # majority vote over k samples
     beam_self_eval = "beam_self_eval"  # SPEC §1 self-evaluation guided beam search
+    coral_blockwise = "coral_blockwise"  # SPEC §5, a COrAL model only (coral_evaluate jobs)
 
 
 

@@ -11,6 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from closedloop import stage_table
 from closedloop.config.common import SharedSections, check_shared
+from closedloop.config.coral import CoralSections, check_coral
 from closedloop.config.core import ConfigError, explain, load_yaml, merge
 from closedloop.config.llm import DATA_LIMITS, LLMSections, check_llm, dpo_for
 from closedloop.config.vlcot import VLCoTSections, check_vlcot
@@ -18,11 +19,11 @@ from closedloop.config.vlm import VLMSections, check_vlm, narrowed_sections
 
 
 @dataclass
-class ExperimentConfig(VLCoTSections, VLMSections, LLMSections, SharedSections):
+class ExperimentConfig(CoralSections, VLCoTSections, VLMSections, LLMSections, SharedSections):
     """A whole experiment: the shared settings, then each family's sections (a family adds a
     section in its own module: :class:`~closedloop.config.llm.LLMSections`,
-    :class:`~closedloop.config.vlm.VLMSections`,
-    :class:`~closedloop.config.vlcot.VLCoTSections`)."""
+    :class:`~closedloop.config.vlm.VLMSections`, :class:`~closedloop.config.vlcot.VLCoTSections`,
+    :class:`~closedloop.config.coral.CoralSections`)."""
 
 
 SHARED_KEYS = ("experiment", "seed", "data_dir", "results_dir")
@@ -96,6 +97,7 @@ def check(cfg: DictConfig, source: str | None = None) -> None:
         check_llm(cfg)
         check_vlm(cfg.vlm)
         check_vlcot(cfg.vlcot)
+        check_coral(cfg)
     except ConfigError as err:
         if source is None:
             raise

@@ -1,0 +1,113 @@
+"""Schemas of the COrAL family (SPEC §5): order-agnostic post-training in two stages and
+sliding blockwise decoding, with their cross-field checks.
+
+Reference settings (github YuxiXie/COrAL, ``scripts/coral-stage{1,2}-arithmetic.sh``):
+``--context_window 4 --n_back_pred 2`` (W_f = 4, W_b = 8), corrupt chunks ≤ 4, stage 1 = last
+layer + lm_head at lr 5e-6 for 3 epochs; stage 2 = the whole model at lr 1e-6 (the issue says
+5e-6; ``configs/paper/coral_mistral7b.yaml`` has the script's value). Decoding: block 16,
+ε = 0.1, occurrence threshold 3 (``main.py``; ``inference.py`` uses 8), at most 512 iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import DictConfig
+
+from closedloop.config.common import TrainArgs
+from closedloop.config.core import ConfigError
+
+
+class CoralInit(str, Enum):
+    last = "last"  # the closed loop's final policy (SFT when loop.iterations is 0)
+    sft = "sft"
+
+
+class CoralDecoding(str, Enum):
+    greedy = "greedy"  # AR greedy of the model's own +1 prediction
+    coral_blockwise = "coral_blockwise"
+
+
+@dataclass
+class CoralStageConfig(TrainArgs):
+    """One COrAL training stage (``transformers.Trainer`` subclass, :mod:`closedloop.coral.trainer`)."""
+
+    learning_rate: float = 5e-6
+    epochs: float = 1.0
+    """Reference: 3 (paper preset); 1 keeps the default run's time in bounds."""
+    batch_size: int = 8
+    logging_steps: int = 5
+
+
+@dataclass
+class CoralDecodingConfig:
+    """Sliding blockwise decoding (SPEC §5, :mod:`closedloop.coral.decoding`)."""
+
+    block: int = 16
+    eps: float = 0.1
+    """Acceptance p ≥ min(ε, √ε·e^{−H}); 0 accepts every token."""
+    threshold: int = 3
+    """A position is fixed after it stayed unchanged more than this many refinements."""
+    max_refinements: int = 512
+    """Cap on iterations (forward passes) per question."""
+
+
+@dataclass
+class CoralConfig:
+    """COrAL post-training of the loop's policy and its evaluation (SPEC §5)."""
+
+    init: CoralInit = CoralInit.last
+    task: str = "synthetic"
+    """Training solutions come from this task's training split (the SFT task's by default)."""
+    window: int = 4
+    """W_f: forward targets i+1..i+W_f."""
+    n_back_pred: float = 2.0
+    """W_b = int(window · n_back_pred) = 8: backward targets i−W_b..i (the reference's multiplier)."""
+    max_chunk: int = 4
+    """Largest corrupted chunk."""
+    max_length: int = 384
+    stage1: CoralStageConfig = field(default_factory=CoralStageConfig)
+    """Last layer + lm_head (a tied lm_head is untied first: :func:`closedloop.coral.model.untie_lm_head`)."""
+    stage2: CoralStageConfig = field(default_factory=CoralStageConfig)
+    """The whole model."""
+    decoding: CoralDecodingConfig = field(default_factory=CoralDecodingConfig)
+    eval_tasks: list[str] = field(default_factory=lambda: ["synthetic"])
+    """Held-out splits the COrAL model is evaluated on (AR greedy and blockwise)."""
+    eval_decodings: list[CoralDecoding] = field(
+        default_factory=lambda: [CoralDecoding.greedy, CoralDecoding.coral_blockwise])
+    n_questions: int = 100
+    """The first n held-out questions of each task (0: all); decoding runs one question at a time."""
+
+
+@dataclass
+class CoralSections:
+    """The COrAL family's section of :class:`~closedloop.config.ExperimentConfig`."""
+
+    coral: CoralConfig = field(default_factory=CoralConfig)
+
+
+def check_coral(cfg: DictConfig) -> None:
+    """Cross-field checks of the ``coral`` section."""
+    c = cfg.coral
+    shared = [("eval.decoding", [cfg.eval.decoding]), ("decodings.methods", list(cfg.decodings.methods))]
+    for key, values in shared:
+        if "coral_blockwise" in [getattr(v, "value", v) for v in values]:
+            raise ConfigError(f"key '{key}': coral_blockwise decodes a COrAL model only; it runs in the "
+                              "coral_evaluate jobs of `snakemake coral_all` (set coral.eval_decodings)")
+    for key, names in (("coral.task", [c.task]), ("coral.eval_tasks", list(c.eval_tasks))):
+        for name in names:
+            if name not in cfg.data.tasks:
+                raise ConfigError(f"key '{key}': task {name!r} is not in data.tasks "
+                                  f"(expected one of {sorted(cfg.data.tasks)})")
+    if c.window < 1 or int(c.window * c.n_back_pred) < 0:
+        raise ConfigError(f"key 'coral.window': expected >= 1 and coral.n_back_pred >= 0, "
+                          f"got {c.window} and {c.n_back_pred}")
+    if c.max_chunk < 1:
+        raise ConfigError(f"key 'coral.max_chunk': expected an integer >= 1, got {c.max_chunk}")
+    d = c.decoding
+    if d.block < 1 or d.threshold < 0 or d.max_refinements < 1 or not 0 <= d.eps <= 1:
+        raise ConfigError("key 'coral.decoding': expected block >= 1, threshold >= 0, max_refinements >= 1 "
+                          f"and 0 <= eps <= 1, got {dict(d)}")
+    if c.n_questions < 0:
+        raise ConfigError(f"key 'coral.n_questions': expected an integer >= 0, got {c.n_questions}")
