@@ -253,28 +253,34 @@ def check_source(source: str, key: str | None = None) -> None:
         raise ModelError(f"{path}: no such model dir{where}")
 
 
-def load_tokenizer(source: str, mcfg):
+def load_tokenizer(source: str, mcfg, processor_class=None):
+    """The tokenizer (or, with ``processor_class``, e.g. ``AutoProcessor``, the processor) of
+    ``source``, with a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
+    processing = (processor_class or AutoTokenizer).from_pretrained(
         source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code
     )
+    tokenizer = getattr(processing, "tokenizer", processing)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return processing
 
 
-def load_dir(source: str | Path, mcfg, inference: bool = False, key: str | None = None):
+def load_dir(source: str | Path, mcfg, inference: bool = False, key: str | None = None, model_class=None,
+             processor_class=None):
     """(model, tokenizer) from a ``from_pretrained`` dir or hub id, in eval mode; in
-    ``model.inference_dtype`` (when set) for stages that only decode. A source that cannot
-    load raises :class:`ModelError` naming it (and the config ``key`` that chose it)."""
+    ``model.inference_dtype`` (when set) for stages that only decode. ``model_class`` /
+    ``processor_class`` load other families' models the same way (the V-DPO branch's LLaVA and
+    its processor). A source that cannot load raises :class:`ModelError` naming it (and the
+    config ``key`` that chose it)."""
     from transformers import AutoModelForCausalLM
 
     source = str(source)
     check_source(source, key)
     try:
-        tokenizer = load_tokenizer(source, mcfg)
-        model = AutoModelForCausalLM.from_pretrained(
+        processing = load_tokenizer(source, mcfg, processor_class)
+        model = (model_class or AutoModelForCausalLM).from_pretrained(
             source,
             revision=mcfg.revision,
             trust_remote_code=mcfg.trust_remote_code,
@@ -284,8 +290,8 @@ def load_dir(source: str | Path, mcfg, inference: bool = False, key: str | None 
         raise ModelError(f"{source}: cannot load the model{f' ({key})' if key else ''}: {_first_line(err)}") from None
     model.eval()
     if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+        model.generation_config.pad_token_id = getattr(processing, "tokenizer", processing).pad_token_id
+    return model, processing
 
 
 def dtype_name(mcfg, inference: bool) -> str:

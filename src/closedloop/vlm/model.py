@@ -143,20 +143,11 @@ def base_source(mcfg) -> str:
 
 
 def load(source: str | Path, mcfg):
-    """(LlavaForConditionalGeneration, LlavaProcessor) from a dir or hub id, in eval mode."""
+    """(LlavaForConditionalGeneration, LlavaProcessor) from a dir or hub id, in eval mode
+    (:func:`closedloop.models.load_dir` with the LLaVA classes)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    source = str(source)
-    processor = AutoProcessor.from_pretrained(source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    model = LlavaForConditionalGeneration.from_pretrained(
-        source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
-        dtype=models.DTYPES[cl_config.enum_value(mcfg.dtype)])
-    model.eval()
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model, processor
+    return models.load_dir(source, mcfg, model_class=LlavaForConditionalGeneration, processor_class=AutoProcessor)
 
 
 def freeze_vision_tower(model, mcfg) -> None:
@@ -187,9 +178,6 @@ def add_lora(model, mcfg):
 
 
 def save(model, processor, directory: Path, merge_lora: bool = True) -> None:
-    """A ``from_pretrained`` dir; a PEFT model is merged into plain LLaVA weights first
-    (``merge_lora``; otherwise the adapter alone is saved)."""
-    if merge_lora and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(directory, safe_serialization=True)
-    processor.save_pretrained(directory)
+    """A ``from_pretrained`` dir (:func:`closedloop.models.save_policy`): a PEFT model is merged
+    into plain LLaVA weights first (``merge_lora``; otherwise the adapter alone is saved)."""
+    models.save_policy(model, processor, directory, merge_lora)
