@@ -142,9 +142,6 @@ class VLMConfig:
     pope: PopeConfig = field(default_factory=PopeConfig)
 
 
-
-
-
 @dataclass
 class VLMSections:
     """The V-DPO branch's section of :class:`~closedloop.config.ExperimentConfig`."""
@@ -195,8 +192,6 @@ def check_vlm(v) -> None:
                           f"{v.sft.grounding_threshold}")
     if v.pairs.n_response + v.pairs.n_image < 1:
         raise ConfigError("keys 'vlm.pairs.n_response' + 'vlm.pairs.n_image': expected at least one pair")
-
-
 
 
 def narrowed_sections(cfg, stage: str, model: str | None, sections: tuple[str, ...]) -> tuple[str, ...]:
