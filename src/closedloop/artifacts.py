@@ -72,11 +72,28 @@ def manifest_hash(hashes: dict[str, str]) -> str:
 def content_hash(path: Path) -> str:
     """sha256 of a file, or of a directory's (relative path, file hash) list (see :func:`file_hashes`)."""
     path = Path(path)
+    hashes = _hashes(path)
+    return hashes[""] if path.is_file() else manifest_hash(hashes)
+
+
+_HASHES: dict[tuple, dict[str, str]] = {}
+"""File hashes of this process by path and file stats (inode, size, mtime): a stage hashes each
+input once (the check at its start and its provenance at the end share it) and again only when
+it changed in between."""
+
+
+def _hashes(path: Path) -> dict[str, str]:
+    """``{"": sha256}`` of a file, :func:`file_hashes` of a directory; cached (:data:`_HASHES`)."""
     if path.is_file():
-        return sha256_file(path)
-    if not path.is_dir():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
         raise FileNotFoundError(f"{path}: no such artifact")
-    return manifest_hash(file_hashes(path))
+    key = (os.path.abspath(path), *((str(f), s.st_ino, s.st_size, s.st_mtime_ns) for f in files for s in [f.stat()]))
+    if key not in _HASHES:
+        _HASHES[key] = {"": sha256_file(path)} if path.is_file() else file_hashes(path)
+    return _HASHES[key]
 
 
 def record_path(artifact: Path) -> Path | None:
@@ -104,14 +121,62 @@ def producer_of(path: Path) -> Path | None:
 def input_record(path: Path) -> dict:
     """An input's path and content hash, plus the artifact that produced it and that
     artifact's recorded hash (what ``closedloop lineage`` follows)."""
-    record = {"path": str(path), "sha256": content_hash(Path(path))}
-    source = producer_of(Path(path))
-    if source is not None:
-        produced = json.loads(record_path(source).read_text())
-        record["artifact"] = str(source)
-        record["artifact_stage"] = produced.get("stage")
-        record["artifact_sha256"] = (produced.get("artifact") or {}).get("sha256")
+    return _checked_input(Path(path), stage=None, name=None)
+
+
+class StaleInputError(RuntimeError):
+    """An input no longer matches the record of the artifact that produced it (one line: the
+    file, the artifact and the command that rebuilds it)."""
+
+
+def check_inputs(stage: str, inputs: dict[str, Path]) -> dict[str, dict]:
+    """Compare every input with the record of the artifact that produced it (each hashed once,
+    :data:`_HASHES`); returns the input records (:func:`input_record`) that the provenance keeps.
+
+    Raises :class:`StaleInputError` when a file differs from, is missing from or was added to
+    its producer's record (SPEC §7: nothing tampered is reused); inputs that no stage produced
+    (a user's JSONL) are hashed and recorded, not checked."""
+    return {name: _checked_input(Path(path), stage, name) for name, path in inputs.items()}
+
+
+def _checked_input(path: Path, stage: str | None, name: str | None) -> dict:
+    hashes = _hashes(path)
+    record = {"path": str(path), "sha256": hashes[""] if path.is_file() else manifest_hash(hashes)}
+    source = producer_of(path)
+    if source is None:
+        return record
+    produced = json.loads(record_path(source).read_text())
+    record["artifact"] = str(source)
+    record["artifact_stage"] = produced.get("stage")
+    record["artifact_sha256"] = (produced.get("artifact") or {}).get("sha256")
+    recorded = (produced.get("artifact") or {}).get("files")
+    if stage is not None and recorded is not None:
+        problem = _difference(path, record_path(source).parent, hashes, recorded)
+        if problem:
+            rule = produced.get("stage", "?")
+            raise StaleInputError(
+                f"{stage}: input '{name}' {problem} in artifact {source} [{rule}], so it is not what that stage "
+                f"recorded: rebuild it with `snakemake --forcerun {rule}` (`closedloop lineage verify` lists "
+                "every changed file)")
     return record
+
+
+def _difference(path: Path, base: Path, hashes: dict[str, str], recorded: dict[str, str]) -> str | None:
+    """The first file of ``path`` (an artifact, a directory or a file inside it, ``base`` its
+    record's directory) that differs from, is missing from or is not in ``recorded``."""
+    prefix = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+    prefix = "" if prefix == "." else Path(prefix).as_posix()
+    inside = {rel: sha for rel, sha in recorded.items()
+              if not prefix or rel == prefix or rel.startswith(prefix + "/")}
+    for rel, sha in sorted(hashes.items()):
+        full = "/".join(p for p in (prefix, rel) if p)
+        if full not in inside:
+            return f"{base / full} is not in the record"
+        if inside.pop(full) != sha:
+            return f"{base / full} changed (recorded sha256 {recorded[full][:12]}, now {sha[:12]})"
+    for full, sha in sorted(inside.items()):
+        return f"{base / full} is missing (recorded sha256 {sha[:12]})"
+    return None
 
 
 def output_record(final: Path, files: dict[str, str], primary: str | None = None) -> dict:
@@ -177,7 +242,7 @@ def provenance(stage: str, view: dict, inputs: dict[str, Path], started: str, se
         "command": sys.argv,
         "config_hash": cl_config.config_hash(view),
         "artifact": output,
-        "inputs": {name: input_record(Path(path)) for name, path in inputs.items()},
+        "inputs": check_inputs(stage, inputs),
         "code": code_version(),
         "packages": package_versions(),
         "host": socket.gethostname(),
@@ -207,6 +272,7 @@ def artifact_dir(final: Path, stage: str, view: dict, inputs: dict[str, Path], s
 
     On a rank other than 0 of a distributed job the directory is thrown away instead."""
     final = Path(final)
+    check_inputs(stage, inputs)  # before any work: refuse an input that is no longer what was recorded
     final.parent.mkdir(parents=True, exist_ok=True)
     started = now()
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{int(time.time())}")
@@ -224,7 +290,18 @@ def artifact_dir(final: Path, stage: str, view: dict, inputs: dict[str, Path], s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    dvc_store.record([final])
+    dvc_store.record([dvc_unit(final, view)])
+
+
+def dvc_unit(final: Path, view: dict) -> Path:
+    """What DVC tracks for ``final``: a data artifact goes with its experiment's whole data dir
+    (``data/<experiment>.dvc``, so experiments never rewrite each other's ``.dvc`` file), any other
+    artifact by itself."""
+    if "data_dir" in view and "experiment" in view:
+        root = Path(view["data_dir"]) / view["experiment"]
+        if Path(os.path.abspath(root)) in Path(os.path.abspath(final)).parents:
+            return root
+    return final
 
 
 def write_sidecars(directory: Path, stage: str, view: dict, inputs: dict[str, Path], started: str, seed: int,

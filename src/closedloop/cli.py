@@ -18,8 +18,8 @@ import sys
 
 from omegaconf import OmegaConf
 
+from closedloop import artifacts, launch, paths, stage_table
 from closedloop import config as cl_config
-from closedloop import launch, paths, stage_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except cl_config.ConfigError as err:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         return 2
+    except artifacts.StaleInputError as err:
+        print(f"closedloop: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -92,6 +92,10 @@ def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view
     """Decode ``rows`` with model ``tag`` under ``ev`` and write predictions + metrics to ``out_dir``."""
     data = paths.data_dir(cfg, task)
     source, model_info = model_record(cfg, tag)
+    inputs = {"data": data}
+    if paths.model_dir(cfg, tag) is not None:
+        inputs["model"] = Path(source)
+    artifacts.check_inputs(stage, inputs)  # before decoding: never evaluate a changed model or split
     model, tokenizer = models.load_dir(source, cfg.model, inference=True)
     set_seed(cfg.seed)
     completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"{stage} {tag}/{task}")
@@ -111,9 +115,6 @@ def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view
                                                                "temperature", "step_tokens")}
     if decoding == "sampled":
         metrics["pass_at_k"] = stats.summarise(any_ok, ev.n_bootstrap, ev.ci_level, cfg.seed)
-    inputs = {"data": data}
-    if paths.model_dir(cfg, tag) is not None:
-        inputs["model"] = Path(source)
     with artifacts.artifact_dir(out_dir, stage, view, inputs, cfg.seed) as out:
         with open(out / "predictions.jsonl", "w") as fh:
             artifacts.write_jsonl(fh, records)

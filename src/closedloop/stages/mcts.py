@@ -37,6 +37,8 @@ def main(cfg) -> None:
     view = cl_config.stage_view(cfg, "mcts", [cfg.mcts.task])
     work = paths.mcts_dir(cfg, k, variant) / ".work" / f"shard{shard}-{cl_config.config_hash(view)[:12]}"
     work.mkdir(parents=True, exist_ok=True)
+    inputs = {"data": paths.data_dir(cfg, cfg.mcts.task), "policy": policy_dir}
+    artifacts.check_inputs("mcts", inputs)  # before searching: never search with a changed policy
     model, tokenizer = models.load_dir(policy_dir, cfg.model, inference=True)
     searcher = Searcher(model, tokenizer, cfg.mcts, str(policy_dir))
     rows = shard_rows(cfg, shard)
@@ -54,7 +56,6 @@ def main(cfg) -> None:
                                        for (t, c), r in zip(results, batch_rows, strict=True)))
     records = [rec for b in range(len(batches)) for rec in artifacts.read_jsonl(work / f"batch{b:05d}.jsonl")]
     by_id = {r["id"]: r for r in rows}
-    inputs = {"data": paths.data_dir(cfg, cfg.mcts.task), "policy": policy_dir}
     out_dir = paths.mcts_shard_dir(cfg, k, shard, variant)
     with artifacts.artifact_dir(out_dir, "mcts", view, inputs, cfg.seed) as out:
         with open(out / "trees.jsonl", "w") as fh:
