@@ -7,7 +7,7 @@ from pathlib import Path
 
 from closedloop import config as cl_config
 from closedloop import launch as cl_launch
-from closedloop import paths
+from closedloop import dvc_store, paths, sources
 
 CFG = cl_config.from_dict(config, source=" + ".join(map(str, workflow.configfiles)) or "snakemake config")
 # Where heavy stages run (local, or Slurm via submitit): the active profile's closedloop.yaml, passed to the
@@ -90,5 +90,76 @@ def data_tasks():
     return needed
 
 
+# ---- what a stage reads from outside the DAG (SPEC §7): rule inputs, or params that change with it
+
+def data_files(wildcards):
+    """A jsonl task's own files: editing one reruns its data job and everything downstream."""
+    return list(sources.task_files(CFG.data.tasks[wildcards.task]).values())
+
+
+def task_source(wildcards):
+    """The installed data package a benchmark task's rows come from, with its version."""
+    return json.dumps(sources.task_data(CFG.data.tasks[wildcards.task]), sort_keys=True)
+
+
+BASE_MODEL = json.dumps(sources.base_model(CFG.model), sort_keys=True)
+"""The embedded model's package version and file hash (``model.kind`` embedded or tiny): a param
+of the stages that read the base model, so a new package reruns them."""
+
+
+def base_model_source(wildcards):
+    """Only the evaluation of the base model reads it; the others read a trained policy."""
+    return BASE_MODEL if wildcards.model == "base" else ""
+
+
+# ---- the default target: one per family in ``families`` (SPEC §1–4)
+
+def loop_last_policy():
+    """The closed loop's last policy (policy_N; SFT when ``loop.iterations`` is 0): the artifact
+    that ``vlm.model.text_backbone: loop_policy`` builds the VLM's language model from."""
+    return policy_artifact("", CFG.loop.iterations)
+
+
+def family_targets(family):
+    if family == "loop":
+        return [str(paths.report_file(CFG))]
+    return [str(paths.vlm_report_file(CFG))]
+
+
+def data_targets():
+    """Every data artifact of the experiment's families (tracked together by data/<experiment>.dvc)."""
+    dirs = [str(paths.data_dir(CFG, t)) for t in data_tasks()] if "loop" in CFG.families else []
+    return dirs + ([str(paths.vlm_data_dir(CFG))] if "vlm" in CFG.families else [])
+
+
+def dvc_views():
+    """The experiment's metrics.json files and training logs, relative to results/<experiment>/."""
+    run = paths.run_dir(CFG)
+    metric_dirs, log_dirs = [], []
+    if "loop" in CFG.families:
+        metric_dirs += eval_dirs() + decoding_dirs()
+        log_dirs += [paths.sft_dir(CFG)] + [paths.dpo_dir(CFG, k, v) for v in paths.loop_variants(CFG)
+                                            for k in iterations()]
+    if "vlm" in CFG.families:
+        metric_dirs += [paths.pope_dir(CFG, m) for m in CFG.vlm.pope.models]
+        log_dirs += [paths.vlm_sft_dir(CFG)] + [paths.vdpo_dir(CFG, m) for m in ("dpo", "vdpo")
+                                                if m in CFG.vlm.pope.models]
+    return {"metrics": [(Path(d) / "metrics.json").relative_to(run).as_posix() for d in metric_dirs],
+            "training_logs": [(Path(d) / "train_log.csv").relative_to(run).as_posix() for d in log_dirs]}
+
+
 def report_targets():
-    return [str(paths.report_file(CFG)), f"{CFG.data_dir}.dvc"]
+    targets = [t for family in CFG.families for t in family_targets(family)]
+    return targets + [str(paths.data_dvc_file(CFG)), str(paths.dvc_views_file(CFG))]
+
+
+def vlm_text_backbone():
+    """``vlm.model.text_backbone: loop_policy``: the loop's last policy artifact is vlm_sft's input."""
+    return [loop_last_policy()] if cl_config.enum_value(CFG.vlm.model.text_backbone) == "loop_policy" else []
+
+
+def vlm_text_backbone_model():
+    """The from_pretrained dir vlm_sft builds its language model from (``job.model``), or None."""
+    if cl_config.enum_value(CFG.vlm.model.text_backbone) != "loop_policy":
+        return None
+    return str(paths.policy_dir(CFG, CFG.loop.iterations))

@@ -114,5 +114,9 @@ class SharedSections:
     seed: int = 0
     data_dir: str = "data"
     results_dir: str = "results"
+    families: list[str] = field(default_factory=lambda: ["loop", "vlm"])
+    """Which families' targets ``snakemake`` builds by default (rule ``all``): ``loop`` (the LLM
+    closed loop and its report, SPEC §1–3) and ``vlm`` (the V-DPO branch, SPEC §4). Not part of any
+    stage's config view: switching a family off reruns nothing."""
     model: ModelConfig = field(default_factory=ModelConfig)
     job: JobConfig = field(default_factory=JobConfig)

@@ -71,6 +71,9 @@ def from_dict(data: dict, source: str) -> DictConfig:
 
 def check(cfg: DictConfig) -> None:
     """Cross-field checks that types alone cannot express, family by family."""
+    for family in cfg.families:
+        if family not in stage_table.FAMILIES:
+            raise ConfigError(f"key 'families': unknown family {family!r} (expected any of {list(stage_table.FAMILIES)})")
     check_llm(cfg)
     check_vlm(cfg.vlm)
 

