@@ -45,4 +45,4 @@ rule dvc_views:
     log:
         str(LOGS / "dvc_views.log"),
     run:
-        dvc_store.write_views(output[0], json.loads(params.views))
+        dvc_store.write_views(output[0], json.loads(params.views), log[0])

@@ -121,6 +121,9 @@ def _add(root: Path, targets: list[Path]) -> None:
             with Repo(str(root)) as repo:
                 repo.scm_context.quiet = True  # no "to track the changes with git" hint per job
                 _with_dvc_lock_retry(lambda: repo.add([str(t) for t in targets]))
+                # add links only the files new to the cache; relink those it already held (a tokenizer
+                # or an unchanged model shared with another artifact) so no payload stays a copy
+                _with_dvc_lock_retry(lambda: repo.checkout(targets=[str(t) for t in targets], relink=True))
         except FileIsGitIgnored as err:
             raise DVCRecordError(f"{root}: cannot record {rel} in DVC: {err} (un-ignore '*.dvc' files in "
                                  f".gitignore, or set {ENV}=0)") from err
@@ -128,11 +131,11 @@ def _add(root: Path, targets: list[Path]) -> None:
             raise DVCRecordError(f"{root}: dvc add {' '.join(rel)} failed: {err} (set {ENV}=0 to skip)") from err
 
 
-def write_views(path: Path, views: dict) -> None:
+def write_views(path: Path, views: dict, log: Path | None = None) -> None:
     """Write a ``dvc.yaml`` with top-level ``metrics`` and ``plots`` (no stages) so that ``dvc
     metrics show|diff`` lists every metrics file and ``dvc plots show`` draws the training loss of
     every training log; ``views``: {"metrics": [paths], "training_logs": [paths]}, relative to the
-    file's directory."""
+    file's directory; ``log`` gets one line saying what was written."""
     import yaml
 
     loss = {"training_loss": {"x": "step", "y": {log: "loss" for log in views["training_logs"]},
@@ -143,6 +146,9 @@ def write_views(path: Path, views: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text(f"{path}: {len(views['metrics'])} metrics, {len(views['training_logs'])} training logs\n")
 
 
 def push(root: Path, remote: str | None = None, jobs: int | None = None) -> int:
