@@ -290,7 +290,8 @@ def artifact_dir(final: Path, stage: str, view: dict, inputs: dict[str, Path], s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    dvc_store.record([dvc_unit(final, view)])
+    unit = dvc_unit(final, view)
+    dvc_store.record([unit], shared=[unit] if unit != final else [])
 
 
 def dvc_unit(final: Path, view: dict) -> Path:

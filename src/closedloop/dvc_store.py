@@ -91,26 +91,30 @@ def _with_dvc_lock_retry(action):
             time.sleep(0.5)
 
 
-def record(paths: Iterable[Path]) -> list[Path]:
+def record(paths: Iterable[Path], shared: Iterable[Path] = ()) -> list[Path]:
     """``dvc add`` each path (or the tracked directory containing it); returns the targets.
+    ``shared``: directories other jobs write into too (data/<experiment>): added, never checked out.
 
     Does nothing when recording is switched off or a path lies outside any DVC repo.
     """
     if not enabled():
         return []
+    shared = {Path(p).resolve() for p in shared}
     by_root: dict[Path, list[Path]] = {}
     for path in paths:
         root = repo_root(path)
         if root is not None:
             target = target_for(root, path)
+            if target != Path(path).resolve():  # an enclosing directory tracked as a whole
+                shared.add(target)
             if target not in by_root.setdefault(root, []):
                 by_root[root].append(target)
     for root, targets in by_root.items():
-        _add(root, targets)
+        _add(root, targets, shared)
     return [t for targets in by_root.values() for t in targets]
 
 
-def _add(root: Path, targets: list[Path]) -> None:
+def _add(root: Path, targets: list[Path], shared: set[Path]) -> None:
     from dvc.dvcfile import FileIsGitIgnored
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -122,8 +126,12 @@ def _add(root: Path, targets: list[Path]) -> None:
                 repo.scm_context.quiet = True  # no "to track the changes with git" hint per job
                 _with_dvc_lock_retry(lambda: repo.add([str(t) for t in targets]))
                 # add links only the files new to the cache; relink those it already held (a tokenizer
-                # or an unchanged model shared with another artifact) so no payload stays a copy
-                _with_dvc_lock_retry(lambda: repo.checkout(targets=[str(t) for t in targets], relink=True))
+                # or an unchanged model shared with another artifact) so no payload stays a copy. Not for
+                # a directory shared with other jobs (data/<experiment>): checkout would remove a sibling
+                # renamed into it since the add
+                own = [str(t) for t in targets if t not in shared]
+                if own:
+                    _with_dvc_lock_retry(lambda: repo.checkout(targets=own, relink=True))
         except FileIsGitIgnored as err:
             raise DVCRecordError(f"{root}: cannot record {rel} in DVC: {err} (un-ignore '*.dvc' files in "
                                  f".gitignore, or set {ENV}=0)") from err
