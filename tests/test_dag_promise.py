@@ -244,7 +244,7 @@ def test_the_vlm_is_built_on_the_loops_last_policy(mine):
     policy = mine / "results/mine/iter1/dpo/model"
     llava = load_file(Path(vlm.base_source(cfg.vlm.model, str(policy))) / "model.safetensors")
     llama = load_file(policy / "model.safetensors")
-    for key, value in llama.items():
-        mine_key = key.replace("model.", "model.language_model.", 1)
-        got = llava[mine_key] if mine_key in llava else llava[key]
+    assert llama and all(key.startswith(("model.", "lm_head.")) for key in llama)
+    for key, value in llama.items():  # saved under LLaVA's checkpoint names
+        got = llava[f"language_model.{key}"]
         assert (got[: value.shape[0]] == value).all(), key
