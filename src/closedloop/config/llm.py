@@ -41,6 +41,16 @@ class Reference(str, Enum):
     previous = "previous"  # option: policy_{k-1}
 
 
+class MCScoring(str, Enum):
+    loglikelihood = "loglikelihood"  # lm-evaluation-harness acc / acc_norm (the field's way)
+    generate = "generate"  # decode, then read the option letter (our scorer)
+
+
+class MathScoring(str, Enum):
+    harness = "harness"  # lm-evaluation-harness extraction (GSM8K strict/flexible, hendrycks MATH)
+    ours = "ours"  # closedloop.answers
+
+
 class Decoding(str, Enum):
     greedy = "greedy"
     sampled = "sampled"  # sampled@k: mean accuracy of k samples, and pass@k
@@ -116,6 +126,12 @@ class EvalConfig:
     """Models evaluated besides the loop's policies: ``base`` (untrained) and/or ``sft``."""
     split: Split = Split.heldout
     """``validation`` to choose settings without looking at the held-out split."""
+    mc_scoring: MCScoring = MCScoring.loglikelihood
+    """Multiple-choice tasks: ``loglikelihood`` of each choice through lm-evaluation-harness
+    (acc, acc_norm) or ``generate`` (decode and read the letter; reports the invalid rate)."""
+    math_scoring: MathScoring = MathScoring.harness
+    """GSM8K/MATH tasks: the harness's extraction (GSM8K strict-match + flexible-extract, MATH
+    hendrycks) or ``ours`` (:mod:`closedloop.answers`). The synthetic task always uses ours."""
     decoding: Decoding = Decoding.greedy
     k: int = 4
     """Samples per question for ``decoding: sampled`` (sampled@k)."""
