@@ -91,4 +91,6 @@ def data_tasks():
 
 
 def report_targets():
-    return [str(paths.report_file(CFG)), f"{CFG.data_dir}.dvc"]
+    """The report (over seeds when ``seeds`` is set) and the DVC record of the data."""
+    final = paths.seeds_report_file(CFG) if CFG.seeds else paths.report_file(CFG)
+    return [str(final), f"{CFG.data_dir}.dvc"]

@@ -238,3 +238,73 @@ Final logged losses: {final or 'n/a'}.
 
 {sources}
 """
+
+
+# ---- the report over seeds (``seeds: [...]``, stage ``seeds_report``) -------------------------
+
+
+def per_question(cfg, tag: str, task: str) -> dict[str, float]:
+    """Question id → score (the mean over samples) of one evaluation's predictions."""
+    rows = artifacts.read_jsonl(paths.eval_dir(cfg, tag, task) / "predictions.jsonl")
+    return {r["id"]: sum(map(float, r["correct"])) / len(r["correct"]) for r in rows}
+
+
+def seed_scores(cfg) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    """(model tag, task) → seed → question id → score, for every seed of ``cfg.seeds``."""
+    return {(tag, task): {s: per_question(paths.for_seed(cfg, s), tag, task) for s in cfg.seeds}
+            for tag in paths.eval_model_tags(cfg) for task in cfg.eval.tasks}
+
+
+def aligned(scores: dict[int, dict[str, float]], ids: list[str]):
+    """(seeds, questions) array of ``scores`` on question ``ids`` (rows in seed order)."""
+    import numpy as np
+
+    return np.array([[by_id[i] for i in ids] for _, by_id in sorted(scores.items())])
+
+
+def seeds_aggregate(cfg, scores, n_boot: int, level: float) -> dict:
+    """Per-seed accuracy with mean ± sd for every (model, task), and for every trained policy the
+    paired gain over the SFT model of the same seed (:func:`closedloop.stats.paired_gain_over_seeds`)."""
+    out = {"accuracy": {}, "gain_over_sft": {}}
+    for (tag, task), by_seed in scores.items():
+        out["accuracy"][f"{tag}/{task}"] = stats.seed_summary(
+            {s: sum(q.values()) / len(q) for s, q in sorted(by_seed.items())})
+    if "sft" not in cfg.eval.models:
+        return out
+    for (tag, task), by_seed in scores.items():
+        if tag in ("base", "sft"):
+            continue
+        sft = scores[("sft", task)]
+        ids = sorted(set.intersection(*(set(q) for q in [*sft.values(), *by_seed.values()])))
+        out["gain_over_sft"][f"{tag}/{task}"] = stats.paired_gain_over_seeds(
+            aligned(sft, ids), aligned(by_seed, ids), n_boot, level, cfg.seed)
+    return out
+
+
+def render_seeds(cfg, agg: dict) -> str:
+    """report.md over seeds: accuracy per seed with mean ± sd; paired gains over SFT with intervals."""
+    seeds, tasks, level = list(cfg.seeds), list(cfg.eval.tasks), int(100 * cfg.eval.ci_level)
+    lines = [f"# {cfg.report.title}: `{cfg.experiment}` over seeds {', '.join(map(str, seeds))}", "",
+             f"Each seed runs the whole experiment (SFT, search, DPO, evaluation) on the same data; per-seed "
+             f"reports: {', '.join(f'`seed{s}/report.md`' for s in seeds)}.", "",
+             "## Accuracy (%): mean ± sd over seeds (per seed)", "",
+             "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for tag in paths.eval_model_tags(cfg):
+        cells = []
+        for task in tasks:
+            a = agg["accuracy"][f"{tag}/{task}"]
+            per = " / ".join(f"{100 * v:.1f}" for v in a["per_seed"].values())
+            cells.append(f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f} ({per})")
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    if agg["gain_over_sft"]:
+        lines += ["", f"## Gain over SFT (points), paired by seed and question, {level}% interval over seeds × "
+                      "questions", "",
+                  "Two-level percentile bootstrap: seeds drawn with replacement, then questions (one draw shared by "
+                  "the drawn seeds); gained / lost summed over seeds.", "",
+                  "| model | task | gain [interval] | per seed | gained / lost |", "|---|---|---|---|---|"]
+        for key, g in agg["gain_over_sft"].items():
+            tag, task = key.rsplit("/", 1)
+            per = " / ".join(f"{100 * v:+.1f}" for v in g["per_seed"])
+            lines.append(f"| {tag} | {task} | {100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, "
+                         f"{100 * g['ci_high']:+.1f}] | {per} | +{g['gained']} / −{g['lost']} |")
+    return "\n".join(lines) + "\n"

@@ -286,6 +286,8 @@ def check_llm(cfg: DictConfig) -> None:
         if task.n_validation and task.source == TaskSource.jsonl:
             raise ConfigError(f"key 'data.tasks.{name}.n_validation': source jsonl has no validation split "
                               f"here (expected 0; hold rows out of train_path yourself)")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or any(s < 0 for s in cfg.seeds):
+        raise ConfigError(f"key 'seeds': expected distinct integers >= 0, got {list(cfg.seeds)}")
     if not 0 < cfg.eval.ci_level < 1:
         raise ConfigError(f"key 'eval.ci_level': expected a number in (0, 1), got {cfg.eval.ci_level}")
     for key in ("batch_size", "k", "n_bootstrap", "max_new_tokens"):
@@ -345,6 +347,11 @@ def dpo_for(cfg: DictConfig, k: int) -> DictConfig:
 class LLMSections:
     """The LLM closed loop's sections of :class:`~closedloop.config.ExperimentConfig`."""
 
+    seeds: list[int] = field(default_factory=list)
+    """Empty: one run with ``seed`` (paths ``results/<experiment>/...``). ``[0, 1, 2]``: the
+    experiment (SFT, search, DPO, evaluation, report) once per seed under
+    ``results/<experiment>/seed<k>/``, on the same data (split with ``seed``), and a report
+    over the seeds at ``results/<experiment>/report.md``."""
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
