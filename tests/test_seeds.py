@@ -83,3 +83,13 @@ def test_a_seeds_job_sees_only_its_own_seed(smoke_cfg):
     assert paths.run_dir(smoke_cfg).name == "seed0" and paths.seeds_report_file(smoke_cfg).parent.name == "smoke"
     with pytest.raises(config.ConfigError, match="'seeds'"):
         config.load([], ["seeds=[1,1]"])
+
+
+def test_efficacy_preset_runs_three_seeds_with_more_search_than_the_default():
+    from closedloop import config
+
+    root = paths.Path(__file__).resolve().parents[1]
+    default, eff = config.load(), config.load([root / "configs" / "efficacy.yaml"])
+    assert list(eff.seeds) == [0, 1, 2]
+    assert eff.mcts.n_prompts > default.mcts.n_prompts and eff.loop.iterations > default.loop.iterations
+    assert sorted(eff.loop.ablations) == sorted(config.ABLATIONS)  # equal budgets: one loop config for all
