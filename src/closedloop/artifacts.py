@@ -34,7 +34,7 @@ from closedloop import dvc_store
 
 PROVENANCE = "provenance.json"
 CONFIG = "config.yaml"
-KEY_PACKAGES = ("closedloop", "torch", "transformers", "trl", "peft", "datasets", "omegaconf")
+KEY_PACKAGES = ("closedloop", "torch", "transformers", "trl", "peft", "datasets", "omegaconf", "lm-eval")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

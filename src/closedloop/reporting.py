@@ -207,11 +207,30 @@ def decoding_section(cfg, metrics: dict[tuple[str, str, str], dict]) -> str:
             + "\n".join(lines) + "\n")
 
 
+def software_line(cfg, metrics) -> str:
+    """Library versions (the SFT artifact's provenance) and the precision used: the training
+    dtype and bf16 autocast setting (the SFT job's config), the evaluated weights' dtypes."""
+    sft = paths.sft_dir(cfg)
+    try:
+        packages = json.loads((sft / artifacts.PROVENANCE).read_text())["packages"]
+        model = cl_config.load_yaml(sft / artifacts.CONFIG).model
+    except (OSError, KeyError, cl_config.ConfigError):
+        return "Software and precision: n/a (no SFT provenance)."
+    autocast = {True: "on", False: "off", None: "auto (on where the CPU or GPU has bf16 units)"}[model.bf16_training]
+    dtypes = sorted({m["dtype"] for m in metrics.values() if "dtype" in m})
+    versions = ", ".join(f"{k} {packages.get(k)}" for k in ("python", "torch", "transformers", "trl", "lm-eval")
+                         if packages.get(k))
+    return (f"Software: {versions}. Precision: training weights {model.dtype}, bf16 autocast {autocast}; "
+            f"evaluation weights {', '.join(dtypes) or 'n/a'} (log-softmax of scored choices in float32).")
+
+
 def render(cfg, metrics, logs, stats, decodings=None) -> str:
     sources = "\n".join(
         f"- `{tag}/{task}`: model `{m['model'].get('path') or m['model'].get('source')}`, "
         f"data sha256 `{m['data']['sha256'][:12]}`, {m['decoding']} k={m['k']}, "
         f"{m['generated_tokens']} generated tokens, seed {m['seed']}"
+        + (f", invalid answers {100 * m['invalid_rate']:.1f}%" if m.get("invalid_rate") is not None else "")
+        + (f", acc_norm {100 * m['acc_norm']['accuracy']:.1f}" if "acc_norm" in m else "")
         for (tag, task), m in metrics.items())
     final = ", ".join(f"{name} {log[-1]['loss']:.3f} (step {int(log[-1]['step'])})" for name, log in logs.items())
     return f"""# {cfg.report.title}: `{cfg.experiment}`
@@ -235,6 +254,8 @@ Final logged losses: {final or 'n/a'}.
 ![training loss](plots/training_loss.png)
 {mcts_section(stats)}{decoding_section(cfg, decodings or {})}
 ## Where each score came from
+
+{software_line(cfg, metrics)}
 
 {sources}
 """
