@@ -7,10 +7,13 @@ for _seed in CFG.seeds:
     workflow.userule(rules=["*"], from_module=f"seed{_seed}", name_modifier=f"seed{_seed}_*")(lambda: None)
 
 
+SEED_CFGS = [paths.for_seed(CFG, s) for s in CFG.seeds]
+
+
 rule seeds_report:
     input:
-        [str(paths.report_file(paths.for_seed(CFG, s))) for s in CFG.seeds],
-        [str(paths.eval_dir(paths.for_seed(CFG, s), m, t)) for s in CFG.seeds for m in paths.eval_model_tags(CFG) for t in CFG.eval.tasks],
+        [str(paths.report_file(c)) for c in SEED_CFGS],
+        [str(paths.eval_dir(c, m, t)) for c in SEED_CFGS for m in paths.eval_model_tags(CFG) for t in CFG.eval.tasks],
     output:
         md=str(paths.seeds_report_file(CFG)),
         aggregate=str(paths.experiment_dir(CFG) / "seeds.json"),
