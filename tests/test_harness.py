@@ -111,3 +111,17 @@ def test_hflm_loglikelihood_is_the_tiny_models_own(smoke_cfg, tmp_path):
                 logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
             assert ll == pytest.approx(sum(logp[i - 1, whole[i]].item() for i in range(n_context, len(whole))),
                                        abs=1e-3)
+
+
+@pytest.mark.slow
+def test_gsm8k_generates_through_hflm_on_the_tiny_model(smoke_cfg, tmp_path):
+    from closedloop import models
+
+    model, tokenizer = models.load_dir(models.base_source(smoke_cfg.model), smoke_cfg.model, inference=True)
+    rows = [{"id": f"g{i}", "question": f"Tom has {i} apples and gets 2 more. How many?", "answer": str(i + 2),
+             "choices": None, "solution_steps": None} for i in range(3)]
+    records, filters = harness.generative_records(
+        harness.run(harness.wrap(model, tokenizer, 4), harness.gsm8k_task("tiny_gsm8k", write(tmp_path / "g.jsonl", rows), 8)))
+    assert filters == ["strict-match", "flexible-extract"] and [r["id"] for r in records] == ["g0", "g1", "g2"]
+    assert all(isinstance(r["completions"][0], str) and set(r["filters"]) == set(filters) for r in records)
+    assert all(r["filters"]["strict-match"]["extracted"] == harness.INVALID for r in records)  # random weights
