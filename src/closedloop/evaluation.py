@@ -124,7 +124,10 @@ def run_harness(model, tokenizer, cfg, task: str, ev, rows: list[dict], mode: st
     source = cl_config.enum_value(cfg.data.tasks[task].source)
     config = harness.task_config(task, source, split_file, rows, ev.max_new_tokens)
     samples = harness.run(harness.wrap(model, tokenizer, ev.batch_size), config)
-    summary = lambda ok: stats.summarise(np.array(ok, dtype=float), ev.n_bootstrap, ev.ci_level, cfg.seed)  # noqa: E731
+
+    def summary(ok: list[bool]) -> dict:
+        return stats.summarise(np.array(ok, dtype=float), ev.n_bootstrap, ev.ci_level, cfg.seed)
+
     info = {"harness": {"lm_eval": lm_eval.__version__, "prompt": config["doc_to_text"], "num_fewshot": 0}}
     if mode == "loglikelihood":
         records = harness.mc_records(samples)
