@@ -59,7 +59,7 @@ def test_sft_with_lora_merges_into_a_plain_dir(smoke_cfg):
 def test_evaluate_writes_predictions_and_metrics(smoke_cfg, task, scoring):
     build_data(smoke_cfg, task)
     smoke_cfg.job.model, smoke_cfg.job.task = "base", task
-    smoke_cfg.eval.mc_scoring = scoring if task == "arc_challenge" else "loglikelihood"
+    smoke_cfg.eval.mc_scoring = config.MCScoring(scoring if task == "arc_challenge" else "loglikelihood")
     evaluate.main(smoke_cfg)
     out = paths.eval_dir(smoke_cfg, "base", task)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.json", "predictions.jsonl",

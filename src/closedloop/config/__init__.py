@@ -33,6 +33,8 @@ from closedloop.config.llm import (
     EvalConfig,
     LLMSections,
     LoopConfig,
+    MathScoring,
+    MCScoring,
     MCTSConfig,
     Reference,
     RejectedChoice,
@@ -62,7 +64,7 @@ from closedloop.config.vlm import (
 
 __all__ = [
     "ABLATIONS", "LLMSections", "SHARED_KEYS", "SharedSections", "VLMSections", "ConfigError", "DPOConfig", "DType", "DataConfig", "Decoding", "DecodingsConfig",
-    "EvalConfig", "ExperimentConfig", "JobConfig", "LoopConfig", "LoraConfig", "MCTSConfig", "ModelConfig",
+    "EvalConfig", "ExperimentConfig", "JobConfig", "LoopConfig", "LoraConfig", "MathScoring", "MCScoring", "MCTSConfig", "ModelConfig",
     "ModelKind", "PopeConfig", "Reference", "RejectedChoice", "ReportConfig", "SFTConfig", "Split",
     "SyntheticTaskConfig", "TaskConfig", "TaskSource", "TextBackbone", "TinyModelConfig", "TrainArgs",
     "VDPOConfig", "VDPOPairsConfig", "VLMConfig", "VLMDataConfig", "VLMKind", "VLMModelConfig", "VLMSFTConfig",
