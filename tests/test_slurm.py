@@ -258,11 +258,13 @@ def test_jobs_that_cannot_run_fail_at_once(slurm, tmp_path):
     assert not subprocess.run(["squeue", "-h", "-n", "clnever-sft"], capture_output=True, text=True).stdout.strip()
 
 
-WAITER = ("import resource, sys; from closedloop import cli; rc = cli.main(sys.argv[1:]); "
+WAITER = ("import re, sys; from closedloop import cli; rc = cli.main(sys.argv[1:]); "
           "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'closedloop.stages.sft') if m in sys.modules); "
-          "print(f'waiter: heavy modules {heavy} peak rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB',"
-          " flush=True); sys.exit(rc)")
-"""``closedloop run-stage`` that reports, when it ends, which heavy modules it imported and its peak RSS."""
+          "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)); "
+          "print(f'waiter: heavy modules {heavy} peak rss {hwm // 1024} MB', flush=True); sys.exit(rc)")
+"""``closedloop run-stage`` that reports, when it ends, which heavy modules it imported and its peak RSS
+(VmHWM of its own address space: ``getrusage``'s ``ru_maxrss`` carries the parent's peak across
+fork + exec on Linux, so under pytest it reported the test process's 1.6 GB, not the waiter's)."""
 
 
 def test_killed_waiter_is_reattached_and_a_second_writer_fails(slurm, tmp_path):

@@ -142,7 +142,7 @@ def train_stage(cfg, stage: int) -> None:
     dataset = Dataset.from_list(tokenize(tokenizer, rows, c.max_length))
     out_dir = paths.coral_stage_dir(cfg, stage)
     view = cl_config.stage_view(cfg, name, [c.task], model=tag)
-    work = checkpoints.work_dir(out_dir, view)
+    work = checkpoints.work_dir(out_dir, view, {"data": data, "model": source})
     resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
     t = c[f"stage{stage}"]
     with artifacts.artifact_dir(out_dir, name, view, {"data": data, "model": source}, cfg.seed) as out:

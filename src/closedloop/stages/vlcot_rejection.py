@@ -38,7 +38,7 @@ def main(cfg) -> None:
     rows = artifacts.read_jsonl(data / "train.jsonl")
     rows = rows[:r.n_questions] if r.n_questions else rows
     view = cl_config.stage_view(cfg, "vlcot_rejection", model=tag)
-    work = checkpoints.work_dir(out_dir, view)
+    work = checkpoints.work_dir(out_dir, view, {"data": data, "model": source})
     with artifacts.artifact_dir(out_dir, "vlcot_rejection", view, {"data": data, "model": source}, cfg.seed) as out:
         model, processor = vm.load(source, v.model, v.head, with_head=True)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + k)

@@ -27,7 +27,7 @@ def main(cfg) -> None:
     data, out_dir, v = paths.vlcot_data_dir(cfg), paths.vlcot_sft_dir(cfg, variant), cfg.vlcot
     rows = artifacts.read_jsonl(data / "train.jsonl")
     view = cl_config.stage_view(cfg, "vlcot_sft", model=variant)
-    work = checkpoints.work_dir(out_dir, view)
+    work = checkpoints.work_dir(out_dir, view, {"data": data})
     with artifacts.artifact_dir(out_dir, "vlcot_sft", view, {"data": data}, cfg.seed) as out:
         model, processor = vm.load(vm.base_source(v.model), v.model, v.head, with_head=variant == "vision")
         vm.freeze_and_lora(model, v.model)
