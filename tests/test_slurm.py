@@ -129,6 +129,8 @@ def test_smoke_dag_through_the_slurm_profile_equals_the_local_run(slurm, smoke_l
     compared = 0
     for provenance in sorted(local_run.rglob(artifacts.PROVENANCE)):
         rel = provenance.parent.relative_to(local_run)
+        if rel.parts[0] in ("coral", "vlcot", "vlm"):  # other families' tests add their targets to the shared run
+            continue
         assert artifacts.content_hash(slurm_run / rel) == artifacts.content_hash(local_run / rel), rel
         compared += 1
     assert compared == 17  # sft, 8 evals, 2 x (2 shards + merged), 2 dpo
