@@ -2,9 +2,8 @@
 # calls the `closedloop` CLI, which runs the stage's main(cfg).
 #   snakemake --cores 2                                   # the embedded default experiment
 #   snakemake --cores 2 --configfile configs/smoke.yaml   # the smoke config (tests)
-#   snakemake --cores 2 vdpo_all                          # the V-DPO branch (SPEC §4)
-#   snakemake --cores 2 vlcot_all                         # VL-CoT with a vision head (SPEC §6)
-#   snakemake --cores 2 coral_all                         # COrAL post-training + decoding (SPEC §5)
+#   snakemake --cores 2 vdpo_all                          # one family alone: vdpo_all, coral_all, vlcot_all
+#   snakemake --cores 2 --config 'families=[loop]'        # `all` covers every family in `families`
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -20,11 +19,13 @@ include: "rules/evaluate.smk"
 include: "rules/mcts.smk"
 include: "rules/dpo.smk"
 include: "rules/report.smk"
-include: "rules/vlm.smk"  # V-DPO branch: `snakemake vdpo_all`
-include: "rules/vlcot.smk"  # VL-CoT (SPEC §6): `snakemake vlcot_all`
-include: "rules/coral.smk"  # COrAL: `snakemake coral_all`
+include: "rules/vlm.smk"  # V-DPO (SPEC §4): in `all` with `families: [.., vlm]`, or `snakemake vdpo_all`
+include: "rules/vlcot.smk"  # VL-CoT (SPEC §6): `families: [.., vlcot]`, or `snakemake vlcot_all`
+include: "rules/coral.smk"  # COrAL (SPEC §5): `families: [.., coral]`, or `snakemake coral_all`
 
 
+# One default target over every family switched on in `families` (loop: the LLM closed loop's
+# report; vlm: the V-DPO branch's report), the experiment's data/<experiment>.dvc and its DVC views.
 rule all:
     default_target: True
     input:

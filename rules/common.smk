@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from closedloop import config as cl_config
 from closedloop import launch as cl_launch
-from closedloop import paths
+from closedloop import dvc_store, paths, sources
 
 def _config_layers():
     """What Snakemake merged into `config`, in order and by name: the Snakefile's config file, each
@@ -103,5 +103,89 @@ def data_tasks():
     return needed
 
 
+# ---- what a stage reads from outside the DAG (SPEC §7): rule inputs, or params that change with it
+
+def data_files(wildcards):
+    """A jsonl task's own files: editing one reruns its data job and everything downstream."""
+    return list(sources.task_files(CFG.data.tasks[wildcards.task]).values())
+
+
+def task_source(wildcards):
+    """The installed data package a benchmark task's rows come from, with its version."""
+    return json.dumps(sources.task_data(CFG.data.tasks[wildcards.task]), sort_keys=True)
+
+
+BASE_MODEL = json.dumps(sources.base_model(CFG.model), sort_keys=True)
+"""The embedded model's package version and file hash (``model.kind`` embedded or tiny): a param
+of the stages that read the base model, so a new package reruns them."""
+
+
+def base_model_source(wildcards):
+    """Only the evaluation of the base model reads it; the others read a trained policy."""
+    return BASE_MODEL if wildcards.model == "base" else ""
+
+
+# ---- the default target: one per family in ``families`` (SPEC §1–4)
+
+def loop_last_policy():
+    """The closed loop's last policy (policy_N; SFT when ``loop.iterations`` is 0): the artifact
+    that ``vlm.model.text_backbone: loop_policy`` builds the VLM's language model from."""
+    return policy_artifact("", CFG.loop.iterations)
+
+
+def family_targets():
+    """The report of each family in ``families`` (loop: SPEC §1–3, vlm: §4, coral: §5, vlcot: §6)."""
+    return [str(f) for f in paths.family_reports(CFG).values()]
+
+
+def data_targets():
+    """Every data artifact of the experiment's families (tracked together by data/<experiment>.dvc,
+    so `dvc add` starts only after every data job of the run wrote its directory)."""
+    tasks = data_tasks() if {"loop", "coral"} & set(CFG.families) else []
+    if "coral" in CFG.families:
+        tasks += [t for t in (CFG.coral.task, *CFG.coral.eval_tasks) if t not in tasks]
+    dirs = [str(paths.data_dir(CFG, t)) for t in tasks]
+    dirs += [str(paths.vlm_data_dir(CFG))] if "vlm" in CFG.families else []
+    return dirs + ([str(paths.vlcot_data_dir(CFG))] if "vlcot" in CFG.families else [])
+
+
+def dvc_views():
+    """The experiment's metrics.json files and training logs, relative to results/<experiment>/."""
+    run = paths.run_dir(CFG)
+    metric_dirs, log_dirs = [], []
+    if "loop" in CFG.families:
+        metric_dirs += eval_dirs() + decoding_dirs()
+        log_dirs += [paths.sft_dir(CFG)] + [paths.dpo_dir(CFG, k, v) for v in paths.loop_variants(CFG)
+                                            for k in iterations()]
+    if "vlm" in CFG.families:
+        metric_dirs += [paths.pope_dir(CFG, m) for m in CFG.vlm.pope.models]
+        log_dirs += [paths.vlm_sft_dir(CFG)] + [paths.vdpo_dir(CFG, m) for m in ("dpo", "vdpo")
+                                                if m in CFG.vlm.pope.models]
+    if "coral" in CFG.families:
+        metric_dirs += [paths.coral_eval_dir(CFG, d, t) for d, t in paths.coral_eval_runs(CFG)]
+        log_dirs += [paths.coral_stage_dir(CFG, s) for s in (1, 2)]
+    if "vlcot" in CFG.families:
+        metric_dirs += [paths.vlcot_eval_dir(CFG, t) for t in paths.vlcot_model_tags(CFG)]
+        rounds = CFG.vlcot.rejection.rounds
+        log_dirs += [paths.vlcot_sft_dir(CFG, v) for v in CFG.vlcot.sft.variants
+                     if v in CFG.vlcot.eval.models or (v == "vision" and rounds)]
+        log_dirs += [paths.vlcot_round_dir(CFG, k) for k in range(1, rounds + 1)]
+    return {"metrics": [(Path(d) / "metrics.json").relative_to(run).as_posix() for d in metric_dirs],
+            "training_logs": [(Path(d) / "train_log.csv").relative_to(run).as_posix() for d in log_dirs]}
+
+
 def report_targets():
-    return [str(paths.report_file(CFG)), f"{CFG.data_dir}.dvc"]
+    targets = family_targets()
+    return targets + [str(paths.data_dvc_file(CFG)), str(paths.dvc_views_file(CFG))]
+
+
+def vlm_text_backbone():
+    """``vlm.model.text_backbone: loop_policy``: the loop's last policy artifact is vlm_sft's input."""
+    return [loop_last_policy()] if cl_config.enum_value(CFG.vlm.model.text_backbone) == "loop_policy" else []
+
+
+def vlm_text_backbone_model():
+    """The from_pretrained dir vlm_sft builds its language model from (``job.model``), or None."""
+    if cl_config.enum_value(CFG.vlm.model.text_backbone) != "loop_policy":
+        return None
+    return str(paths.policy_dir(CFG, CFG.loop.iterations))

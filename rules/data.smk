@@ -1,8 +1,11 @@
 rule data:
+    input:
+        data_files,  # a jsonl task's own files; other sources are params
     output:
         directory(str(paths.data_dir(CFG, "{task}"))),
     params:
         cfg=lambda w: view_json("data", [w.task]),
+        source=task_source,
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
@@ -13,11 +16,13 @@ rule data:
         "closedloop run-stage data --config-yaml {params.cfg:q} job.task={wildcards.task:q} --log {log:q}"
 
 
+# One .dvc file per experiment (data/<experiment>.dvc): each data job re-adds its experiment's
+# data dir when it finishes; this makes the file a target of the DAG. Experiments never share it.
 rule track_data:
     input:
-        [str(paths.data_dir(CFG, t)) for t in data_tasks()],
+        data_targets(),
     output:
-        f"{CFG.data_dir}.dvc",
+        str(paths.data_dvc_file(CFG)),
     params:
         data_dir=lambda w, output: output[0].removesuffix(".dvc"),
     conda:
@@ -26,3 +31,18 @@ rule track_data:
         str(LOGS / "track_data.log"),
     shell:
         "dvc add --quiet {params.data_dir:q} 2>&1 | tee {log:q}"
+
+
+# DVC's own views of the experiment (`dvc metrics show|diff`, `dvc plots show`): a dvc.yaml with
+# top-level metrics and plots and no stages, in results/<experiment>/ (one per experiment).
+rule dvc_views:
+    input:
+        family_targets(),
+    output:
+        str(paths.dvc_views_file(CFG)),
+    params:
+        views=lambda w: json.dumps(dvc_views(), sort_keys=True),
+    log:
+        str(LOGS / "dvc_views.log"),
+    run:
+        dvc_store.write_views(output[0], json.loads(params.views), log[0])

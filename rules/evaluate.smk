@@ -6,6 +6,7 @@ rule evaluate:
         directory(str(paths.eval_dir(CFG, "{model}", "{task}"))),
     params:
         cfg=lambda w: view_json("evaluate", [w.task]),
+        base_model=base_model_source,
     threads: 1
     conda:
         "../workflow/envs/closedloop.yaml"
@@ -26,6 +27,7 @@ rule evaluate_decoding:
         directory(str(paths.decoding_eval_dir(CFG, "{model}", "{task}", "{decoding}"))),
     params:
         cfg=lambda w: view_json("evaluate_decoding", [w.task]),
+        base_model=base_model_source,
     threads: 1
     conda:
         "../workflow/envs/closedloop.yaml"

@@ -33,8 +33,10 @@ rule mcts_merge:
         cfg=view_json("mcts_merge", [CFG.mcts.task]),
         variant=lambda w: paths.variant_of_prefix(w.loop),
     # a few seconds of file work, but it holds every core so that no evaluation starts beside it
-    # and then keeps the iteration's DPO (which needs all cores) waiting: measured ~100 s per iteration
-    threads: workflow.cores
+    # and then keeps the iteration's DPO (which needs all cores) waiting: measured ~100 s per iteration.
+    # A large number, capped at --cores by Snakemake, rather than workflow.cores, which fails where
+    # no --cores is given (snakemake --rulegraph, --dag).
+    threads: 1024
     conda:
         "../workflow/envs/closedloop.yaml"
     log:

@@ -5,6 +5,7 @@ rule sft:
         directory(str(paths.sft_dir(CFG))),
     params:
         cfg=view_json("sft", [CFG.sft.task]),
+        base_model=BASE_MODEL,
     threads: 8  # capped at --cores by Snakemake
     conda:
         "../workflow/envs/closedloop.yaml"

@@ -1,6 +1,6 @@
 # VL-CoT (SPEC §6): vlcot_data -> vlcot_sft (direct, text, vision) -> vlcot_rejection round 1..R
-# -> vlcot_eval (each model) -> vlcot_report. Its own target, `snakemake --cores 2 vlcot_all` (not in
-# `all`); outputs under results/<experiment>/vlcot/. Each job gets only the vlcot subsections it depends on.
+# -> vlcot_eval (each model) -> vlcot_report. In `all` when `families` holds vlcot, or
+# alone: `snakemake --cores 2 vlcot_all`; outputs under results/<experiment>/vlcot/. Each job gets only the vlcot subsections it depends on.
 
 
 VLCOT_LOGS = LOGS / "vlcot"

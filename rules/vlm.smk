@@ -1,6 +1,8 @@
 # V-DPO branch (SPEC §4): vlm_data -> vlm_sft -> vdpo_pairs -> {vdpo, dpo} -> pope -> vlm_report.
-# Its own target, `snakemake --cores 2 vdpo_all`; outputs under results/<experiment>/vlm/. Each job gets
-# only the vlm subsections it depends on (the stage table's sections), so the LLM experiment is untouched.
+# In `all` when `families` has vlm; alone: `snakemake --cores 2 vdpo_all`. Outputs under
+# results/<experiment>/vlm/. Each job gets only the vlm subsections it depends on (the stage table's
+# sections), so the LLM experiment is untouched, unless `vlm.model.text_backbone: loop_policy` builds
+# the VLM on the closed loop's last policy (SFT -> MCTS -> DPO_k -> V-DPO in one DAG).
 
 
 VLM_LOGS = LOGS / "vlm"
@@ -11,6 +13,7 @@ rule vlm_data:
         directory(str(paths.vlm_data_dir(CFG))),
     params:
         cfg=view_json("vlm_data"),
+        source=json.dumps(sources.vlm_data(), sort_keys=True),
     conda:
         "../workflow/envs/closedloop.yaml"
     log:
@@ -23,11 +26,13 @@ rule vlm_data:
 
 rule vlm_sft:
     input:
-        str(paths.vlm_data_dir(CFG)),
+        data=str(paths.vlm_data_dir(CFG)),
+        text_backbone=vlm_text_backbone(),  # loop_policy: the closed loop's last policy
     output:
         directory(str(paths.vlm_sft_dir(CFG))),
     params:
-        cfg=view_json("vlm_sft"),
+        cfg=view_json("vlm_sft", model=vlm_text_backbone_model()),
+        base_model=json.dumps(sources.vlm_text_backbone(CFG.vlm.model), sort_keys=True),
     threads: 8  # capped at --cores by Snakemake
     conda:
         "../workflow/envs/closedloop.yaml"

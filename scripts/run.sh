@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up, then run the embedded default experiment end to end
-# (data -> SFT -> evaluate -> report) and print where the report is.
+# (every family in `families`: the LLM loop, V-DPO, COrAL, VL-CoT) and print where each report is.
 # Extra arguments go to snakemake, e.g. `bash scripts/run.sh --configfile configs/smoke.yaml`
-# (the printed report path is the default experiment's).
+# (the printed report paths are the default experiment's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -10,4 +10,5 @@ export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 snakemake --cores "${CORES:-$(nproc)}" "$@"
 echo
-echo "report: $(closedloop show-config --report-path)"
+echo "reports:"
+closedloop show-config --report-path

@@ -52,16 +52,16 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(smoke_local_run):
     # iteration 2's DPO config changed: exactly the iteration-2 jobs are planned again
     iter2 = snakemake(repo_copy, "-n", "--config", "dpo={per_iteration: {2: {beta: 0.2}}}")
     assert iter2.returncode == 0, iter2.stderr[-2000:]
-    assert planned_jobs(iter2.stdout) == {"dpo": 1, "evaluate": 2, "report": 1, "all": 1}
+    assert planned_jobs(iter2.stdout) == {"dpo": 1, "evaluate": 2, "report": 1, "dvc_views": 1, "all": 1}
     assert "output: results/smoke/iter2/dpo" in iter2.stdout and "results/smoke/iter1/dpo\n" not in iter2.stdout
-    assert (repo_copy / "data.dvc").is_file() and "outs:" in (repo_copy / "data.dvc").read_text()
+    assert (repo_copy / "data/smoke.dvc").is_file() and "outs:" in (repo_copy / "data/smoke.dvc").read_text()
 
     # ablations (SPEC §3): plain DPO and offline MCTS train on the closed loop's iteration-1 search
     # (same policy, config and seed) instead of repeating it; only plain DPO searches again, at iteration 2
     ablations = snakemake(repo_copy, "-n", "--config", "loop={ablations: [plain_dpo, offline_mcts]}")
     assert ablations.returncode == 0, ablations.stderr[-2000:]
     assert planned_jobs(ablations.stdout) == {"mcts": 1, "mcts_merge": 1, "dpo": 4, "evaluate": 8, "report": 1,
-                                              "all": 1}
+                                              "dvc_views": 1, "all": 1}
     assert "results/smoke/ablations/plain_dpo/iter2/mcts/merged" in ablations.stdout
     assert "results/smoke/ablations/plain_dpo/iter1/mcts" not in ablations.stdout
 
@@ -72,7 +72,7 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(smoke_local_run):
     decodings = snakemake(repo_copy, "-n", "--config",
                           "decodings={methods: [greedy, self_consistency, beam_self_eval], n_questions: 4}")
     assert decodings.returncode == 0, decodings.stderr[-2000:]
-    assert planned_jobs(decodings.stdout) == {"evaluate_decoding": 6, "report": 1, "all": 1}
+    assert planned_jobs(decodings.stdout) == {"evaluate_decoding": 6, "report": 1, "dvc_views": 1, "all": 1}
     assert "output: results/smoke/decodings/iter2/synthetic/beam_self_eval" in decodings.stdout
 
     # one changed setting reruns only what it invalidates: SFT and everything downstream of it (its
@@ -80,7 +80,7 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(smoke_local_run):
     changed = snakemake(repo_copy, "-n", "--config", "sft={learning_rate: 0.001}")
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert planned_jobs(changed.stdout) == {"sft": 1, "evaluate": 6, "mcts": 2, "mcts_merge": 2, "dpo": 2,
-                                            "report": 1, "all": 1}
+                                            "report": 1, "dvc_views": 1, "all": 1}
     assert "output: results/smoke/eval/base" not in changed.stdout
 
     html = snakemake(repo_copy, "--report", "report.html")

@@ -23,9 +23,9 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 CLOSEDLOOP = [sys.executable, "-m", "closedloop"]
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 # a subset of the smoke DAG (the whole one runs in test_dag.py): the loop up to policy_2, the
-# base-model evaluations (parallel to SFT with --cores 2) and data.dvc
+# base-model evaluations (parallel to SFT with --cores 2) and data/smoke.dvc
 TARGETS = ["results/smoke/iter2/dpo", "results/smoke/eval/base/synthetic", "results/smoke/eval/base/arc_challenge",
-           "data.dvc"]
+           "data/smoke.dvc"]
 
 
 def env() -> dict:
@@ -140,8 +140,8 @@ def test_every_stage_output_is_recorded_in_dvc(smoke_repo):
         if rec["stage"] != "data":  # results: one .dvc per artifact, committed to git
             dvc_file = smoke_repo / art.with_name(art.name + ".dvc")
             assert dvc_file.is_file(), dvc_file
-    assert "data/smoke" not in run(["git", "ls-files", "data"], smoke_repo).stdout
-    assert run(["git", "ls-files", "--error-unmatch", "data.dvc", "results/smoke/eval/base/synthetic.dvc",
+    assert run(["git", "ls-files", "data"], smoke_repo).stdout == "data/smoke.dvc\n"  # the payload is in DVC
+    assert run(["git", "ls-files", "--error-unmatch", "data/smoke.dvc", "results/smoke/eval/base/synthetic.dvc",
                 "results/smoke/iter2/dpo.dvc"], smoke_repo).returncode == 0
     status = run(["dvc", "status", "--json"], smoke_repo)
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout

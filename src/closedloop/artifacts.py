@@ -9,6 +9,9 @@ The provenance record names the artifact's own content (``artifact``: path, sha2
 one sha256 per file, relative to the record's directory) and, per input, its content
 hash and the artifact that produced it, so ``closedloop lineage`` can walk back to the
 data and re-hash everything (:mod:`closedloop.lineage`).
+
+Longer than 400 lines: writing a record and checking an input against its producer's record
+(:func:`check_inputs`) are one protocol, read together.
 """
 
 from __future__ import annotations
@@ -72,14 +75,32 @@ def manifest_hash(hashes: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def content_hash(path: Path, sha=None) -> str:
+def content_hash(path: Path) -> str:
     """sha256 of a file, or of a directory's (relative path, file hash) list (see :func:`file_hashes`)."""
-    path, sha = Path(path), sha or sha256_file
-    if path.is_file():
-        return sha(path)
-    if not path.is_dir():
+    path = Path(path)
+    hashes = _hashes(path)
+    return manifest_hash(hashes) if path.is_dir() else hashes[""]
+
+
+_HASHES: dict[tuple, dict[str, str]] = {}
+"""File hashes of this process by path and file stats (inode, size, mtime): a stage hashes each
+input once (the check at its start and its provenance at the end share it) and again only when
+it changed in between."""
+
+
+def _hashes(path: Path) -> dict[str, str]:
+    """``{"": sha256}`` of a file, :func:`file_hashes` of a directory; cached (:data:`_HASHES`)
+    unless it is a pipe or device, whose content the stats do not pin."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.exists():
+        files = [path]
+    else:
         raise FileNotFoundError(f"{path}: no such artifact")
-    return manifest_hash(file_hashes(path, sha))
+    key = (os.path.abspath(path), *((str(f), s.st_ino, s.st_size, s.st_mtime_ns) for f in files for s in [f.stat()]))
+    if key not in _HASHES or not (path.is_dir() or path.is_file()):
+        _HASHES[key] = file_hashes(path) if path.is_dir() else {"": sha256_file(path)}
+    return _HASHES[key]
 
 
 def record_path(artifact: Path) -> Path | None:
@@ -107,13 +128,43 @@ def producer_of(path: Path) -> Path | None:
 def input_record(path: Path) -> dict:
     """An input's path and content hash, plus the artifact that produced it and that
     artifact's recorded hash (what ``closedloop lineage`` follows)."""
-    record = {"path": str(path), "sha256": content_hash(Path(path))}
-    source = producer_of(Path(path))
-    if source is not None:
-        produced = json.loads(record_path(source).read_text())
-        record["artifact"] = str(source)
-        record["artifact_stage"] = produced.get("stage")
-        record["artifact_sha256"] = (produced.get("artifact") or {}).get("sha256")
+    return _checked_input(Path(path), stage=None, name=None)
+
+
+class StaleInputError(RuntimeError):
+    """An input no longer matches the record of the artifact that produced it (one line: the
+    file, the artifact and the command that rebuilds it)."""
+
+
+def check_inputs(stage: str, inputs: dict[str, Path]) -> dict[str, dict]:
+    """Compare every input with the record of the artifact that produced it (each hashed once,
+    :data:`_HASHES`); returns the input records (:func:`input_record`) that the provenance keeps.
+
+    Raises :class:`StaleInputError` when a file differs from, is missing from or was added to
+    its producer's record (SPEC §7: nothing tampered is reused); inputs that no stage produced
+    (a user's JSONL) are hashed and recorded, not checked."""
+    return {name: _checked_input(Path(path), stage, name) for name, path in inputs.items()}
+
+
+def _checked_input(path: Path, stage: str | None, name: str | None) -> dict:
+    hashes = _hashes(path)
+    record = {"path": str(path), "sha256": manifest_hash(hashes) if path.is_dir() else hashes[""]}
+    source = producer_of(path)
+    if source is None:
+        return record
+    produced = json.loads(record_path(source).read_text())
+    record["artifact"] = str(source)
+    record["artifact_stage"] = produced.get("stage")
+    record["artifact_sha256"] = (produced.get("artifact") or {}).get("sha256")
+    recorded = (produced.get("artifact") or {}).get("files")
+    if stage is not None and recorded is not None:
+        problem = _difference(path, record_path(source).parent, hashes, recorded)
+        if problem:
+            rule = produced.get("stage", "?")
+            raise StaleInputError(
+                f"{stage}: input '{name}' {problem} in artifact {source} [{rule}], so it is not what that stage "
+                f"recorded: rebuild it with `snakemake --forcerun {rule}` (`closedloop lineage verify` lists "
+                "every changed file)")
     return record
 
 
@@ -130,6 +181,24 @@ def inputs_key(inputs: dict[str, Path]) -> str:
         sha = sha256_file(record_path(source)) if source is not None else content_hash(path)
         digest.update(f"{name}\0{path}\0{sha}\n".encode())
     return digest.hexdigest()
+
+
+def _difference(path: Path, base: Path, hashes: dict[str, str], recorded: dict[str, str]) -> str | None:
+    """The first file of ``path`` (an artifact, a directory or a file inside it, ``base`` its
+    record's directory) that differs from, is missing from or is not in ``recorded``."""
+    prefix = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+    prefix = "" if prefix == "." else Path(prefix).as_posix()
+    inside = {rel: sha for rel, sha in recorded.items()
+              if not prefix or rel == prefix or rel.startswith(prefix + "/")}
+    for rel, sha in sorted(hashes.items()):
+        full = "/".join(p for p in (prefix, rel) if p)
+        if full not in inside:
+            return f"{base / full} is not in the record"
+        if inside.pop(full) != sha:
+            return f"{base / full} changed (recorded sha256 {recorded[full][:12]}, now {sha[:12]})"
+    for full, sha in sorted(inside.items()):
+        return f"{base / full} is missing (recorded sha256 {sha[:12]})"
+    return None
 
 
 def output_record(final: Path, files: dict[str, str], primary: str | None = None) -> dict:
@@ -208,7 +277,7 @@ def provenance(stage: str, view: dict, inputs: dict[str, Path], started: str, se
         "config_hash": cl_config.config_hash(view),
         "base_model": base_model(view),
         "artifact": output,
-        "inputs": {name: input_record(Path(path)) for name, path in inputs.items()},
+        "inputs": check_inputs(stage, inputs),
         "code": code_version(),
         "packages": package_versions(),
         "host": socket.gethostname(),
@@ -269,6 +338,7 @@ def artifact_dir(final: Path, stage: str, view: dict, inputs: dict[str, Path], s
     Temporary dirs of earlier jobs that died are removed first (:func:`remove_stale_tmp`). On a
     rank other than 0 of a distributed job the directory is thrown away instead."""
     final = Path(final)
+    check_inputs(stage, inputs)  # before any work: refuse an input that is no longer what was recorded
     final.parent.mkdir(parents=True, exist_ok=True)
     started = now()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -288,7 +358,19 @@ def artifact_dir(final: Path, stage: str, view: dict, inputs: dict[str, Path], s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    dvc_store.record([final])
+    unit = dvc_unit(final, view)
+    dvc_store.record([unit], shared=[unit] if unit != final else [])
+
+
+def dvc_unit(final: Path, view: dict) -> Path:
+    """What DVC tracks for ``final``: a data artifact goes with its experiment's whole data dir
+    (``data/<experiment>.dvc``, so experiments never rewrite each other's ``.dvc`` file), any other
+    artifact by itself."""
+    if "data_dir" in view and "experiment" in view:
+        root = Path(view["data_dir"]) / view["experiment"]
+        if Path(os.path.abspath(root)) in Path(os.path.abspath(final)).parents:
+            return root
+    return final
 
 
 def write_sidecars(directory: Path, stage: str, view: dict, inputs: dict[str, Path], started: str, seed: int,

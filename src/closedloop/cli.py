@@ -27,8 +27,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from closedloop import artifacts, launch, paths, stage_table
 from closedloop import config as cl_config
-from closedloop import launch, paths, stage_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="YAML file merged over the embedded defaults (repeatable, in order)")
         p.add_argument("--config-yaml", default=None, help=argparse.SUPPRESS)
         if name == "show-config":
-            p.add_argument("--report-path", action="store_true", help="print only where the report is written")
+            p.add_argument("--report-path", action="store_true", help="print only where each family's report is written")
         else:
             p.add_argument("--log", default=None, metavar="FILE",
                            help="write the stage's output to FILE; print one summary line here")
@@ -136,12 +136,16 @@ def run_logged(stage: str, cfg, log: Path) -> int:
         os.dup2(fh.fileno(), 1)
         os.dup2(fh.fileno(), 2)
     os.environ.setdefault("TQDM_MININTERVAL", "5")  # a bar in a file: a line every few seconds, not 10 a second
-    label, start = _job_label(stage, cfg), time.monotonic()
+    label, start, reason = _job_label(stage, cfg), time.monotonic(), None
     try:
         status = launch.run_stage(stage, cfg)
     except cl_config.ConfigError as err:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         status = 2
+    except cl_config.InputError as err:  # a bad data or model file: its name (and line) says it all
+        reason, status = f"closedloop: {stage}: {err}", 2
+    except artifacts.StaleInputError as err:  # names the file, its artifact and the rebuilding command
+        reason, status = f"closedloop: {err}", 3
     except SystemExit as err:
         status = err.code if isinstance(err.code, int) else 1
     except Exception:
@@ -158,6 +162,9 @@ def run_logged(stage: str, cfg, log: Path) -> int:
         last = lines[-1].strip() if lines else ""
         print(f"closedloop: {label}: {slurm}done in {seconds:.1f} s: {last} (log: {log})", file=console, flush=True)
     else:
+        if reason is not None:
+            print(reason, file=sys.stderr, flush=True)
+            print(reason, file=console_err, flush=True)
         tail = "\n".join(f"  | {line}" for line in _last_lines(log, LOG_TAIL_LINES))
         print(f"closedloop: {label}: FAILED (exit {status}) after {seconds:.1f} s; the last lines of {log}:\n{tail}",
               file=console_err, flush=True)
@@ -189,7 +196,10 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         return 2
     if args.command == "show-config":
-        print(paths.report_file(cfg).resolve() if args.report_path else OmegaConf.to_yaml(cfg), end="\n" * args.report_path)
+        if args.report_path:
+            print("\n".join(f"{family}: {path.resolve()}" for family, path in paths.family_reports(cfg).items()))
+        else:
+            print(OmegaConf.to_yaml(cfg), end="")
         return 0
     if args.log:
         return run_logged(args.stage, cfg, Path(args.log))
@@ -201,6 +211,9 @@ def _main(argv: list[str] | None = None) -> int:
     except cl_config.InputError as err:  # a bad data or model file: its name (and line) says it all
         print(f"closedloop: {args.stage}: {err}", file=sys.stderr)
         return 2
+    except artifacts.StaleInputError as err:
+        print(f"closedloop: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

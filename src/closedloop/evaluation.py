@@ -116,12 +116,18 @@ def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view
     data = paths.data_dir(cfg, task)
     if family is None:
         source, model_info = model_record(cfg, tag)
+    else:
+        source, model_info = str(family.model_dir), {"tag": tag, "path": str(family.model_dir)}
+    inputs = {"data": data}
+    if family is not None or paths.model_dir(cfg, tag) is not None:
+        inputs["model"] = Path(source)
+    artifacts.check_inputs(stage, inputs)  # before decoding: never evaluate a changed model or split
+    if family is None:
         model, tokenizer = models.load_dir(source, cfg.model, inference=True)
         set_seed(cfg.seed)
         completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"{stage} {tag}/{task}")
         decoding, extra = ev.decoding.value, {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     else:
-        source, model_info = str(family.model_dir), {"tag": tag, "path": str(family.model_dir)}
         set_seed(cfg.seed)
         completions, n_tokens, extra = family.decode(rows, f"{stage} {tag}/{task} {family.name}")
         decoding = family.name
@@ -140,9 +146,6 @@ def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view
                                                                "temperature", "step_tokens")}
     if decoding == "sampled":
         metrics["pass_at_k"] = stats.summarise(any_ok, ev.n_bootstrap, ev.ci_level, cfg.seed)
-    inputs = {"data": data}
-    if family is not None or paths.model_dir(cfg, tag) is not None:
-        inputs["model"] = Path(source)
     with artifacts.artifact_dir(out_dir, stage, view, inputs, cfg.seed) as out:
         with open(out / "predictions.jsonl", "w") as fh:
             artifacts.write_jsonl(fh, records)

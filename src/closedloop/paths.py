@@ -20,6 +20,17 @@ def data_dir(cfg, task: str) -> Path:
     return Path(cfg.data_dir) / cfg.experiment / task
 
 
+def data_root(cfg) -> Path:
+    """``data/<experiment>/``: every data artifact of one experiment, tracked by DVC as one unit."""
+    return Path(cfg.data_dir) / cfg.experiment
+
+
+def data_dvc_file(cfg) -> Path:
+    """``data/<experiment>.dvc``: one per experiment, so running one never rewrites another's."""
+    root = data_root(cfg)
+    return root.with_name(root.name + ".dvc")
+
+
 def run_dir(cfg) -> Path:
     return Path(cfg.results_dir) / cfg.experiment
 
@@ -134,6 +145,12 @@ def decoding_runs(cfg) -> list[tuple[str, str, str]]:
     """(model tag, task, decoding) of every job in the decoding comparison."""
     return [(tag, task, cl_config.enum_value(d)) for tag in decoding_model_tags(cfg)
             for task in cfg.decodings.tasks for d in cfg.decodings.methods]
+
+
+def dvc_views_file(cfg) -> Path:
+    """``results/<experiment>/dvc.yaml``: the experiment's metrics and training curves for
+    ``dvc metrics show|diff`` and ``dvc plots show`` (top-level entries, no stages)."""
+    return run_dir(cfg) / "dvc.yaml"
 
 
 def report_file(cfg) -> Path:
@@ -301,3 +318,9 @@ def coral_eval_runs(cfg) -> list[tuple[str, str]]:
 
 def coral_report_file(cfg) -> Path:
     return coral_run_dir(cfg) / "report.md"
+
+
+def family_reports(cfg) -> dict[str, Path]:
+    """The report each family in ``families`` ends in: the default target ``all`` builds these."""
+    files = {"loop": report_file, "vlm": vlm_report_file, "coral": coral_report_file, "vlcot": vlcot_report_file}
+    return {family: files[family](cfg) for family in cfg.families}

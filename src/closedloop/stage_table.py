@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+FAMILIES = ("loop", "vlm", "coral", "vlcot")
+"""The families ``families`` may switch on in the default target (rule ``all``)."""
+
 LOCAL, HEAVY, TRAINING = "local", "heavy", "training"
 """Launch classes: ``local`` stays where Snakemake runs; ``heavy`` goes to Slurm under the
 slurm launcher as one rank; ``training`` goes to Slurm and may run several ranks

@@ -136,6 +136,11 @@ class SharedSections:
     seed: int = 0
     data_dir: str = "data"
     results_dir: str = "results"
+    families: list[str] = field(default_factory=lambda: ["loop", "vlm", "coral", "vlcot"])
+    """Which families' targets ``snakemake`` builds by default (rule ``all``): ``loop`` (the LLM
+    closed loop and its report, SPEC §1–3), ``vlm`` (the V-DPO branch, SPEC §4), ``coral`` (COrAL
+    post-training of the loop's last policy, SPEC §5) and ``vlcot`` (VL-CoT, SPEC §6). Not part of
+    any stage's config view: switching a family off reruns nothing."""
     model: ModelConfig = field(default_factory=ModelConfig)
     job: JobConfig = field(default_factory=JobConfig)
 

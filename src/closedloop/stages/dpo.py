@@ -43,13 +43,14 @@ def main(cfg) -> None:
                          f"Q_w - Q_l > dpo.min_q_margin = {d.min_q_margin})")
     with_alpha = uses_alpha(d, variant)
     policy_in, ref_in = paths.policy_dir(cfg, k - 1, variant), paths.reference_dir(cfg, cl_config.enum_value(d.reference), k, variant)
+    inputs = {"pairs": source, "policy": policy_in, "reference": ref_in}
+    artifacts.check_inputs("dpo", inputs)  # before training: never train on pairs or a policy that changed
     model, tokenizer = models.load_dir(policy_in, cfg.model)
     ref_model, _ = models.load_dir(ref_in, cfg.model)
     lora = cfg.model.lora
     peft_config = models.lora_config(lora) if lora.enabled else None
     view = cl_config.stage_view(cfg, "dpo", iteration=k)
     view["job"] = {"iteration": k, "variant": variant, "pairs": str(source), "alpha": with_alpha}
-    inputs = {"pairs": source, "policy": policy_in, "reference": ref_in}
     out_dir = paths.dpo_dir(cfg, k, variant)
     work = checkpoints.work_dir(out_dir, view, inputs)  # survives a requeue: checkpoints, running log
     resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))

@@ -40,9 +40,10 @@ def main(cfg) -> None:
     set_seed(cfg.seed)
     data, out_dir, mcfg = paths.vlm_data_dir(cfg), paths.vlm_sft_dir(cfg), cfg.vlm.model
     rows = artifacts.read_jsonl(data / "sft.jsonl")
-    view = cl_config.stage_view(cfg, "vlm_sft")
-    work = checkpoints.work_dir(out_dir, view, {"data": data})
-    with artifacts.artifact_dir(out_dir, "vlm_sft", view, {"data": data}, cfg.seed) as out:
+    view = cl_config.stage_view(cfg, "vlm_sft", model=text_dir(cfg))
+    inputs = {"data": data, **({"text_backbone": text_dir(cfg)} if text_dir(cfg) else {})}
+    work = checkpoints.work_dir(out_dir, view, inputs)
+    with artifacts.artifact_dir(out_dir, "vlm_sft", view, inputs, cfg.seed) as out:
         standardized = vision_heldout = None
         if cl_config.enum_value(mcfg.kind) == "tiny" and cfg.vlm.sft.vision_pretrain_steps > 0:
             vision = vision_phase(cfg, data, work / "vision")
@@ -52,7 +53,7 @@ def main(cfg) -> None:
             standardized = json.loads((vision / "standardized.json").read_text())
             vision_heldout = json.loads((vision / "heldout.json").read_text())
         else:
-            model, processor = vlm.load(vlm.base_source(mcfg), mcfg)
+            model, processor = vlm.load(vlm.base_source(mcfg, text_dir(cfg)), mcfg)
         vlm.freeze_vision_tower(model, mcfg)
         set_seed(cfg.seed)  # LoRA's init draws from the stage seed, vision phase run now or reused after a requeue
         model = vlm.add_lora(model, mcfg)
@@ -98,6 +99,12 @@ def grounding_check(cfg, model, processor, data) -> dict | None:
     return record
 
 
+def text_dir(cfg) -> str | None:
+    """``vlm.model.text_backbone: loop_policy``: the closed loop's last policy (``job.model``, from
+    the rule), whose weights become the VLM's language model; else None."""
+    return cfg.job.model if cl_config.enum_value(cfg.vlm.model.text_backbone) == "loop_policy" else None
+
+
 def vision_phase(cfg, data, vision):
     """Phase 1 (``kind: tiny``): train the vision tower from scratch on shape and colour, then
     standardize its output (:mod:`closedloop.vlm.vision`). Written to ``vision`` (the model,
@@ -106,7 +113,7 @@ def vision_phase(cfg, data, vision):
     if (vision / "model").is_dir():
         print(f"vlm_sft: vision phase finished before the requeue, reused from {vision}")
         return vision
-    model, processor = vlm.load(vlm.base_source(cfg.vlm.model), cfg.vlm.model)
+    model, processor = vlm.load(vlm.base_source(cfg.vlm.model, text_dir(cfg)), cfg.vlm.model)
     tmp = vision.with_name(vision.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -76,7 +76,7 @@ def word_tokenizer():
                                    additional_special_tokens=[IMAGE_TOKEN])
 
 
-def _build_tiny(mcfg, out: Path) -> None:
+def _build_tiny(mcfg, out: Path, text_dir: str | None = None) -> None:
     from transformers import (
         AutoTokenizer,
         CLIPVisionConfig,
@@ -88,7 +88,11 @@ def _build_tiny(mcfg, out: Path) -> None:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     backbone = cl_config.enum_value(mcfg.text_backbone)
-    if backbone == "embedded":
+    if backbone == "loop_policy":  # the closed loop's last policy, then built as the embedded backbone
+        backbone, smol = "embedded", Path(text_dir)
+        tokenizer = AutoTokenizer.from_pretrained(smol)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    elif backbone == "embedded":
         llm_cfg = OmegaConf.create({"cache_dir": None})
         smol = models.embedded_dir(llm_cfg)
         tokenizer = AutoTokenizer.from_pretrained(smol)
@@ -130,16 +134,24 @@ def _build_tiny(mcfg, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def base_source(mcfg) -> str:
-    """The from_pretrained dir (or hub id) of the untrained LLaVA."""
+def base_source(mcfg, text_dir: str | None = None) -> str:
+    """The from_pretrained dir (or hub id) of the untrained LLaVA; ``text_dir``: the language
+    model's from_pretrained dir for ``text_backbone: loop_policy`` (part of the cache key by content)."""
     kind = cl_config.enum_value(mcfg.kind)
     if kind == "hf":
         return mcfg.name_or_path
     fields = {k: cl_config.enum_value(v) for k, v in OmegaConf.to_container(mcfg).items()
               if k not in ("kind", "name_or_path", "revision", "trust_remote_code", "dtype", "bf16_training", "lora")}
+    if fields["text_backbone"] == "loop_policy":
+        if not text_dir:
+            raise cl_config.ConfigError("key 'vlm.model.text_backbone': loop_policy needs the loop policy's dir "
+                                        "(job.model, set by the vlm_sft rule)")
+        from closedloop import artifacts
+
+        fields["text_dir"] = artifacts.content_hash(Path(text_dir))  # hashed once per process (the input check)
     key = cl_config.config_hash({**fields, "build": BUILD_VERSION})[:12]
     root = Path(models.cache_root(OmegaConf.create({"cache_dir": None})))
-    return str(models.build_once(root / f"tiny-llava-{key}", lambda out: _build_tiny(mcfg, out)))
+    return str(models.build_once(root / f"tiny-llava-{key}", lambda out: _build_tiny(mcfg, out, text_dir)))
 
 
 def load(source: str | Path, mcfg):
