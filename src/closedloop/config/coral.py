@@ -35,16 +35,22 @@ class CoralStageConfig(TrainArgs):
 
     learning_rate: float = 5e-6
     epochs: float = 1.0
-    """Reference: 3 (paper preset); 1 keeps the default run's time in bounds."""
-    batch_size: int = 8
-    logging_steps: int = 5
+    """Reference: 3 (``configs/paper/coral_mistral7b.yaml``)."""
+    max_steps: int = 8
+    """The CPU default trains 8 steps of 4 solutions per stage, so that the main job fits its
+    time on 2 cores (a step of SmolLM2 with 12 targets per position costs seconds there); the
+    paper preset sets -1 (epochs)."""
+    batch_size: int = 4
+    logging_steps: int = 2
 
 
 @dataclass
 class CoralDecodingConfig:
     """Sliding blockwise decoding (SPEC §5, :mod:`closedloop.coral.decoding`)."""
 
-    block: int = 16
+    block: int = 4
+    """The paper's 16 on a GPU; 4 on a CPU, where a pass costs in proportion to the rows it
+    re-feeds (``bench/coral_decoding.py``: block 16 ran at 0.15× AR wall, block 4 at 0.53×)."""
     eps: float = 0.1
     """Acceptance p ≥ min(ε, √ε·e^{−H}); 0 accepts every token."""
     threshold: int = 3
@@ -76,8 +82,9 @@ class CoralConfig:
     """Held-out splits the COrAL model is evaluated on (AR greedy and blockwise)."""
     eval_decodings: list[CoralDecoding] = field(
         default_factory=lambda: [CoralDecoding.greedy, CoralDecoding.coral_blockwise])
-    n_questions: int = 100
-    """The first n held-out questions of each task (0: all); decoding runs one question at a time."""
+    n_questions: int = 20
+    """The first n held-out questions of each task (0: all); decoding runs one question at a time
+    (20 on the CPU default: wide intervals; the paper preset evaluates all)."""
 
 
 @dataclass

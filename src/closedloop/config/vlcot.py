@@ -56,7 +56,7 @@ def _default_mix() -> dict[str, float]:
 class VLCoTDataConfig:
     """Seeded multi-object scenes and their questions (:mod:`closedloop.vlcot.scenes`)."""
 
-    n_train_scenes: int = 500
+    n_train_scenes: int = 300
     n_validation_scenes: int = 100
     n_heldout_scenes: int = 200
     questions_per_scene: int = 2
@@ -91,7 +91,7 @@ class VisionHeadConfig:
 class VLCoTSFTConfig(TrainArgs):
     """SFT on gold chains (teacher-forced with gold patches), one run per variant."""
 
-    epochs: float = 6.0
+    epochs: float = 4.0
     learning_rate: float = 1e-3
     batch_size: int = 16
     logging_steps: int = 10
