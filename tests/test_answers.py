@@ -36,6 +36,11 @@ def test_parse_number(text, expected):
     ("The answer is 2. Wait, 5 + 2 = 7. Final answer: 7", "7"),
     ("no digits here", None),
     ("He pays $.50 each", "$.50"),
+    ("The answer is 10 - 3 = 7.", "7"),  # the result, not the first operand
+    ("The answer is 2 * 1.5 = 3.0 apples.", "3.0"),
+    ("3 + 4 = 7 apples.\n#### 7", "7"),  # GSM8K's answer line
+    ("12 * 100 = 1,200 eggs.\n#### 1,200\nThe answer is 5.", "1,200"),  # #### wins over "answer is"
+    ("#### -5", "-5"),
 ])
 def test_extract_number(completion, expected):
     assert answers.extract_number(completion) == expected

@@ -15,15 +15,32 @@ from closedloop.vlm import pope
     ("There is no circle", "no"),
     ("There is not a circle in the image.", "no"),
     ("yes, there is a red circle. No other shapes.", "yes"),  # only the first sentence counts
-    ("NO", "no"),
+    ("NO", "yes"),  # the official rule matches the exact words No / no / not only
     ("Nothing else. There is no triangle.", "yes"),  # "nothing" is not the word "no"
     ("  yes .  ", "yes"),
     ("no .", "no"),  # the word-level tokenizer's decoding
-    ("Not sure", "no"),
+    ("Not sure", "yes"),  # "Not" is not "not"
+    ("No\nthere is none", "yes"),  # split on single spaces only: the word is "No\nthere"
+    ("no!", "yes"),
     ("", "yes"),  # POPE's rule: anything without no/not is a yes
 ])
-def test_answer_rule(text, expected):
+def test_official_answer_rule(text, expected):
+    """POPE's evaluate.py (AoiDragon/POPE f3ec604) / LLaVA eval_pope.py on tricky answers."""
     assert pope.parse_answer(text) == expected
+    assert pope.parse_answer(text, "official") == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("NO", "no"), ("Not sure", "no"), ("No\nthere is none", "no"), ("no!", "no"),
+    ("Nothing else. There is no triangle.", "yes"), ("", "yes"),
+])
+def test_lenient_answer_rule(text, expected):
+    assert pope.parse_answer(text, "lenient") == expected
+
+
+def test_unknown_answer_rule_names_the_key():
+    with pytest.raises(ValueError, match="vlm.pope.answer_rule"):
+        pope.parse_answer("yes", "strict")
 
 
 def test_metrics_match_a_hand_computed_confusion_matrix():

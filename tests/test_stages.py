@@ -54,24 +54,34 @@ def test_sft_with_lora_merges_into_a_plain_dir(smoke_cfg):
     assert not any("lora" in k for k in load_file(model_dir / "model.safetensors"))
 
 
-@pytest.mark.parametrize("task", ["synthetic", "arc_challenge"])
-def test_evaluate_writes_predictions_and_metrics(smoke_cfg, task):
+@pytest.mark.parametrize("task,scoring", [("synthetic", "generate"), ("arc_challenge", "generate"),
+                                          ("arc_challenge", "loglikelihood")])
+def test_evaluate_writes_predictions_and_metrics(smoke_cfg, task, scoring):
     build_data(smoke_cfg, task)
     smoke_cfg.job.model, smoke_cfg.job.task = "base", task
+    smoke_cfg.eval.mc_scoring = config.MCScoring(scoring if task == "arc_challenge" else "loglikelihood")
     evaluate.main(smoke_cfg)
     out = paths.eval_dir(smoke_cfg, "base", task)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.json", "predictions.jsonl",
                                                      "provenance.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     preds = artifacts.read_jsonl(out / "predictions.jsonl")
-    assert metrics["n"] == len(preds) == 12
+    assert metrics["n"] == len(preds) == 12 and metrics["scoring"] == scoring
     assert metrics["accuracy"] == pytest.approx(sum(p["correct"][0] for p in preds) / 12)
     assert metrics["ci_low"] <= metrics["accuracy"] <= metrics["ci_high"]
-    assert metrics["decoding"] == "greedy" and metrics["k"] == 1 and metrics["seed"] == 0
+    assert metrics["k"] == 1 and metrics["seed"] == 0
     assert metrics["model"]["kind"] == "tiny" and len(metrics["model"]["sha256"]) == 64
     assert metrics["data"]["sha256"] == artifacts.content_hash(paths.data_dir(smoke_cfg, task) / "heldout.jsonl")
+    if scoring == "loglikelihood":  # lm-evaluation-harness: one log-likelihood per choice, acc and acc_norm
+        assert metrics["decoding"] == "loglikelihood" and metrics["generated_tokens"] == 0
+        assert metrics["acc_norm"]["accuracy"] == pytest.approx(sum(p["correct_norm"] for p in preds) / 12)
+        assert all(set(p) == {"id", "answer", "loglik", "extracted", "correct", "correct_norm"} for p in preds)
+        assert all(len(p["loglik"]) >= 2 for p in preds)
+        return
+    assert metrics["decoding"] == "greedy"
     assert 0 < metrics["generated_tokens"] <= 12 * (24 if task == "synthetic" else 6)
     assert all(set(p) == {"id", "answer", "completions", "extracted", "correct"} for p in preds)
+    assert metrics["invalid_rate"] == pytest.approx(sum(p["extracted"][0] is None for p in preds) / 12)
 
 
 def test_evaluate_on_validation_in_bf16_names_split_and_dtype(smoke_cfg):

@@ -1,7 +1,9 @@
 """Answer extraction and matching (SPEC §7).
 
-Numeric tasks: the final answer is the number after the last "answer is" (else the
-last number in the text), normalised: thousands separators, currency, percent,
+Numeric tasks: the final answer is the number after the last ``#### `` (GSM8K's answer
+line), else the result of the last "answer is" sentence (the number after its last "=",
+so "The answer is 10 - 3 = 7." gives 7; without "=" the first number after "answer is"),
+else the last number in the text; normalised: thousands separators, currency, percent,
 trailing period, negatives and fractions (``3/4`` equals ``0.75``). LaTeX answers
 (MATH) fall back to a normalised string comparison. Multiple choice: the option
 letter ("The answer is (B).", "B)", "Answer: b").
@@ -15,6 +17,7 @@ from fractions import Fraction
 NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?%?|-?\$?\.\d+"
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*", re.IGNORECASE)
 _NUMBER = re.compile(NUMBER)
+_HASHES = re.compile(r"####\s*(" + NUMBER + ")")
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -34,7 +37,16 @@ def parse_number(text: str) -> Fraction | None:
 
 def extract_number(text: str) -> str | None:
     """The final numeric answer in a completion, as written (not yet normalised)."""
+    hashes = _HASHES.findall(text)
+    if hashes:
+        return hashes[-1].strip()
     for marker in reversed(list(_ANSWER_IS.finditer(text))):
+        line = text[marker.end():].split("\n", 1)[0]
+        sentence = re.split(r"\.(?:\s|$)", line, maxsplit=1)[0]  # "7." ends it; "1.5" does not
+        if "=" in sentence:
+            found = _NUMBER.search(sentence.rsplit("=", 1)[1])
+            if found:
+                return found.group(0).strip()
         found = _NUMBER.search(text, marker.end())
         if found:
             return found.group(0).strip()

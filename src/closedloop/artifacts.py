@@ -39,7 +39,7 @@ PROVENANCE = "provenance.json"
 CONFIG = "config.yaml"
 MARKERS = (".snakemake_timestamp",)
 """Files Snakemake writes into a finished output dir: not part of the content."""
-KEY_PACKAGES = ("closedloop", "torch", "transformers", "trl", "peft", "datasets", "omegaconf")
+KEY_PACKAGES = ("closedloop", "torch", "transformers", "trl", "peft", "datasets", "omegaconf", "lm-eval")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

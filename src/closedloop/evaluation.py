@@ -9,9 +9,19 @@ sample is right); ``self_consistency`` (majority vote over ``k`` samples);
 A family with its own model and decoding (COrAL's ``coral_blockwise``, SPEC §5) hands
 :func:`evaluate` a :class:`FamilyDecoding`; its extra metrics (forward passes, tokens per
 forward, wall time) are recorded beside accuracy.
-Generated tokens are counted for every decoding, so budgets can be matched. Writes
-``predictions.jsonl`` and ``metrics.json`` with accuracy, n and a bootstrap CI, and the
-model and data artifacts it used.
+Generated tokens are counted for every decoding, so budgets can be matched. Every
+generative score reports its invalid-answer rate: the share of completions from which no
+answer could be extracted (a format failure, scored wrong).
+
+Scoring (:func:`scoring`, stage ``evaluate``): multiple-choice tasks by the log-likelihood of
+each choice through lm-evaluation-harness (``eval.mc_scoring: loglikelihood``, acc and
+acc_norm, :mod:`closedloop.harness`) or by generating and reading the letter
+(``generate``); GSM8K and MATH by the harness's extraction (``eval.math_scoring: harness``)
+or ours (``ours``); the synthetic task and user JSONL tasks always by ours. The decoding
+comparison (stage ``evaluate_decoding``) always generates.
+
+Writes ``predictions.jsonl`` and ``metrics.json`` with accuracy, n and a bootstrap CI, and
+the model and data artifacts it used.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from transformers import set_seed
 
-from closedloop import answers, artifacts, beam, generation, models, paths, prompts, stats
+from closedloop import answers, artifacts, beam, generation, harness, models, paths, prompts, stats
 from closedloop import config as cl_config
 from closedloop import decode as decode_loop
 
@@ -52,6 +62,12 @@ class FamilyDecoding:
     """Recorded as ``metrics["decoding"]``."""
     model_dir: Path
     decode: Callable[[list[dict], str], tuple[list[list[str]], int, dict]]
+
+
+def invalid_rate(extracted: list[list]) -> float:
+    """The share of completions whose answer could not be extracted (None or the harness's "[invalid]")."""
+    flat = [e for row in extracted for e in row]
+    return sum(e is None or e == harness.INVALID for e in flat) / len(flat) if flat else float("nan")
 
 
 def score(rows: list[dict], completions: list[list[str]]) -> tuple[list[dict], np.ndarray, np.ndarray]:
@@ -109,10 +125,58 @@ def split_rows(cfg, task: str, ev) -> list[dict]:
     return rows
 
 
+def scoring(cfg, task: str, ev, rows: list[dict]) -> str:
+    """How stage ``evaluate`` scores ``task``: ``loglikelihood`` (multiple choice through the
+    harness), ``harness`` (GSM8K/MATH generated and extracted by the harness) or
+    ``generate`` (our decoding and extraction)."""
+    if rows and rows[0].get("choices"):
+        return cl_config.enum_value(ev.mc_scoring)
+    source = cl_config.enum_value(cfg.data.tasks[task].source)
+    if source in ("gsm8k", "math") and cl_config.enum_value(ev.math_scoring) == "harness":
+        return "harness"
+    return "generate"
+
+
+def run_harness(model, tokenizer, cfg, task: str, ev, rows: list[dict], mode: str) -> tuple[list[dict], dict]:
+    """Predictions and metrics of one task through lm-evaluation-harness (:mod:`closedloop.harness`)."""
+    import lm_eval
+
+    split_file = paths.data_dir(cfg, task) / f"{split_name(ev)}.jsonl"
+    source = cl_config.enum_value(cfg.data.tasks[task].source)
+    config = harness.task_config(task, source, split_file, rows, ev.max_new_tokens)
+    samples = harness.run(harness.wrap(model, tokenizer, ev.batch_size), config)
+
+    def summary(ok: list[bool]) -> dict:
+        return stats.summarise(np.array(ok, dtype=float), ev.n_bootstrap, ev.ci_level, cfg.seed)
+
+    info = {"harness": {"lm_eval": lm_eval.__version__, "prompt": config["doc_to_text"], "num_fewshot": 0}}
+    if mode == "loglikelihood":
+        records = harness.mc_records(samples)
+        metrics = {**info, "decoding": "loglikelihood", "k": 1, "temperature": 0.0, "generated_tokens": 0,
+                   "generated_tokens_per_question": 0.0, **summary([r["correct"][0] for r in records])}
+        if all("correct_norm" in r for r in records):
+            metrics["acc_norm"] = summary([r["correct_norm"] for r in records])
+        return records, metrics
+    records, filters = harness.generative_records(samples)
+    by_filter = {}
+    for name in filters:
+        extracted = [[r["filters"][name]["extracted"]] for r in records]
+        if source == "math":  # the hendrycks rule reads the text between the first and last "$"
+            extracted = [[c if c.count("$") >= 2 else None] for r in records for c in r["completions"]]
+        by_filter[name] = {**summary([r["filters"][name]["correct"] for r in records]),
+                           "invalid_rate": invalid_rate(extracted)}
+    first = by_filter[filters[0]]
+    metrics = {**info, "decoding": "greedy", "k": 1, "temperature": 0.0, "generated_tokens": None,
+               "generated_tokens_per_question": None, "filter": filters[0], "filters": by_filter,
+               "invalid_rate": first["invalid_rate"],
+               **{k: first[k] for k in ("accuracy", "ci_low", "ci_high", "ci_level", "n")}}
+    return records, metrics
+
+
 def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view: dict, stage: str,
-             family: FamilyDecoding | None = None) -> None:
-    """Decode ``rows`` with model ``tag`` under ``ev`` (or ``family``'s own decoding) and write
-    predictions + metrics to ``out_dir``."""
+             mode: str = "generate", family: FamilyDecoding | None = None) -> None:
+    """Score model ``tag`` on ``rows`` under ``ev`` (``mode``: :func:`scoring`), or decode them with
+    ``family``'s own model and decoding, and write predictions + metrics to ``out_dir``."""
     data = paths.data_dir(cfg, task)
     if family is None:
         source, model_info = model_record(cfg, tag)
@@ -122,33 +186,49 @@ def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view
     if family is not None or paths.model_dir(cfg, tag) is not None:
         inputs["model"] = Path(source)
     artifacts.check_inputs(stage, inputs)  # before decoding: never evaluate a changed model or split
+    split = split_name(ev)
+    common = {"task": task, "split": split, "model": model_info, "scoring": mode, "seed": cfg.seed,
+              "data": {"path": str(data), "sha256": artifacts.content_hash(data / f"{split}.jsonl")}}
     if family is None:
         model, tokenizer = models.load_dir(source, cfg.model, inference=True)
+        common["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
         set_seed(cfg.seed)
+        if mode != "generate":
+            records, metrics = run_harness(model, tokenizer, cfg, task, ev, rows, mode)
+            write_eval(out_dir, stage, view, cfg, tag, inputs, records, {**common, **metrics})
+            return
         completions, n_tokens = decode(model, tokenizer, rows, ev, cfg.seed, f"{stage} {tag}/{task}")
-        decoding, extra = ev.decoding.value, {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        decoding, extra = ev.decoding.value, {}
     else:
         set_seed(cfg.seed)
         completions, n_tokens, extra = family.decode(rows, f"{stage} {tag}/{task} {family.name}")
+        common["dtype"] = extra.pop("dtype")
         decoding = family.name
     records, acc, any_ok = score(rows, completions)
-    split = split_name(ev)
-    metrics = {"task": task, "split": split, "model": model_info, "decoding": decoding,
-               "dtype": extra.pop("dtype"),
+    metrics = {**common, "decoding": decoding,
                "k": ev.k if decoding in ("sampled", "self_consistency") else 1,
                "temperature": 0.0 if decoding in ("greedy", "coral_blockwise") else ev.temperature,
-               "seed": cfg.seed, "generated_tokens": n_tokens,
+               "generated_tokens": n_tokens,
                "generated_tokens_per_question": n_tokens / max(len(rows), 1),
-               "data": {"path": str(data), "sha256": artifacts.content_hash(data / f"{split}.jsonl")},
+               "invalid_rate": invalid_rate([r["extracted"] for r in records]),
                **stats.summarise(acc, ev.n_bootstrap, ev.ci_level, cfg.seed), **extra}
     if decoding == "beam_self_eval":
         metrics["beam"] = {key: ev[f"beam_{key}"] for key in ("k", "n", "lambda", "tau", "tau_decay", "max_steps",
                                                                "temperature", "step_tokens")}
     if decoding == "sampled":
         metrics["pass_at_k"] = stats.summarise(any_ok, ev.n_bootstrap, ev.ci_level, cfg.seed)
+    write_eval(out_dir, stage, view, cfg, tag, inputs, records, metrics)
+
+
+def write_eval(out_dir: Path, stage: str, view: dict, cfg, tag: str, inputs: dict[str, Path],
+               records: list[dict], metrics: dict) -> None:
+    """predictions.jsonl and metrics.json as one artifact."""
     with artifacts.artifact_dir(out_dir, stage, view, inputs, cfg.seed) as out:
         with open(out / "predictions.jsonl", "w") as fh:
             artifacts.write_jsonl(fh, records)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"{stage}: {tag}/{task} {decoding}: accuracy {metrics['accuracy']:.3f} "
-          f"[{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] n={metrics['n']}, {n_tokens} generated tokens")
+    invalid = metrics.get("invalid_rate")
+    print(f"{stage}: {tag}/{metrics['task']} {metrics['scoring']}/{metrics['decoding']}: accuracy "
+          f"{metrics['accuracy']:.3f} [{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] n={metrics['n']}"
+          + (f", invalid {invalid:.3f}" if invalid is not None else "")
+          + (f", acc_norm {metrics['acc_norm']['accuracy']:.3f}" if "acc_norm" in metrics else ""))

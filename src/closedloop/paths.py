@@ -2,11 +2,14 @@
 so the DAG and the stages can never disagree about a path.
 
 Iterations of the closed loop live in ``results/<experiment>/iter<k>/``; those of a loop
-ablation in ``results/<experiment>/ablations/<variant>/iter<k>/``.
+ablation in ``results/<experiment>/ablations/<variant>/iter<k>/``. With ``seeds`` set, each
+seed's run lives in ``results/<experiment>/seed<k>/`` (same layout below it) and the report
+over seeds in ``results/<experiment>/report.md``; ``data/<experiment>/`` is shared.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from closedloop import config as cl_config
@@ -31,8 +34,25 @@ def data_dvc_file(cfg) -> Path:
     return root.with_name(root.name + ".dvc")
 
 
-def run_dir(cfg) -> Path:
+def experiment_dir(cfg) -> Path:
     return Path(cfg.results_dir) / cfg.experiment
+
+
+def run_dir(cfg) -> Path:
+    """``results/<experiment>/``, or ``results/<experiment>/seed<seed>/`` under ``seeds``."""
+    return experiment_dir(cfg) / f"seed{cfg.seed}" if cfg.get("seeds") else experiment_dir(cfg)
+
+
+def for_seed(cfg, seed: int):
+    """``cfg`` with ``seed`` set: the config of one seed's run under ``seeds``."""
+    out = copy.deepcopy(cfg)
+    out.seed = seed
+    return out
+
+
+def seeds_report_file(cfg) -> Path:
+    """``results/<experiment>/report.md``: per-seed scores, mean ± sd, paired gains over SFT."""
+    return experiment_dir(cfg) / "report.md"
 
 
 def sft_dir(cfg) -> Path:
@@ -321,6 +341,7 @@ def coral_report_file(cfg) -> Path:
 
 
 def family_reports(cfg) -> dict[str, Path]:
-    """The report each family in ``families`` ends in: the default target ``all`` builds these."""
-    files = {"loop": report_file, "vlm": vlm_report_file, "coral": coral_report_file, "vlcot": vlcot_report_file}
+    """The report each family in ``families`` ends in: the default target ``all`` builds these
+    (the loop's: the report over seeds under ``seeds``)."""
+    files = {"loop": seeds_report_file if cfg.get("seeds") else report_file, "vlm": vlm_report_file, "coral": coral_report_file, "vlcot": vlcot_report_file}
     return {family: files[family](cfg) for family in cfg.families}

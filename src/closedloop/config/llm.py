@@ -44,6 +44,16 @@ class Reference(str, Enum):
     previous = "previous"  # option: policy_{k-1}
 
 
+class MCScoring(str, Enum):
+    loglikelihood = "loglikelihood"  # lm-evaluation-harness acc / acc_norm (the field's way)
+    generate = "generate"  # decode, then read the option letter (our scorer)
+
+
+class MathScoring(str, Enum):
+    harness = "harness"  # lm-evaluation-harness extraction (GSM8K strict/flexible, hendrycks MATH)
+    ours = "ours"  # closedloop.answers
+
+
 class Decoding(str, Enum):
     greedy = "greedy"
     sampled = "sampled"  # sampled@k: mean accuracy of k samples, and pass@k
@@ -131,6 +141,12 @@ class EvalConfig:
     """Models evaluated besides the loop's policies: ``base`` (untrained) and/or ``sft``."""
     split: Split = Split.heldout
     """``validation`` to choose settings without looking at the held-out split."""
+    mc_scoring: MCScoring = MCScoring.loglikelihood
+    """Multiple-choice tasks: ``loglikelihood`` of each choice through lm-evaluation-harness
+    (acc, acc_norm) or ``generate`` (decode and read the letter; reports the invalid rate)."""
+    math_scoring: MathScoring = MathScoring.harness
+    """GSM8K/MATH tasks: the harness's extraction (GSM8K strict-match + flexible-extract, MATH
+    hendrycks) or ``ours`` (:mod:`closedloop.answers`). The synthetic task always uses ours."""
     decoding: Decoding = Decoding.greedy
     k: int = 4
     """Samples per question for ``decoding: sampled`` (sampled@k)."""
@@ -327,6 +343,8 @@ def _check_tasks(cfg: DictConfig) -> None:
 
 def _check_eval(cfg: DictConfig) -> None:
     e = cfg.eval
+    if len(set(cfg.seeds)) != len(cfg.seeds) or any(s < 0 for s in cfg.seeds):
+        raise ConfigError(f"key 'seeds': expected distinct integers >= 0, got {list(cfg.seeds)}")
     check_range("eval.ci_level", e.ci_level, 0, 1, low_open=True, high_open=True)
     for key in ("batch_size", "k", "n_bootstrap", "max_new_tokens", "mc_max_new_tokens", "beam_k", "beam_n",
                 "beam_max_steps", "beam_step_tokens"):
@@ -412,6 +430,11 @@ def dpo_for(cfg: DictConfig, k: int) -> DictConfig:
 class LLMSections:
     """The LLM closed loop's sections of :class:`~closedloop.config.ExperimentConfig`."""
 
+    seeds: list[int] = field(default_factory=list)
+    """Empty: one run with ``seed`` (paths ``results/<experiment>/...``). ``[0, 1, 2]``: the
+    experiment (SFT, search, DPO, evaluation, report) once per seed under
+    ``results/<experiment>/seed<k>/``, on the same data (split with ``seed``), and a report
+    over the seeds at ``results/<experiment>/report.md``."""
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -119,13 +119,17 @@ def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: in
     Only the stage's sections (:data:`closedloop.stage_table.STAGES`; ``vlm.sft`` is one
     subsection), the catalogue entries of ``tasks`` and the job's ``model`` go to the job, so a
     change anywhere else does not invalidate it. ``dpo`` of iteration ``iteration`` gets
-    that iteration's settings (:func:`~closedloop.config.llm.dpo_for`).
+    that iteration's settings (:func:`~closedloop.config.llm.dpo_for`). Under ``seeds`` a job
+    sees only its own seed (``seeds: [seed]``, which puts it in the per-seed layout), so adding
+    a seed reruns nothing of the others; a stage with the ``seeds`` section sees them all.
     """
     if stage not in stage_table.STAGES:
         raise ConfigError(f"unknown stage {stage!r} (expected one of {sorted(stage_table.STAGES)})")
     sections = narrowed_sections(cfg, stage, model, stage_table.STAGES[stage].sections)
     full = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     view = {k: full[k] for k in SHARED_KEYS}
+    if full.get("seeds"):
+        view["seeds"] = [full["seed"]]
     for section in sections:
         top, _, sub = section.partition(".")
         if sub:

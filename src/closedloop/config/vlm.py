@@ -131,6 +131,9 @@ class PopeConfig:
     max_new_tokens: int = 8
     n_bootstrap: int = 1000
     ci_level: float = 0.95
+    answer_rule: str = "official"
+    """How a generation becomes yes/no: ``official`` (POPE's evaluate.py: exact ``No``/``no``/``not``
+    among the space-split words of the first sentence) or ``lenient`` (any case, punctuation split)."""
 
 
 @dataclass
@@ -173,6 +176,8 @@ def check_vlm(v) -> None:
     for tag in v.pope.models:
         if tag not in ("sft", "dpo", "vdpo"):
             raise ConfigError(f"key 'vlm.pope.models': unknown model {tag!r} (expected any of ['sft', 'dpo', 'vdpo'])")
+    if v.pope.answer_rule not in ("official", "lenient"):
+        raise ConfigError(f"key 'vlm.pope.answer_rule': expected 'official' or 'lenient', got {v.pope.answer_rule!r}")
     if v.pairs.alpha not in ("none", "fixed", "score"):
         raise ConfigError(f"key 'vlm.pairs.alpha': expected 'none', 'fixed' or 'score', got {v.pairs.alpha!r}")
     if not 0.0 <= v.pairs.fixed_alpha < 0.5:

@@ -31,7 +31,7 @@ def main(cfg) -> None:
         metrics = pope_metrics(cfg, tag, source, data, rows, generations)
         with open(out / "predictions.jsonl", "w") as fh:
             artifacts.write_jsonl(fh, ({"id": r["id"], "split": r["split"], "question": r["question"],
-                                        "label": r["label"], "generation": g, "answer": parse_answer(g)}
+                                        "label": r["label"], "generation": g, "answer": parse_answer(g, p.answer_rule)}
                                        for r, g in zip(rows, generations, strict=True)))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     a = metrics["all"]

@@ -2,10 +2,13 @@
 answer parsing, scores with CIs, and the branch report's tables (stages ``pope`` and
 ``vlm_report``).
 
-Scoring follows POPE's reference evaluation: the answer is the first sentence of the
-generation; if it contains the word "no" or "not" (punctuation stripped, any case) the
-answer is no, otherwise yes. "yes" is the positive class: accuracy, precision, recall, F1
-and the yes-ratio, overall and per POPE split (random / popular / adversarial), each with a
+Answer rule (``vlm.pope.answer_rule``): ``official`` (default) is POPE's own
+``evaluate.py`` (AoiDragon/POPE f3ec604, identical in LLaVA's ``eval_pope.py``): keep the text
+before the first ".", delete commas, split on single spaces; the exact word ``No``, ``no`` or
+``not`` ⇒ no, anything else (including "NO", "Not sure" and an empty answer) ⇒ yes.
+``lenient`` is this project's earlier rule: the first sentence, lower-cased, split on anything
+but letters, the word "no" or "not" ⇒ no. "yes" is the positive class: accuracy, precision,
+recall, F1 and the yes-ratio, overall and per POPE split (random / popular / adversarial), each with a
 percentile bootstrap CI over questions (:func:`closedloop.stats.bootstrap_metric`).
 
 Output ``results/<experiment>/vlm/pope/<tag>/``: ``predictions.jsonl`` (question, label,
@@ -29,8 +32,18 @@ from closedloop.vlm.scenes import SPLITS, load_rgb
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
-def parse_answer(text: str) -> str:
-    """POPE's rule: first sentence; the word "no" or "not" in it ⇒ "no", else "yes"."""
+ANSWER_RULES = ("official", "lenient")
+
+
+def parse_answer(text: str, rule: str = "official") -> str:
+    """"yes" or "no" for one generation under ``rule`` (module docstring; SPEC §4)."""
+    if rule == "official":  # POPE evaluate.py / LLaVA eval_pope.py, verbatim in effect
+        if text.find(".") != -1:
+            text = text.split(".")[0]
+        words = text.replace(",", "").split(" ")
+        return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+    if rule != "lenient":
+        raise ValueError(f"key 'vlm.pope.answer_rule': expected one of {list(ANSWER_RULES)}, got {rule!r}")
     first = text.strip().split(".")[0]
     words = re.findall(r"[a-z']+", first.lower().replace(",", " "))
     return "no" if ("no" in words or "not" in words) else "yes"
@@ -101,9 +114,10 @@ def generate(model, processor, rows: list[dict], data: Path, batch_size: int, ma
 def pope_metrics(cfg, tag: str, source: Path, data: Path, rows: list[dict], generations: list[str]) -> dict:
     """metrics.json: overall and per-split scores of one model's generations."""
     p = cfg.vlm.pope
-    answers = [parse_answer(g) for g in generations]
+    answers = [parse_answer(g, p.answer_rule) for g in generations]
     labels = [r["label"] for r in rows]
     metrics = {"model": {"tag": tag, "path": str(source)}, "seed": cfg.seed, "decoding": "greedy",
+               "answer_rule": p.answer_rule,
                "data": {"path": str(data), "sha256": artifacts.content_hash(data / "pope.jsonl")},
                "all": score(labels, answers, p.n_bootstrap, p.ci_level, cfg.seed), "splits": {}}
     for split in SPLITS:
