@@ -133,6 +133,12 @@ BAD_VALUES = [  # override, the message (after "key '")
     ("vlm.sft.batch_size=0", "vlm.sft.batch_size': expected a number >= 1, got 0"),
     ("vlm.pope.ci_level=1", "vlm.pope.ci_level': expected a number in (0, 1), got 1.0"),
     ("model.tiny.num_hidden_layers=0", "model.tiny.num_hidden_layers': expected a number >= 1, got 0"),
+    ("coral.decoding.eps=2", "coral.decoding.eps': expected a number in [0, 1], got 2.0"),
+    ("coral.stage2.learning_rate=0", "coral.stage2.learning_rate': expected a number > 0, got 0.0"),
+    ("coral.window=0", "coral.window': expected a number >= 1, got 0"),
+    ("vlcot.rejection.temperature=0", "vlcot.rejection.temperature': expected a number > 0, got 0.0"),
+    ("vlcot.sft.warmup_ratio=1", "vlcot.sft.warmup_ratio': expected a number in [0, 1), got 1.0"),
+    ("vlcot.head.select_threshold=1.5", "vlcot.head.select_threshold': expected a number in [0, 1], got 1.5"),
 ]
 
 

@@ -15,7 +15,7 @@ from enum import Enum
 
 from omegaconf import DictConfig
 
-from closedloop.config.common import TrainArgs
+from closedloop.config.common import TrainArgs, check_range, check_train_args
 from closedloop.config.core import ConfigError
 
 
@@ -107,14 +107,15 @@ def check_coral(cfg: DictConfig) -> None:
             if name not in cfg.data.tasks:
                 raise ConfigError(f"key '{key}': task {name!r} is not in data.tasks "
                                   f"(expected one of {sorted(cfg.data.tasks)})")
-    if c.window < 1 or int(c.window * c.n_back_pred) < 0:
-        raise ConfigError(f"key 'coral.window': expected >= 1 and coral.n_back_pred >= 0, "
-                          f"got {c.window} and {c.n_back_pred}")
-    if c.max_chunk < 1:
-        raise ConfigError(f"key 'coral.max_chunk': expected an integer >= 1, got {c.max_chunk}")
+    check_range("coral.window", c.window, 1)
+    check_range("coral.n_back_pred", c.n_back_pred, 0)
+    check_range("coral.max_chunk", c.max_chunk, 1)
+    check_range("coral.max_length", c.max_length, 2)
+    check_train_args("coral.stage1", c.stage1)
+    check_train_args("coral.stage2", c.stage2)
     d = c.decoding
-    if d.block < 1 or d.threshold < 0 or d.max_refinements < 1 or not 0 <= d.eps <= 1:
-        raise ConfigError("key 'coral.decoding': expected block >= 1, threshold >= 0, max_refinements >= 1 "
-                          f"and 0 <= eps <= 1, got {dict(d)}")
-    if c.n_questions < 0:
-        raise ConfigError(f"key 'coral.n_questions': expected an integer >= 0, got {c.n_questions}")
+    check_range("coral.decoding.block", d.block, 1)
+    check_range("coral.decoding.eps", d.eps, 0, 1)
+    check_range("coral.decoding.threshold", d.threshold, 0)
+    check_range("coral.decoding.max_refinements", d.max_refinements, 1)
+    check_range("coral.n_questions", c.n_questions, 0, why="0: all")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from closedloop.config.common import DType, LoraConfig, TrainArgs
+from closedloop.config.common import DType, LoraConfig, TrainArgs, check_range, check_train_args
 from closedloop.config.core import ConfigError
 from closedloop.config.vlm import VLMKind
 
@@ -186,6 +186,26 @@ def check_vlcot(v) -> None:
         raise ConfigError(f"key 'vlcot.eval.split': expected 'heldout' or 'validation', got {v.eval.split!r}")
     if v.rejection.looks not in ("sampled", "gold"):
         raise ConfigError(f"key 'vlcot.rejection.looks': expected 'sampled' or 'gold', got {v.rejection.looks!r}")
-    if v.rejection.n_samples < 1 or v.rejection.rounds < 0:
-        raise ConfigError("keys 'vlcot.rejection.n_samples' >= 1 and 'vlcot.rejection.rounds' >= 0 expected, got "
-                          f"{v.rejection.n_samples}, {v.rejection.rounds}")
+    _check_ranges(v)
+
+
+def _check_ranges(v) -> None:
+    """Every numeric value's range (the shared :func:`check_range` / :func:`check_train_args`)."""
+    d, h, r, e = v.data, v.head, v.rejection, v.eval
+    for key in ("n_train_scenes", "n_validation_scenes", "n_heldout_scenes", "questions_per_scene"):
+        check_range(f"vlcot.data.{key}", d[key], 1)
+    for key in ("overlap_prob", "min_visible", "patch_threshold"):
+        check_range(f"vlcot.data.{key}", d[key], 0, 1)
+    check_range("vlcot.head.dice_lambda", h.dice_lambda, 0)
+    check_range("vlcot.head.entropy_alpha", h.entropy_alpha, 0)
+    check_range("vlcot.head.select_threshold", h.select_threshold, 0, 1)
+    check_train_args("vlcot.sft", v.sft)
+    check_train_args("vlcot.rejection", r)
+    check_range("vlcot.rejection.rounds", r.rounds, 0)
+    check_range("vlcot.rejection.n_questions", r.n_questions, 0)
+    for key in ("n_samples", "max_new_tokens", "batch_size_sampling"):
+        check_range(f"vlcot.rejection.{key}", r[key], 1)
+    check_range("vlcot.rejection.temperature", r.temperature, 0, low_open=True)
+    for key in ("batch_size", "max_new_tokens", "n_bootstrap"):
+        check_range(f"vlcot.eval.{key}", e[key], 1)
+    check_range("vlcot.eval.ci_level", e.ci_level, 0, 1, low_open=True, high_open=True)
