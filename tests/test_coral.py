@@ -275,7 +275,7 @@ def test_config_errors_name_the_key():
         config.load([], ["eval.decoding=coral_blockwise"])
     with pytest.raises(config.ConfigError, match="key 'coral.eval_tasks': task 'nope'"):
         config.load([], ["coral.eval_tasks=[nope]"])
-    with pytest.raises(config.ConfigError, match="key 'coral.decoding'"):
+    with pytest.raises(config.ConfigError, match="key 'coral.decoding.block': expected a number >= 1, got 0"):
         config.load([], ["coral.decoding.block=0"])
     cfg = config.load([], ["loop.iterations=3"])
     assert paths.coral_input_tag(cfg) == "iter3"
