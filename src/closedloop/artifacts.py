@@ -78,7 +78,11 @@ def manifest_hash(hashes: dict[str, str]) -> str:
 def content_hash(path: Path) -> str:
     """sha256 of a file, or of a directory's (relative path, file hash) list (see :func:`file_hashes`)."""
     path = Path(path)
-    hashes = _hashes(path)
+    return _digest(path, _hashes(path))
+
+
+def _digest(path: Path, hashes: dict[str, str]) -> str:
+    """The content hash of ``path`` from its :func:`_hashes`: a file's own, a directory's manifest."""
     return manifest_hash(hashes) if path.is_dir() else hashes[""]
 
 
@@ -148,7 +152,7 @@ def check_inputs(stage: str, inputs: dict[str, Path]) -> dict[str, dict]:
 
 def _checked_input(path: Path, stage: str | None, name: str | None) -> dict:
     hashes = _hashes(path)
-    record = {"path": str(path), "sha256": manifest_hash(hashes) if path.is_dir() else hashes[""]}
+    record = {"path": str(path), "sha256": _digest(path, hashes)}
     source = producer_of(path)
     if source is None:
         return record

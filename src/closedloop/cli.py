@@ -124,6 +124,16 @@ def _last_lines(path: Path, n: int) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-n:]
 
 
+def _one_line(stage: str, err: Exception) -> tuple[str, int]:
+    """The console line and exit status of an error whose message says it all: a bad data or
+    model file (its name and line; exit 2) or an input that no longer matches its producer's
+    record (the file, the artifact and the command that rebuilds it; its message starts with
+    the stage; exit 3)."""
+    if isinstance(err, artifacts.StaleInputError):
+        return f"closedloop: {err}", 3
+    return f"closedloop: {stage}: {err}", 2
+
+
 def run_logged(stage: str, cfg, log: Path) -> int:
     """Run the stage with stdout and stderr (its progress bars included) redirected into ``log``;
     print one line to the console when it ends: the time, the stage's last output line and the
@@ -142,10 +152,8 @@ def run_logged(stage: str, cfg, log: Path) -> int:
     except cl_config.ConfigError as err:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         status = 2
-    except cl_config.InputError as err:  # a bad data or model file: its name (and line) says it all
-        reason, status = f"closedloop: {stage}: {err}", 2
-    except artifacts.StaleInputError as err:  # names the file, its artifact and the rebuilding command
-        reason, status = f"closedloop: {err}", 3
+    except (cl_config.InputError, artifacts.StaleInputError) as err:
+        reason, status = _one_line(stage, err)
     except SystemExit as err:
         status = err.code if isinstance(err.code, int) else 1
     except Exception:
@@ -208,12 +216,10 @@ def _main(argv: list[str] | None = None) -> int:
     except cl_config.ConfigError as err:
         print(f"closedloop: config error: {err}", file=sys.stderr)
         return 2
-    except cl_config.InputError as err:  # a bad data or model file: its name (and line) says it all
-        print(f"closedloop: {args.stage}: {err}", file=sys.stderr)
-        return 2
-    except artifacts.StaleInputError as err:
-        print(f"closedloop: {err}", file=sys.stderr)
-        return 3
+    except (cl_config.InputError, artifacts.StaleInputError) as err:
+        reason, status = _one_line(args.stage, err)
+        print(reason, file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -343,5 +343,6 @@ def coral_report_file(cfg) -> Path:
 def family_reports(cfg) -> dict[str, Path]:
     """The report each family in ``families`` ends in: the default target ``all`` builds these
     (the loop's: the report over seeds under ``seeds``)."""
-    files = {"loop": seeds_report_file if cfg.get("seeds") else report_file, "vlm": vlm_report_file, "coral": coral_report_file, "vlcot": vlcot_report_file}
+    files = {"loop": seeds_report_file if cfg.get("seeds") else report_file, "vlm": vlm_report_file,
+             "coral": coral_report_file, "vlcot": vlcot_report_file}
     return {family: files[family](cfg) for family in cfg.families}

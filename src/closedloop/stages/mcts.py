@@ -37,11 +37,10 @@ def main(cfg) -> None:
     policy_dir = paths.policy_dir(cfg, k - 1, variant)
     view = cl_config.stage_view(cfg, "mcts", [cfg.mcts.task])
     inputs = {"data": paths.data_dir(cfg, cfg.mcts.task), "policy": policy_dir}
+    artifacts.check_inputs("mcts", inputs)  # before searching: never search with a changed policy
     # keyed by the config view and the inputs' records: never resumed from another policy's trees
     work = checkpoints.work_dir(paths.mcts_dir(cfg, k, variant) / "shard", view, inputs, prefix=f"shard{shard}")
     work.mkdir(parents=True, exist_ok=True)
-    inputs = {"data": paths.data_dir(cfg, cfg.mcts.task), "policy": policy_dir}
-    artifacts.check_inputs("mcts", inputs)  # before searching: never search with a changed policy
     model, tokenizer = models.load_dir(policy_dir, cfg.model, inference=True)
     searcher = Searcher(model, tokenizer, cfg.mcts, str(policy_dir))
     rows = shard_rows(cfg, shard)

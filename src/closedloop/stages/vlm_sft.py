@@ -40,8 +40,9 @@ def main(cfg) -> None:
     set_seed(cfg.seed)
     data, out_dir, mcfg = paths.vlm_data_dir(cfg), paths.vlm_sft_dir(cfg), cfg.vlm.model
     rows = artifacts.read_jsonl(data / "sft.jsonl")
-    view = cl_config.stage_view(cfg, "vlm_sft", model=text_dir(cfg))
-    inputs = {"data": data, **({"text_backbone": text_dir(cfg)} if text_dir(cfg) else {})}
+    backbone = text_dir(cfg)
+    view = cl_config.stage_view(cfg, "vlm_sft", model=backbone)
+    inputs = {"data": data, **({"text_backbone": backbone} if backbone else {})}
     work = checkpoints.work_dir(out_dir, view, inputs)
     with artifacts.artifact_dir(out_dir, "vlm_sft", view, inputs, cfg.seed) as out:
         standardized = vision_heldout = None
@@ -53,7 +54,7 @@ def main(cfg) -> None:
             standardized = json.loads((vision / "standardized.json").read_text())
             vision_heldout = json.loads((vision / "heldout.json").read_text())
         else:
-            model, processor = vlm.load(vlm.base_source(mcfg, text_dir(cfg)), mcfg)
+            model, processor = vlm.load(vlm.base_source(mcfg, backbone), mcfg)
         vlm.freeze_vision_tower(model, mcfg)
         set_seed(cfg.seed)  # LoRA's init draws from the stage seed, vision phase run now or reused after a requeue
         model = vlm.add_lora(model, mcfg)
