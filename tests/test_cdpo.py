@@ -154,3 +154,23 @@ def test_loss_weights_scale_the_whole_cdpo_loss(models_, tmp_path):
     h = hand_margin(ours, batch)
     expected = 2.0 * float(cdpo_loss(h, torch.tensor(alphas), BETA).mean())
     assert loss_of(ours, batch) == pytest.approx(expected, abs=1e-5)
+
+
+def test_rpo_nll_term_adds_lambda_times_the_chosen_tokens_mean_nll(models_, tmp_path):
+    """loss_type [sigmoid, sft], weights [1, λ]: the cDPO loss + λ·(−mean log πθ over every chosen
+    completion token of the batch), TRL's ``sft`` term (RPO); the α·β·h term stays at weight 1."""
+    alphas, lam = [0.2, 0.0, 0.5, 0.1], 0.7
+    ours = make(ConservativeDPOTrainer, models_, tmp_path, alphas=alphas, loss_type=["sigmoid", "sft"],
+                loss_weights=[1.0, lam])
+    batch = batch_of(ours)
+    h = hand_margin(ours, batch)
+    with torch.no_grad():
+        logits = ours.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), -1).gather(2, batch["input_ids"][:, 1:].unsqueeze(2)).squeeze(2)
+    chosen_logp, chosen_mask = logp.chunk(2)[0], batch["completion_mask"][:, 1:].chunk(2)[0].bool()
+    nll = float(-chosen_logp[chosen_mask].mean())
+    assert nll > 0.1  # not vacuous
+    expected = float(cdpo_loss(h, torch.tensor(alphas), BETA).mean()) + lam * nll
+    assert loss_of(ours, batch) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="loss_weights"):
+        make(ConservativeDPOTrainer, models_, tmp_path, alphas=alphas, loss_type=["sigmoid", "sft"], loss_weights=[1.0])

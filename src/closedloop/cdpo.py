@@ -33,7 +33,10 @@ class AlphaCollator:
 class ConservativeDPOTrainer(DPOTrainer):
     """TRL DPOTrainer with the cDPO loss of SPEC §3 and α per pair from the dataset.
 
-    A dataset without an ``alpha`` column trains plain sigmoid DPO (α = 0). Responses that
+    A dataset without an ``alpha`` column trains plain sigmoid DPO (α = 0). ``loss_type``
+    ``["sigmoid", "sft"]`` with ``loss_weights`` ``[1, λ]`` adds TRL's NLL term on the chosen
+    response, λ·(−mean log πθ(y_w|x) per token): RPO (Pang et al. 2024), which keeps DPO from
+    lowering the chosen answer's likelihood along with the rejected one's. Responses that
     end in a newline are partial solutions (one MCTS step): they get no EOS token. TRL's
     ``loss_weights`` (one weight w for the one sigmoid loss) scales the whole cDPO loss,
     w·[−(1−α)·log σ(βh) − α·log σ(−βh)], the α·β·h term included (SPEC §3).
@@ -42,15 +45,16 @@ class ConservativeDPOTrainer(DPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         unsupported = {
-            "loss_type": self.loss_types != ["sigmoid"],
+            "loss_type": self.loss_types not in (["sigmoid"], ["sigmoid", "sft"]),
             "f_divergence_type": self.f_divergence_type != "reverse_kl",
             "ld_alpha": self.ld_alpha is not None,
             "use_weighting": self.use_weighting,
-            "loss_weights": len(self.loss_weights) != 1,
+            "loss_weights": len(self.loss_weights) != len(self.loss_types),
         }
         bad = [name for name, is_bad in unsupported.items() if is_bad]
         if bad:
-            raise ValueError(f"ConservativeDPOTrainer supports plain sigmoid DPO only; unsupported settings: {bad}")
+            raise ValueError("ConservativeDPOTrainer supports sigmoid DPO (loss_type ['sigmoid'], or ['sigmoid', 'sft'] "
+                             f"for RPO's NLL term on the chosen response) only; unsupported settings: {bad}")
         self.data_collator = AlphaCollator(self.data_collator)
         self._captured: list[torch.Tensor] | None = None
         modules = [self.accelerator.unwrap_model(self.model)]

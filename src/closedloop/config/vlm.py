@@ -86,6 +86,10 @@ class VLMSFTConfig(TrainArgs):
     vision_pretrain_steps: int = 800
     """Steps of shape + colour classification for the vision tower (0 skips; ``kind: tiny`` only)."""
     vision_learning_rate: float = 2e-3
+    vision_patch_loss: bool = False
+    """Also train each patch token on its own to classify the scene's shape and colour
+    (:meth:`closedloop.vlm.vision.SceneHeads.patch_loss`), so every image token the projector hands
+    the language model carries the scene."""
     grounding_probes: int = 100
     """Probe pairs of the grounding check after SFT (:mod:`closedloop.vlm.grounding`): one presence
     question on an image where the answer is yes and on one where it is no (validation scenes); 0 skips."""
@@ -119,6 +123,9 @@ class VDPOConfig(TrainArgs):
     training-split images, never the held-out test set) and keep the most accurate model as
     ``vdpo``; the table goes to ``gamma_selection.json``. Empty: train ``gamma`` only."""
     beta: float = 0.1
+    nll_weight: float = 0.0
+    """λ of an NLL term on the chosen answer (RPO: loss = DPO + λ·NLL(y_w), TRL's ``sft`` loss type
+    beside ``sigmoid``; for V-DPO on the guided log-probs). 0: plain (V-)DPO."""
     logging_steps: int = 5
 
 
@@ -164,6 +171,7 @@ def check_vlm(v) -> None:
     check_range("vlm.sft.vision_learning_rate", v.sft.vision_learning_rate, 0, low_open=True)
     check_train_args("vlm.vdpo", v.vdpo)
     check_range("vlm.vdpo.beta", v.vdpo.beta, 0, low_open=True)
+    check_range("vlm.vdpo.nll_weight", v.vdpo.nll_weight, 0)
     check_lora("vlm.model.lora", v.model.lora)
     for key in ("vision_patch_size", "vision_hidden_size", "vision_layers", "vision_heads", "text_hidden_size",
                 "text_intermediate_size", "text_layers", "text_heads", "text_kv_heads"):

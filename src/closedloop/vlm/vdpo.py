@@ -159,6 +159,13 @@ def best_gamma(table: list[dict]) -> dict:
                                            -it[0]))[1]
 
 
+def nll_loss(weight: float) -> dict:
+    """TRL's loss settings: sigmoid DPO, plus RPO's NLL term on the chosen answer at ``weight`` > 0."""
+    if weight > 0:
+        return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, float(weight)]}
+    return {"loss_type": ["sigmoid"]}
+
+
 def train_one(cfg, gamma: float, rows, pairs: Path, data: Path, sft: Path, with_alpha: bool, work: Path):
     """One (V-)DPO run from the SFT model, checkpointed into ``work/trainer`` and resumed from
     there after a requeue (:mod:`closedloop.checkpoints`); returns the trainer (its model trained)."""
@@ -174,7 +181,7 @@ def train_one(cfg, gamma: float, rows, pairs: Path, data: Path, sft: Path, with_
         model=model, ref_model=ref_model, gamma=gamma,
         args=training.trainer_args("dpo", d, work / "trainer", cfg.seed, cfg.vlm.model.bf16_training, section="vlm.vdpo",
                                    beta=d.beta,
-                                   loss_type=["sigmoid"], max_length=None, precompute_ref_log_probs=False,
+                                   **nll_loss(d.nll_weight), max_length=None, precompute_ref_log_probs=False,
                                    dataloader_pin_memory=False),
         train_dataset=preference_dataset(rows, pairs, data, processor.tokenizer.eos_token, with_alpha),
         processing_class=processor, callbacks=[CsvLogCallback(work / "train_log.csv", resume_step)],
