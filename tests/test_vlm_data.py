@@ -165,3 +165,58 @@ def test_presence_questions_can_be_switched_off(tmp_path):
 
     sft = artifacts.read_jsonl(paths.vlm_data_dir(cfg) / "sft.jsonl")
     assert {r["source"] for r in sft} == {"easy_vqa", "describe"}
+
+
+SCENES = {1: {"shape": "circle", "color": "red"}, 2: {"shape": "circle", "color": "blue"},
+          3: {"shape": "triangle", "color": "red"}, 4: {"shape": "rectangle", "color": "green"},
+          5: {"shape": "triangle", "color": "blue"}, 6: {"shape": "rectangle", "color": "red"}}
+
+
+def test_contrast_rows_flip_the_answer_on_another_image_and_stay_in_one_group():
+    """vlm.data.presence_contrast: each presence question is asked again of an image where the answer
+    flips; an image's presence rows and their contrasts form one group, adjacent, in which every
+    question text is answered yes as often as no."""
+    import random
+
+    questions = {i: [("what shape is in the image?", s["shape"])] for i, s in SCENES.items()}
+    rows = vlm_data.sft_rows(SCENES, sorted(SCENES), questions, 1, random.Random(0), 2, contrast=True)
+    presence = [r for r in rows if r["source"] == "presence"]
+    contrasts = [r for r in presence if r["kind"].startswith("contrast_")]
+    # 2 pairs per image; each question asked again unless no image here shows a no-question's object
+    assert len(presence) - len(contrasts) == 6 * 4 and len(contrasts) >= 0.8 * 6 * 4
+    for r in presence:  # every answer is the truth about the row's own image (checked by hand below)
+        obj = r["prompt"].split("Is there a ")[1].split(" in the image?")[0]
+        truth = SCENES[r["image_id"]]["shape"] == obj.split()[-1] and (
+            len(obj.split()) == 1 or SCENES[r["image_id"]]["color"] == obj.split()[0])
+        assert r["completion"] == (" Yes." if truth else " No.")
+    by_group = collections.defaultdict(list)
+    for n, r in enumerate(rows):
+        by_group[r["group"]].append(n)
+    assert all(idx == list(range(idx[0], idx[0] + len(idx))) for idx in by_group.values())  # adjacent
+    for idx in by_group.values():
+        group = [rows[n] for n in idx]
+        if group[0]["source"] != "presence":
+            assert len(group) == 1
+            continue
+        assert len({r["image_id"] for r in group}) > 1 and 4 < len(group) <= 8
+        for prompt in {r["prompt"] for r in group}:
+            answers = sorted(r["completion"] for r in group if r["prompt"] == prompt)
+            assert answers == [" No.", " Yes."] or (len(answers) == 1 and answers == [" No."])
+    # a "red circle" yes-question's contrast keeps the colour or the shape (here 2 blue circle, 3 red triangle, 6 red rectangle)
+    assert vlm_data.contrast_image("red circle", "yes", SCENES, sorted(SCENES), random.Random(1)) in (2, 3, 6)
+    assert vlm_data.contrast_image("blue triangle", "no", SCENES, sorted(SCENES), random.Random(1)) == 5
+    assert vlm_data.contrast_image("green circle", "no", SCENES, sorted(SCENES), random.Random(1)) is None
+
+
+def test_group_sampler_keeps_groups_together_and_reshuffles_per_epoch():
+    from closedloop.vlm.vision import GroupShuffleSampler
+
+    groups = [0, 1, 1, 1, 2, 3, 3, 4, 5, 5, 5, 5]
+    sampler = GroupShuffleSampler(groups, seed=7)
+    first = list(sampler)
+    assert sorted(first) == list(range(len(groups))) and len(sampler) == len(groups)
+    positions = {g: [first.index(i) for i, gg in enumerate(groups) if gg == g] for g in set(groups)}
+    assert all(p == list(range(p[0], p[0] + len(p))) for p in positions.values())
+    assert list(GroupShuffleSampler(groups, seed=7)) == first  # deterministic per (seed, epoch)
+    sampler.set_epoch(1)
+    assert list(sampler) != first

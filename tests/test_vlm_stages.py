@@ -62,7 +62,7 @@ def test_the_branch_runs_end_to_end(tmp_path):
         else:  # γ chosen on the validation questions among vlm.vdpo.gamma_grid
             selection = json.loads((paths.vdpo_dir(cfg, variant) / "gamma_selection.json").read_text())
             assert [r["gamma"] for r in selection["table"]] == [0.75, 0.5]
-            assert all(r["val"]["n"] == 4 * 2 * 3 for r in selection["table"])
+            assert all(r["val"]["n"] == 4 * 2 * 3 for r in selection["table"]) and selection["sft"]["n"] == 4 * 2 * 3
             assert selection["chosen"] == stats["gamma"] == vdpo_lib.best_gamma(selection["table"])["gamma"]
             assert selection["all_degenerate"] == all(vdpo_lib.degenerate(r["val"]) for r in selection["table"])
             assert all((paths.vdpo_dir(cfg, variant) / "gamma" / f"{g:g}" / "train_log.csv").is_file()

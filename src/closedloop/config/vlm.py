@@ -69,6 +69,10 @@ class VLMDataConfig:
     presence_pairs_per_image: int = 2
     """Balanced yes/no presence-question pairs per training image in the SFT mix (0: none; 1: a shape;
     2: also a colour + shape); easy-VQA's own un-negated presence questions are 82% "no"."""
+    presence_contrast: bool = False
+    """Ask every SFT presence question also of a training image where its answer flips, in the same
+    batch (:func:`closedloop.vlm.scenes.sft_rows`): answers the question text or the image alone
+    cannot predict. Doubles the presence rows."""
     n_val_images: int = 100
     """Training-split images left out of SFT and pairs; their POPE-style questions choose γ."""
 

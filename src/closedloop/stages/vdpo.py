@@ -58,10 +58,11 @@ def main(cfg) -> None:
             if all_degenerate:
                 print(f"vdpo: WARNING: every γ gave an all-yes or all-no model on validation; γ = {entry['gamma']:g} "
                       "kept for want of a better one", flush=True)
+            sft_val = validation_score(*vlm.load(sft, cfg.vlm.model), data)  # the yardstick: did (V-)DPO help?
             (out / "gamma_selection.json").write_text(json.dumps(
                 {"criterion": "validation accuracy among models that are not all-yes/all-no (ties: F1, then grid "
                               "order)", "validation": "val.jsonl", "chosen": entry["gamma"],
-                 "all_degenerate": all_degenerate, "table": table}, indent=2) + "\n")
+                 "all_degenerate": all_degenerate, "sft": sft_val, "table": table}, indent=2) + "\n")
         (out / "stats.json").write_text(json.dumps(
             {"pairs": len(rows), "steps": entry["steps"], "gamma": entry["gamma"], "alpha": with_alpha,
              "gamma_grid": gammas if select else None,

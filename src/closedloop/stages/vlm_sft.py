@@ -26,6 +26,7 @@ from closedloop.vlm.vision import (
     pixel_values,
     pretrain_vision,
     sft_dataset,
+    sft_trainer_class,
     standardize_vision_output,
 )
 
@@ -35,8 +36,6 @@ def main(cfg) -> None:
 
     Resumable after a requeue: the model after the vision phase and the SFT checkpoints live in
     a work dir keyed by the config view (:mod:`closedloop.checkpoints`)."""
-    from trl import SFTTrainer
-
     set_seed(cfg.seed)
     data, out_dir, mcfg = paths.vlm_data_dir(cfg), paths.vlm_sft_dir(cfg), cfg.vlm.model
     rows = artifacts.read_jsonl(data / "sft.jsonl")
@@ -66,7 +65,7 @@ def main(cfg) -> None:
             callbacks.append(grounding.GroundingLogCallback(grounding.model_generate(model, processor, data), data,
                                                             s.grounding_probes, s.grounding_every,
                                                             work / "grounding_log.csv", resume_step))
-        trainer = SFTTrainer(
+        trainer = sft_trainer_class(rows)(
             model=model, args=training.trainer_args(
                 "sft", cfg.vlm.sft, work / "trainer", cfg.seed, mcfg.bf16_training, section="vlm.sft", max_length=None,
                 completion_only_loss=True, remove_unused_columns=False, dataloader_pin_memory=False),

@@ -198,6 +198,9 @@ def render_report(cfg) -> str:
         lines += ["", f"V-DPO γ, chosen on the validation questions (training-split images, never the held-out "
                       f"set) by {sel['criterion']}; chosen γ = {sel['chosen']:g}:", "",
                   "| γ | val accuracy | val F1 | val yes-ratio | n |", "|---|---|---|---|---|"]
+        if "sft" in sel:  # the SFT model on the same questions
+            v = sel["sft"]
+            lines.append(f"| SFT | {100 * v['accuracy']:.1f} | {100 * v['f1']:.1f} | {100 * v['yes_ratio']:.1f} | {v['n']} |")
         lines += [f"| {r['gamma']:g} | {100 * r['val']['accuracy']:.1f} | {100 * r['val']['f1']:.1f} | "
                   f"{100 * r['val']['yes_ratio']:.1f} | {r['val']['n']} |" for r in sel["table"]]
         if sel.get("all_degenerate"):

@@ -191,9 +191,45 @@ def presence_questions(scene: dict, n: int, pairs: int, rng: random.Random) -> l
     return out
 
 
-def sft_rows(scenes, ids, questions_by_image, per_image: int, rng: random.Random, presence_pairs: int = 0) -> list[dict]:
+def has_object(scene: dict, obj: str) -> bool:
+    """Does ``scene`` show ``obj`` ("circle" or "red circle")?"""
+    *color, shape = obj.split()
+    return scene["shape"] == shape and (not color or scene["color"] == color[0])
+
+
+def contrast_image(obj: str, answer: str, scenes: dict[int, dict], ids: list[int], rng: random.Random) -> int | None:
+    """A training image on which "Is there a ``obj``?" has the answer opposite to ``answer``.
+
+    For a yes-question about a colour + shape the image keeps one of the two (the same shape in
+    another colour, or the same colour on another shape, at random): the question is only answered
+    by reading both. A yes-question about a shape gets an image of another shape; a no-question an
+    image that shows ``obj``. None when no image in ``ids`` qualifies (tiny configs)."""
+    if answer == "no":
+        pool = [i for i in ids if has_object(scenes[i], obj)]
+    else:
+        *color, shape = obj.split()
+        if color and rng.random() < 0.5:
+            pool = [i for i in ids if scenes[i]["color"] == color[0] and scenes[i]["shape"] != shape]
+        elif color:
+            pool = [i for i in ids if scenes[i]["shape"] == shape and scenes[i]["color"] != color[0]]
+        else:
+            pool = [i for i in ids if scenes[i]["shape"] != shape]
+        pool = pool or [i for i in ids if not has_object(scenes[i], obj)]
+    return rng.choice(pool) if pool else None
+
+
+def sft_rows(scenes, ids, questions_by_image, per_image: int, rng: random.Random, presence_pairs: int = 0,
+             contrast: bool = False) -> list[dict]:
     """easy-VQA questions of the training images (``per_image`` each), ``presence_pairs``
-    balanced yes/no presence-question pairs (:func:`presence_questions`) and one description each."""
+    balanced yes/no presence-question pairs (:func:`presence_questions`) and one description each.
+
+    ``contrast`` (``vlm.data.presence_contrast``): every presence question is also asked of another
+    training image where its answer flips (:func:`contrast_image`), and an image's presence rows with
+    their contrast rows share a ``group`` (every other row is a group of its own), which the SFT
+    sampler keeps together in one batch (:class:`closedloop.vlm.vision.GroupShuffleSampler`). Within a
+    group the answers are balanced per image and per question text: neither the image alone nor the
+    question alone predicts them, so the gradient from the question text or from the image cancels
+    within the batch and what is left needs both."""
     rows = []
     for n, i in enumerate(ids):
         image = f"images/train/{i}.png"
@@ -204,13 +240,25 @@ def sft_rows(scenes, ids, questions_by_image, per_image: int, rng: random.Random
                          "source": "easy_vqa"})
         s = scenes[i]
         if presence_pairs:
+            group = []
             for obj, a, kind in presence_questions(s, n, presence_pairs, rng):
-                rows.append({"image": image, "image_id": i, "prompt": vlm.prompt(f"Is there a {obj} in the image?"),
-                             "completion": vlm.answer_text(a), "source": "presence", "kind": kind})
+                question = vlm.prompt(f"Is there a {obj} in the image?")
+                group.append({"image": image, "image_id": i, "prompt": question, "completion": vlm.answer_text(a),
+                              "source": "presence", "kind": kind})
+                if contrast and (j := contrast_image(obj, a, scenes, ids, rng)) is not None:
+                    flipped = "no" if a == "yes" else "yes"
+                    group.append({"image": f"images/train/{j}.png", "image_id": j, "prompt": question,
+                                  "completion": vlm.answer_text(flipped), "source": "presence",
+                                  "kind": f"contrast_{flipped}"})
+            rows.extend([group] if contrast else group)
         rows.append({"image": image, "image_id": i, "prompt": vlm.prompt("Describe the image."),
                      "completion": f" A {s['color']} {s['shape']}.", "source": "describe"})
     rng.shuffle(rows)
-    return rows
+    out = []
+    for g, item in enumerate(rows):  # a group's rows stay adjacent, numbered by their shuffled position
+        for r in item if isinstance(item, list) else [item]:
+            out.append({**r, "group": g} if contrast else r)
+    return out
 
 
 def build(cfg, out: Path) -> dict:
@@ -250,7 +298,8 @@ def build(cfg, out: Path) -> dict:
         (out / "images" / split).mkdir(parents=True)
         for i in ids:
             shutil.copyfile(paths[i], out / "images" / split / f"{i}.png")
-    sft = sft_rows(train_scenes, train_ids, questions_by_image, d.questions_per_image, rng, d.presence_pairs_per_image)
+    sft = sft_rows(train_scenes, train_ids, questions_by_image, d.questions_per_image, rng, d.presence_pairs_per_image,
+                   d.presence_contrast)
     pope = pope_rows(test_scenes, test_ids, popularity, rng)
     val = pope_rows(train_scenes, val_ids, popularity, rng, folder="val")
     scenes = [{"split": "train", "image_id": i, "image": f"images/train/{i}.png", **train_scenes[i]} for i in train_ids]

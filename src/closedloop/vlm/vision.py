@@ -161,6 +161,46 @@ def heldout_accuracy(tower, heads: SceneHeads, processor, data: Path) -> dict:
             "patch_color_acc": (heads.color(patches).argmax(-1) == colors[:, None]).float().mean().item()}
 
 
+class GroupShuffleSampler(torch.utils.data.Sampler):
+    """Row indices with each ``group``'s rows adjacent (so in one batch, unless a batch boundary
+    splits the group), the groups in an order shuffled per epoch from ``seed``
+    (:func:`closedloop.vlm.scenes.sft_rows`'s contrast groups). Deterministic per (seed, epoch),
+    so a requeued trainer skips the same batches it had done."""
+
+    def __init__(self, groups: list[int], seed: int):
+        members: dict[int, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        self.groups, self.seed, self.epoch = list(members.values()), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for k in order.tolist():
+            yield from self.groups[k]
+
+
+def sft_trainer_class(rows: list[dict]):
+    """TRL's ``SFTTrainer``, or for rows with a ``group`` column its subclass that batches each group
+    together (:class:`GroupShuffleSampler`)."""
+    from trl import SFTTrainer
+
+    if not rows or "group" not in rows[0]:
+        return SFTTrainer
+    groups = [r["group"] for r in rows]
+
+    class GroupedSFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return GroupShuffleSampler(groups, self.args.seed)
+
+    return GroupedSFTTrainer
+
+
 def sft_dataset(rows: list[dict], data: Path, eos: str) -> Dataset:
     ds = Dataset.from_list([{"images": [str(data / r["image"])], "prompt": r["prompt"],
                              "completion": r["completion"] + eos} for r in rows])
