@@ -83,9 +83,10 @@ def test_plan_resources_prints_each_paper_preset_against_its_gpus():
         assert tuple(table) == rows, out.stdout
         assert all(r[-2] == "80.0" for r in table.values()), out.stdout  # every stage states its GPU memory
         if preset == "mcts_ipl_mistral7b":
-            # policy + reference + grads + AdamW in bf16: 4 x 13.49 + 13.49 GiB, every DDP rank; FSDP would split it
-            assert table["dpo"][:2] == ["8", "ddp"] and table["dpo"][-1] == "NO"
-            assert table["sft"][-1] == "yes" and float(table["dpo"][-3]) < 40
+            # policy + reference + grads + AdamW in bf16: 4 x 13.49 + 13.49 GiB would be on every DDP rank
+            # (80.65 GiB, no); the preset's dpo.trainer_args.fsdp full_shard splits them over 8 GPUs
+            assert table["dpo"][:2] == ["8", "fsdp"] and float(table["dpo"][-4]) > 72 > float(table["dpo"][-3])
+            assert table["dpo"][-1] == "yes" and table["sft"][:2] == ["8", "ddp"] and table["sft"][-1] == "yes"
         else:
             assert all(r[-1] == "yes" for r in table.values()), out.stdout
 
@@ -97,3 +98,15 @@ def test_training_stages_checkpoint_gradients_as_the_estimate_assumes(tmp_path):
     cfg = config.load([ROOT / "configs" / "smoke.yaml"])
     assert training.trainer_args("sft", cfg.sft, tmp_path, 0, False).gradient_checkpointing
     assert training.trainer_args("dpo", cfg.dpo, tmp_path, 0, False).gradient_checkpointing
+
+
+def test_the_mistral_preset_hands_dpo_to_fsdp(tmp_path):
+    """The preset's dpo.trainer_args reach TRL's DPOConfig: FSDP full shard of the decoder layers with
+    FSDP's own activation checkpointing (plan-resources reads the same keys)."""
+    from closedloop import training
+
+    cfg = config.load([ROOT / "configs" / "paper" / "mcts_ipl_mistral7b.yaml"])
+    args = training.trainer_args("dpo", cfg.dpo, tmp_path, 0, False, beta=0.1)
+    assert args.fsdp and args.fsdp_config["transformer_layer_cls_to_wrap"] == ["MistralDecoderLayer"]
+    assert args.fsdp_config["reshard_after_forward"] and args.fsdp_config["activation_checkpointing"]
+    assert not args.activation_checkpointing

@@ -7,8 +7,10 @@ Training stages (sft, dpo, vlm_sft, vdpo), bytes per GPU::
     grads      T x b                  T trainable (all, or the LoRA adapter [+ VLM projector])
     optimizer  2 T x b                AdamW's two moments, in the parameters' dtype
     reference  P x b                  dpo/vdpo: the reference model the stage loads beside the policy
-    (the "FSDP" column: the four above / world size, as FSDP full_shard would split them; the
-    stages run DDP today, where every rank holds all four)
+    (the "FSDP" column: the four above / world size, as FSDP full_shard splits them; a stage runs
+    FSDP when its section's ``trainer_args`` sets transformers' ``fsdp`` (full shard: not with
+    ``fsdp_config.reshard_after_forward: false``; it hands the model to accelerate's FSDP plugin), else DDP, where every rank holds
+    all four; ``fits`` judges the one the stage runs)
     activations  rows x seq x [L h a + (12 h + 3 kv + 4 i) a + 3 V x 4]
 
 Activations assume gradient checkpointing, which TRL's SFTConfig and DPOConfig turn on by default
@@ -151,7 +153,8 @@ class Estimate:
     def fits(self) -> str:
         if not self.gpu_mem_gb:
             return "?"
-        return "yes" if self.total <= self.gpu_mem_gb * GB * 0.9 else "NO"  # 10% for CUDA context + fragmentation
+        need = self.sharded_total if self.sharding == "fsdp" else self.total
+        return "yes" if need <= self.gpu_mem_gb * GB * 0.9 else "NO"  # 10% for CUDA context + fragmentation
 
 
 TRAINING_SECTIONS = {"sft": ("sft", 1), "dpo": ("dpo", 2), "vlm_sft": ("vlm.sft", 1), "vdpo": ("vlm.vdpo", 2)}
@@ -173,7 +176,11 @@ def training(stage: str, cfg, res: dict) -> Estimate:
     seq = int(t.get("max_length") or 512) + s.image_tokens
     act = 2 if model_cfg.get("bf16_training") or b == 2 else b
     needs_reference = per_example == 2  # dpo and vdpo load a reference model beside the policy (LoRA too)
-    return Estimate(stage, world, "ddp" if world > 1 else "one device", weights=p * b, grads=trainable * b,
+    passed = t.get("trainer_args") or {}
+    fsdp = passed.get("fsdp") not in (None, False, "") and (passed.get("fsdp_config") or {}).get(
+        "reshard_after_forward", True) is not False  # transformers' fsdp: true / "full_shard ..."; not SHARD_GRAD_OP
+    sharding = ("fsdp" if fsdp else "ddp") if world > 1 else "one device"
+    return Estimate(stage, world, sharding, weights=p * b, grads=trainable * b,
                     optimizer=2 * trainable * b, reference=p * b if needs_reference else 0,
                     activations=activations(s, int(t.batch_size) * per_example, seq, act, recompute=True),
                     gpu_mem_gb=res.get("gpu_mem_gb"))
