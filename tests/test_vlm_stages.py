@@ -104,7 +104,8 @@ def test_a_cold_and_a_warm_model_cache_give_the_same_sft_model(tmp_path, monkeyp
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"],
                       [f"data_dir={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}",
                        "vlm.model.lora.enabled=true", "vlm.model.lora.r=4",  # LoRA's init draws too
-                       "vlm.sft.grounding_every=2"])  # and generation during training must not disturb it
+                       "vlm.sft.grounding_every=2",  # and generation during training must not disturb it
+                       "vlm.sft.keep_best=true"])  # nor saving the best checkpoint
     vlm_data.main(cfg)
     sft = paths.vlm_sft_dir(cfg)
     assert not (tmp_path / "cache").exists()
@@ -116,6 +117,27 @@ def test_a_cold_and_a_warm_model_cache_give_the_same_sft_model(tmp_path, monkeyp
     vlm_sft.main(cfg)  # warm
     assert artifacts.file_hashes(sft) == cold and "model/model.safetensors" in cold
     assert [r.split(",")[0] for r in (sft / "grounding_log.csv").read_text().splitlines()] == ["step", "2"]
+    selected = json.loads((sft / "stats.json").read_text())["selected"]
+    assert set(selected) == {"step", "accuracy", "flip_rate", "restored"}
+
+
+def test_keep_best_restores_the_checkpoint_the_probes_liked_best(tmp_path):
+    """vlm.sft.keep_best: the weights saved at the best check come back only when the final model
+    scores lower on the validation probes (ties keep the final model)."""
+    model = torch.nn.Linear(3, 2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    grounding.save_best(model, {"step": 4, "accuracy": 0.7, "flip_rate": 0.5}, tmp_path / "best")
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = grounding.restore_best(model, {"accuracy": 0.7, "flip_rate": 0.1}, tmp_path / "best")
+    assert kept == {"step": None, "accuracy": 0.7, "flip_rate": 0.1, "restored": False}
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+    kept = grounding.restore_best(model, {"accuracy": 0.6, "flip_rate": 0.1}, tmp_path / "best")
+    assert kept == {"step": 4, "accuracy": 0.7, "flip_rate": 0.5, "restored": True}
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+    with pytest.raises(config.ConfigError, match="vlm.sft.keep_best"):
+        config.load([ROOT / "configs" / "vlm_smoke.yaml"], ["vlm.sft.keep_best=true", "vlm.sft.grounding_every=0"])
 
 
 def test_a_cache_build_leaves_the_callers_rng_alone(tmp_path):

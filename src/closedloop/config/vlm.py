@@ -99,6 +99,10 @@ class VLMSFTConfig(TrainArgs):
     question on an image where the answer is yes and on one where it is no (validation scenes); 0 skips."""
     grounding_every: int = 0
     """Also run the check every this many SFT steps into ``grounding_log.csv`` (0: after training only)."""
+    keep_best: bool = False
+    """With ``grounding_every``: keep the weights of the check with the highest validation probe
+    accuracy (the final model included; ties: the later) instead of the last step's: presence
+    answers can swing between all-yes and all-no from one check to the next (docs/results.md)."""
     grounding_threshold: float = 0.5
     """Below this fraction of probe answers flipping with the image, stats.json and the branch
     report carry a loud warning that the SFT model answers from the text, not the image."""
@@ -208,6 +212,9 @@ def check_vlm(v) -> None:
         raise ConfigError(f"key 'vlm.sft.grounding_probes': expected an integer >= 0, got {v.sft.grounding_probes}")
     if v.sft.grounding_every < 0:
         raise ConfigError(f"key 'vlm.sft.grounding_every': expected an integer >= 0, got {v.sft.grounding_every}")
+    if v.sft.keep_best and not (v.sft.grounding_every and v.sft.grounding_probes):
+        raise ConfigError("key 'vlm.sft.keep_best': needs vlm.sft.grounding_every > 0 and vlm.sft.grounding_probes > 0 "
+                          f"(the checks it selects from), got {v.sft.grounding_every} and {v.sft.grounding_probes}")
     if not 0.0 <= v.sft.grounding_threshold <= 1.0:
         raise ConfigError(f"key 'vlm.sft.grounding_threshold': expected a number in [0, 1], got "
                           f"{v.sft.grounding_threshold}")

@@ -61,10 +61,11 @@ def main(cfg) -> None:
         resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
         callbacks = [CsvLogCallback(work / "train_log.csv", resume_step)]
         s = cfg.vlm.sft
+        best_dir = work / "best" if s.keep_best and s.grounding_every and s.grounding_probes else None
         if s.grounding_every and s.grounding_probes:
             callbacks.append(grounding.GroundingLogCallback(grounding.model_generate(model, processor, data), data,
                                                             s.grounding_probes, s.grounding_every,
-                                                            work / "grounding_log.csv", resume_step))
+                                                            work / "grounding_log.csv", resume_step, model, best_dir))
         trainer = sft_trainer_class(rows)(
             model=model, args=training.trainer_args(
                 "sft", cfg.vlm.sft, work / "trainer", cfg.seed, mcfg.bf16_training, section="vlm.sft", max_length=None,
@@ -73,6 +74,12 @@ def main(cfg) -> None:
             callbacks=callbacks,
         )
         checkpoints.train(trainer, work / "trainer", "vlm_sft")
+        selected = None
+        if best_dir is not None:  # vlm.sft.keep_best: the checkpoint the validation probes liked best
+            final = grounding.check(grounding.model_generate(trainer.model, processor, data), data, s.grounding_probes, 0.0)
+            selected = grounding.restore_best(trainer.model, final, best_dir)
+            print(f"vlm_sft: keep_best: {'step ' + str(selected['step']) if selected['restored'] else 'the final model'} "
+                  f"(validation probe accuracy {selected['accuracy']:.3f})")
         vlm.save(trainer.model, processor, out / "model", mcfg.lora.merge_after_training)
         training.save_logs(work, out)
         if (work / "grounding_log.csv").is_file():
@@ -80,7 +87,7 @@ def main(cfg) -> None:
         grounded = grounding_check(cfg, trainer.model, processor, data)
         (out / "stats.json").write_text(json.dumps(
             {"rows": len(rows), "steps": trainer.state.global_step, "vision_standardized": standardized,
-             "vision_heldout": vision_heldout, "grounding": grounded}, indent=2) + "\n")
+             "vision_heldout": vision_heldout, "grounding": grounded, "selected": selected}, indent=2) + "\n")
     checkpoints.finish(work)
     print(f"vlm_sft: {len(rows)} rows, {trainer.state.global_step} steps -> {out_dir}")
 

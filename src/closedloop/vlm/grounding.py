@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -157,12 +159,20 @@ def warning(record: dict) -> str | None:
 class GroundingLogCallback(TrainerCallback):
     """``vlm.sft.grounding_every``: the check every ``every`` SFT steps, one CSV row each (where in
     training presence answers start to depend on the image). Rows past ``resume_step`` (a requeue
-    trains them again) are dropped."""
+    trains them again) are dropped.
+
+    With ``best_dir`` (``vlm.sft.keep_best``) the model's weights at the check with the highest probe
+    accuracy so far (ties: the later) go to ``best_dir/model.safetensors`` with ``best.json``
+    (step, accuracy, flip rate); :func:`restore_best` puts them back after training when the final
+    model scores lower. Selection on the validation scenes' probes only: the held-out POPE set is
+    never seen."""
 
     HEADER = ["step", "flip_rate", "pair_accuracy", "accuracy", "yes_ratio", "what_shape", "what_color"]
 
-    def __init__(self, generate, data: Path, n: int, every: int, path: Path, resume_step: int = 0):
+    def __init__(self, generate, data: Path, n: int, every: int, path: Path, resume_step: int = 0,
+                 model=None, best_dir: Path | None = None):
         self.generate, self.data, self.n, self.every, self.path = generate, data, n, every, Path(path)
+        self.model, self.best_dir, self.best = model, best_dir, None
         rows = []
         if resume_step and self.path.is_file():
             with open(self.path, newline="") as fh:
@@ -170,6 +180,9 @@ class GroundingLogCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="") as fh:
             csv.writer(fh).writerows([self.HEADER, *rows])
+        if best_dir is not None and (Path(best_dir) / "best.json").is_file():
+            best = json.loads((Path(best_dir) / "best.json").read_text())
+            self.best = best if best["step"] <= resume_step else None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 and state.is_world_process_zero:
@@ -178,3 +191,31 @@ class GroundingLogCallback(TrainerCallback):
             with open(self.path, "a", newline="") as fh:
                 csv.writer(fh).writerow([state.global_step, r["flip_rate"], r["pair_accuracy"], r["accuracy"],
                                          r["yes_ratio"], sq["what_shape"], sq["what_color"]])
+            if self.best_dir is not None and r["accuracy"] is not None and (
+                    self.best is None or r["accuracy"] >= self.best["accuracy"]):
+                self.best = {"step": state.global_step, "accuracy": r["accuracy"], "flip_rate": r["flip_rate"]}
+                save_best(self.model, self.best, Path(self.best_dir))
+
+
+def save_best(model, best: dict, best_dir: Path) -> None:
+    """The weights and ``best.json``, each by atomic rename (a kill leaves the previous best whole)."""
+    from safetensors.torch import save_model
+
+    best_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(best_dir / "model.safetensors.tmp"))
+    os.replace(best_dir / "model.safetensors.tmp", best_dir / "model.safetensors")
+    with artifacts.atomic_file(best_dir / "best.json") as fh:
+        fh.write(json.dumps(best))
+
+
+def restore_best(model, final: dict, best_dir: Path) -> dict:
+    """After training: load the kept weights into ``model`` when their probe accuracy beats the final
+    model's (``final``, a :func:`check` record); returns ``{"step", "accuracy", "flip_rate", "restored"}``."""
+    from safetensors.torch import load_model
+
+    best_json = best_dir / "best.json"
+    best = json.loads(best_json.read_text()) if best_json.is_file() else None
+    if best is None or final["accuracy"] is None or best["accuracy"] <= final["accuracy"]:
+        return {"step": None, "accuracy": final["accuracy"], "flip_rate": final["flip_rate"], "restored": False}
+    load_model(model, str(best_dir / "model.safetensors"))
+    return {**best, "restored": True}
