@@ -33,7 +33,7 @@ def test_the_branch_runs_end_to_end(tmp_path):
     vlm_sft.main(cfg)
     sft = paths.vlm_sft_dir(cfg)
     assert {p.name for p in sft.iterdir()} == {"config.yaml", "provenance.json", "model", "train_log.csv",
-                                               "vision_log.csv", "heads.safetensors", "stats.json"}
+                                               "vision_log.csv", "heads.safetensors", "stats.json", "grounding_log.csv"}
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (sft / "model").iterdir())
     vision_log = (sft / "vision_log.csv").read_text().splitlines()
     assert vision_log[0] == "step,loss,shape_acc,color_acc" and len(vision_log) == 1 + 5

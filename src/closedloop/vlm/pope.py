@@ -203,6 +203,12 @@ def render_report(cfg) -> str:
             lines.append(f"| SFT | {100 * v['accuracy']:.1f} | {100 * v['f1']:.1f} | {100 * v['yes_ratio']:.1f} | {v['n']} |")
         lines += [f"| {r['gamma']:g} | {100 * r['val']['accuracy']:.1f} | {100 * r['val']['f1']:.1f} | "
                   f"{100 * r['val']['yes_ratio']:.1f} | {r['val']['n']} |" for r in sel["table"]]
+        chosen = next(r for r in sel["table"] if r["gamma"] == sel["chosen"])
+        if "sft" in sel and chosen["val"]["accuracy"] < sel["sft"]["accuracy"] - 0.02:
+            lines += ["", f"> **WARNING: V-DPO's validation accuracy ({100 * chosen['val']['accuracy']:.1f}) is more "
+                          f"than 2 points below the SFT model's ({100 * sel['sft']['accuracy']:.1f}): the preference "
+                          "step made the model worse on the validation questions (lower vlm.vdpo.learning_rate or "
+                          "raise vlm.vdpo.nll_weight).**"]
         if sel.get("all_degenerate"):
             lines += ["", "> **WARNING: every γ gave an all-yes or all-no model on the validation questions; the "
                           "V-DPO row above is a degenerate model, kept for want of a better one.**"]

@@ -44,26 +44,6 @@ class SceneHeads(torch.nn.Module):
         features = vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:].max(dim=1).values
         return self.shape(features), self.color(features)
 
-    def loss(self, vision_tower, pixel_values, shapes, colors, per_patch: bool):
-        """(loss, shape logits, colour logits) of the vision phase: the shape + colour cross-entropy
-        of the max-pooled logits and, with ``per_patch`` (``vlm.sft.vision_patch_loss``), plus the
-        mean over patch tokens of each patch's own shape + colour cross-entropy.
-
-        The per-patch term makes every image token carry the scene, not only the few the object
-        covers: the language model can then read the shape from any image token it attends to,
-        where max-pooled features leave it to learn a max over patches through attention (2 of 3
-        seeds had not within 1000 SFT steps, docs/results.md)."""
-        ce = torch.nn.functional.cross_entropy
-        patches = vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
-        pooled = patches.max(dim=1).values
-        shape_logits, color_logits = self.shape(pooled), self.color(pooled)
-        loss = ce(shape_logits, shapes) + ce(color_logits, colors)
-        if per_patch:
-            n = patches.shape[1]
-            loss = loss + (ce(self.shape(patches).flatten(0, 1), shapes.repeat_interleave(n))
-                           + ce(self.color(patches).flatten(0, 1), colors.repeat_interleave(n)))
-        return loss, shape_logits, color_logits
-
 
 def pixel_values(processor, image_paths: list[Path]) -> torch.Tensor:
     images = [load_rgb(p) for p in image_paths]
@@ -98,8 +78,9 @@ def pretrain_vision(model, processor, cfg, data: Path, log_path: Path) -> SceneH
         log.writerow(["step", "loss", "shape_acc", "color_acc"])
         for step in range(1, s.vision_pretrain_steps + 1):
             idx = torch.randint(0, len(scenes), (s.batch_size * 2,), generator=gen)
-            loss, shape_logits, color_logits = heads.loss(tower, pixels[idx], shapes[idx], colors[idx],
-                                                          s.vision_patch_loss)
+            shape_logits, color_logits = heads(tower, pixels[idx])
+            loss = (torch.nn.functional.cross_entropy(shape_logits, shapes[idx])
+                    + torch.nn.functional.cross_entropy(color_logits, colors[idx]))
             optim.zero_grad()
             loss.backward()
             optim.step()
