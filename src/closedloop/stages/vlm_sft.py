@@ -61,7 +61,7 @@ def main(cfg) -> None:
         resume_step = checkpoints.step_of(checkpoints.latest(work / "trainer"))
         callbacks = [CsvLogCallback(work / "train_log.csv", resume_step)]
         s = cfg.vlm.sft
-        best_dir = work / "best" if s.keep_best else None  # the config refuses keep_best without the checks
+        best_dir = work / "best" if s.keep_best and s.grounding_every and s.grounding_probes else None
         if s.grounding_every and s.grounding_probes:
             callbacks.append(grounding.GroundingLogCallback(grounding.model_generate(model, processor, data), data,
                                                             s.grounding_probes, s.grounding_every,
@@ -74,10 +74,9 @@ def main(cfg) -> None:
             callbacks=callbacks,
         )
         checkpoints.train(trainer, work / "trainer", "vlm_sft")
-        selected = final = None
+        selected = None
         if best_dir is not None:  # vlm.sft.keep_best: the checkpoint the validation probes liked best
-            final = grounding.check(grounding.model_generate(trainer.model, processor, data), data, s.grounding_probes,
-                                    s.grounding_threshold)
+            final = grounding.check(grounding.model_generate(trainer.model, processor, data), data, s.grounding_probes, 0.0)
             selected = grounding.restore_best(trainer.model, final, best_dir)
             print(f"vlm_sft: keep_best: {'step ' + str(selected['step']) if selected['restored'] else 'the final model'} "
                   f"(validation probe accuracy {selected['accuracy']:.3f})")
@@ -85,8 +84,7 @@ def main(cfg) -> None:
         training.save_logs(work, out)
         if (work / "grounding_log.csv").is_file():
             shutil.copyfile(work / "grounding_log.csv", out / "grounding_log.csv")
-        grounded = grounding_check(cfg, trainer.model, processor, data,
-                                   None if selected and selected["restored"] else final)
+        grounded = grounding_check(cfg, trainer.model, processor, data)
         (out / "stats.json").write_text(json.dumps(
             {"rows": len(rows), "steps": trainer.state.global_step, "vision_standardized": standardized,
              "vision_heldout": vision_heldout, "grounding": grounded, "selected": selected}, indent=2) + "\n")
@@ -94,16 +92,13 @@ def main(cfg) -> None:
     print(f"vlm_sft: {len(rows)} rows, {trainer.state.global_step} steps -> {out_dir}")
 
 
-def grounding_check(cfg, model, processor, data, record: dict | None = None) -> dict | None:
+def grounding_check(cfg, model, processor, data) -> dict | None:
     """:mod:`closedloop.vlm.grounding` on the trained model (``vlm.sft.grounding_probes`` pairs; 0: None),
-    with a loud warning in the log below ``vlm.sft.grounding_threshold``; ``record``: the check already
-    run on this very model (keep_best's of the final model), not run again."""
+    with a loud warning in the log below ``vlm.sft.grounding_threshold``."""
     s = cfg.vlm.sft
     if s.grounding_probes == 0:
         return None
-    if record is None:
-        record = grounding.check(grounding.model_generate(model, processor, data), data, s.grounding_probes,
-                                 s.grounding_threshold)
+    record = grounding.check(grounding.model_generate(model, processor, data), data, s.grounding_probes, s.grounding_threshold)
     rate = "n/a" if record["flip_rate"] is None else f"{100 * record['flip_rate']:.1f}%"
     print(f"vlm_sft: grounding check: {rate} of {record['n_pairs']} presence answers flip with the image")
     if (text := grounding.warning(record)) is not None:
