@@ -41,6 +41,14 @@ def test_the_branch_runs_end_to_end(tmp_path):
     trained = load_file(sft / "model" / "model.safetensors")
     assert not torch.equal(base["vision_tower.embeddings.patch_embedding.weight"],
                            trained["vision_tower.embeddings.patch_embedding.weight"])
+    stats = json.loads((sft / "stats.json").read_text())  # vlm.sft.restart_below: a new seed while below it
+    attempts = stats["attempts"]
+    assert [a["seed"] for a in attempts] == [cfg.seed + 1000 * k for k in range(len(attempts))]
+    assert all(a["validation"]["n"] == 4 * 2 * 3 and a["steps"] == 3 for a in attempts)
+    assert all(a["validation"]["accuracy"] < 0.8 for a in attempts[:-1])
+    assert len(attempts) == 2 or attempts[-1]["validation"]["accuracy"] >= 0.8
+    kept = max(attempts, key=lambda a: a["validation"]["accuracy"])  # ties: the earlier attempt
+    assert stats["kept_attempt"] == kept["attempt"] and stats["validation"] == kept["validation"]
 
     vdpo_pairs.main(cfg)
     rows = artifacts.read_jsonl(paths.vdpo_pairs_dir(cfg) / "pairs.jsonl")
@@ -64,6 +72,7 @@ def test_the_branch_runs_end_to_end(tmp_path):
             assert [r["gamma"] for r in selection["table"]] == [0.75, 0.5]
             assert all(r["val"]["n"] == 4 * 2 * 3 for r in selection["table"]) and selection["sft"]["n"] == 4 * 2 * 3
             assert selection["chosen"] == stats["gamma"] == vdpo_lib.best_gamma(selection["table"])["gamma"]
+            assert selection["sft"] == kept["validation"]  # the saved SFT model is the kept attempt
             assert selection["all_degenerate"] == all(vdpo_lib.degenerate(r["val"]) for r in selection["table"])
             assert all((paths.vdpo_dir(cfg, variant) / "gamma" / f"{g:g}" / "train_log.csv").is_file()
                        for g in (0.75, 0.5))

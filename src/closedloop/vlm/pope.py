@@ -170,6 +170,11 @@ def grounding_lines(sft_stats: Path) -> list[str]:
     lines += ["", f"Same validation scenes: SFT model on \"What shape is in the image?\" {pct(sq.get('what_shape'))}%, "
                   f"\"What color is the shape?\" {pct(sq.get('what_color'))}%; vision tower + heads before SFT: "
                   f"shape {pct(vision.get('shape_acc'))}%, colour {pct(vision.get('color_acc'))}%."]
+    attempts = sft.get("attempts") or []
+    if len(attempts) > 1:  # vlm.sft.restart_below
+        lines += ["", f"SFT was restarted {len(attempts) - 1} time(s) with a new seed (validation accuracy below "
+                      f"vlm.sft.restart_below); kept attempt {sft['kept_attempt']}: "
+                  + ", ".join(f"seed {a['seed']} {pct(a['validation']['accuracy'])}%" for a in attempts) + "."]
     return lines
 
 
