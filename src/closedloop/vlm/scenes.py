@@ -197,25 +197,33 @@ def has_object(scene: dict, obj: str) -> bool:
     return scene["shape"] == shape and (not color or scene["color"] == color[0])
 
 
-def contrast_image(obj: str, answer: str, scenes: dict[int, dict], ids: list[int], rng: random.Random) -> int | None:
+def contrast_image(obj: str, answer: str, scenes: dict[int, dict], ids: list[int], rng: random.Random,
+                   pools: dict | None = None) -> int | None:
     """A training image on which "Is there a ``obj``?" has the answer opposite to ``answer``.
 
     For a yes-question about a colour + shape the image keeps one of the two (the same shape in
     another colour, or the same colour on another shape, at random): the question is only answered
     by reading both. A yes-question about a shape gets an image of another shape; a no-question an
-    image that shows ``obj``. None when no image in ``ids`` qualifies (tiny configs)."""
+    image that shows ``obj``. None when no image in ``ids`` qualifies (tiny configs). ``pools``: a
+    dict the caller keeps across calls, so each candidate list is built from ``ids`` once."""
+    *color, shape = obj.split()
     if answer == "no":
-        pool = [i for i in ids if has_object(scenes[i], obj)]
+        key = ("shows", obj)
+    elif color:
+        key = ("same_color", obj) if rng.random() < 0.5 else ("same_shape", obj)
     else:
-        *color, shape = obj.split()
-        if color and rng.random() < 0.5:
-            pool = [i for i in ids if scenes[i]["color"] == color[0] and scenes[i]["shape"] != shape]
-        elif color:
-            pool = [i for i in ids if scenes[i]["shape"] == shape and scenes[i]["color"] != color[0]]
-        else:
-            pool = [i for i in ids if scenes[i]["shape"] != shape]
-        pool = pool or [i for i in ids if not has_object(scenes[i], obj)]
-    return rng.choice(pool) if pool else None
+        key = ("other_shape", obj)
+    pools = {} if pools is None else pools
+    if key not in pools:
+        keep = {"shows": lambda sc: has_object(sc, obj),
+                "same_color": lambda sc: sc["color"] == color[0] and sc["shape"] != shape,
+                "same_shape": lambda sc: sc["shape"] == shape and sc["color"] != color[0],
+                "other_shape": lambda sc: sc["shape"] != shape}[key[0]]
+        pool = [i for i in ids if keep(scenes[i])]
+        if answer == "yes" and not pool:
+            pool = [i for i in ids if not has_object(scenes[i], obj)]
+        pools[key] = pool
+    return rng.choice(pools[key]) if pools[key] else None
 
 
 def sft_rows(scenes, ids, questions_by_image, per_image: int, rng: random.Random, presence_pairs: int = 0,
@@ -230,7 +238,7 @@ def sft_rows(scenes, ids, questions_by_image, per_image: int, rng: random.Random
     group the answers are balanced per image and per question text: neither the image alone nor the
     question alone predicts them, so the gradient from the question text or from the image cancels
     within the batch and what is left needs both."""
-    rows = []
+    rows, pools = [], {}
     for n, i in enumerate(ids):
         image = f"images/train/{i}.png"
         qs = list(questions_by_image[i])
@@ -245,7 +253,7 @@ def sft_rows(scenes, ids, questions_by_image, per_image: int, rng: random.Random
                 question = vlm.prompt(f"Is there a {obj} in the image?")
                 group.append({"image": image, "image_id": i, "prompt": question, "completion": vlm.answer_text(a),
                               "source": "presence", "kind": kind})
-                if contrast and (j := contrast_image(obj, a, scenes, ids, rng)) is not None:
+                if contrast and (j := contrast_image(obj, a, scenes, ids, rng, pools)) is not None:
                     flipped = "no" if a == "yes" else "yes"
                     group.append({"image": f"images/train/{j}.png", "image_id": j, "prompt": question,
                                   "completion": vlm.answer_text(flipped), "source": "presence",
