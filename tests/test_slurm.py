@@ -105,7 +105,7 @@ def test_smoke_dag_through_the_slurm_profile_equals_the_local_run(slurm, smoke_l
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "Using profile slurm" in run.stderr and "closedloop: sft: submitted Slurm job" in run.stdout + run.stderr
 
-    deadline = time.time() + 60
+    deadline = time.time() + 240
     while True:  # slurmdbd may record the last job's end a moment after its result file appeared
         rows = sacct_rows(since, "cltest")
         if all(r["state"] not in ("RUNNING", "COMPLETING", "PENDING") for r in rows) or time.time() > deadline:
@@ -179,7 +179,7 @@ def test_requeued_training_resumes_from_its_checkpoint(slurm, tmp_path):
     assert logged == list(range(1, steps + 1))
     assert (out / "model" / "model.safetensors").is_file()
     assert not list(out.parent.glob(".sft.tmp-*")) and not list(out.parent.glob(".work/sft-*"))
-    deadline = time.time() + 60
+    deadline = time.time() + 240
     while True:  # the CLI sees the result file before slurmdbd has recorded the job's end
         states = subprocess.run(["sacct", "-j", job, "-X", "-n", "-D", "-o", "State"], capture_output=True,
                                 text=True).stdout.split()
@@ -362,21 +362,25 @@ def test_waiters_of_one_run_share_one_sacct_call_per_interval(slurm, tmp_path):
     os.environ["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{old_path}"
     try:
         poller = slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10)
-        deadline = time.time() + 60
-        held = slurm_jobs.JobState("PENDING", "JobHeldUser")
-        while any(s != held for s in poller.states(ids, force=True).values()):  # slurmdbd lags sbatch
-            assert time.time() < deadline
-            time.sleep(0.5)
+        # slurmdbd lags sbatch, by minutes on a loaded CI machine (a 60 s wait here failed CI once); the
+        # pending reason is the controller's to update, so only the state is compared below
+        deadline = time.time() + 240
+        while True:
+            states = poller.states(ids, force=True)
+            if all(s.state == "PENDING" for s in states.values()):
+                break
+            assert time.time() < deadline, f"sacct did not show the held jobs {ids} as PENDING in 240 s: {states}"
+            time.sleep(1)
         time.sleep(10.1)  # the cache is stale now
         calls.write_text("")
         seen = [slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10).states(ids) for _ in range(6)]
         assert calls.read_text().count("x") == 1
-        assert all(s[i] == held for s in seen for i in ids), seen
+        assert all(s[i].state == "PENDING" for s in seen for i in ids), seen
         subprocess.run(["scancel", *ids], check=True)
-        deadline = time.time() + 30
-        while slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10).states(ids, force=True)[ids[0]].active:
-            assert time.time() < deadline
-            time.sleep(0.5)
+        deadline = time.time() + 240
+        while (state := slurm_jobs.SharedPoller(tmp_path / "logs", max_age_s=10).states(ids, force=True)[ids[0]]).active:
+            assert time.time() < deadline, f"sacct still shows cancelled job {ids[0]} as {state} after 240 s"
+            time.sleep(1)
     finally:
         os.environ["PATH"] = old_path
         subprocess.run(["scancel", *ids], check=False)
