@@ -370,6 +370,8 @@ def test_lora_vdpo_runs_with_the_guided_hook(tmp_path):
     ("vlm.model.kind=gpt", "vlm.model.kind"),
     ("vlm.sft.grounding_threshold=2", "vlm.sft.grounding_threshold"),
     ("vlm.sft.grounding_probes=-1", "vlm.sft.grounding_probes"),
+    ("vlm.sft.restart_below=1.5", "vlm.sft.restart_below"),
+    ("vlm.sft.restarts=-1", "vlm.sft.restarts"),
 ])
 def test_bad_vlm_config_names_the_key(override, key):
     with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
