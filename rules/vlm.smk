@@ -33,7 +33,7 @@ rule vlm_sft:
     params:
         cfg=view_json("vlm_sft", model=vlm_text_backbone_model()),
         base_model=json.dumps(sources.vlm_text_backbone(CFG.vlm.model), sort_keys=True),
-    threads: 8  # capped at --cores by Snakemake
+    threads: CFG.vlm.sft.cpu_threads or 8  # capped at --cores by Snakemake
     conda:
         "../workflow/envs/closedloop.yaml"
     log:

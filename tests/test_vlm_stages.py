@@ -30,8 +30,11 @@ def test_the_branch_runs_end_to_end(tmp_path):
     cfg = config.load([ROOT / "configs" / "vlm_smoke.yaml"],
                       [f"data_dir={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}"])
     vlm_data.main(cfg)
+    threads = torch.get_num_threads()
     vlm_sft.main(cfg)
     sft = paths.vlm_sft_dir(cfg)
+    assert json.loads((sft / "stats.json").read_text())["torch_threads"] == cfg.vlm.sft.cpu_threads == 1
+    assert torch.get_num_threads() == threads  # the caller's count comes back
     assert {p.name for p in sft.iterdir()} == {"config.yaml", "provenance.json", "model", "train_log.csv",
                                                "vision_log.csv", "heads.safetensors", "stats.json", "grounding_log.csv"}
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (sft / "model").iterdir())
@@ -372,6 +375,7 @@ def test_lora_vdpo_runs_with_the_guided_hook(tmp_path):
     ("vlm.sft.grounding_probes=-1", "vlm.sft.grounding_probes"),
     ("vlm.sft.restart_below=1.5", "vlm.sft.restart_below"),
     ("vlm.sft.restarts=-1", "vlm.sft.restarts"),
+    ("vlm.sft.cpu_threads=-2", "vlm.sft.cpu_threads"),
 ])
 def test_bad_vlm_config_names_the_key(override, key):
     with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):

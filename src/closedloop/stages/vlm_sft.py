@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 
+import torch
 from safetensors.torch import save_file
 from transformers import set_seed
 
@@ -42,10 +43,21 @@ RESTART_SEED_STRIDE = 1000
 
 
 def main(cfg) -> None:
-    """Fine-tune the configured LLaVA on the easy-VQA SFT rows of ``vlm_data``.
+    """Fine-tune the configured LLaVA on the easy-VQA SFT rows of ``vlm_data``, on
+    ``vlm.sft.cpu_threads`` torch threads (the summation order decides whether SFT grounds).
 
     Resumable after a requeue: the model after the vision phase and the SFT checkpoints live in
     a work dir keyed by the config view (:mod:`closedloop.checkpoints`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.vlm.sft.cpu_threads or threads)
+    try:
+        fine_tune(cfg)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (tests) keeps its own
+
+
+def fine_tune(cfg) -> None:
+    """:func:`main` (SPEC §4's SFT model) on the threads it set."""
     set_seed(cfg.seed)
     data, out_dir, mcfg = paths.vlm_data_dir(cfg), paths.vlm_sft_dir(cfg), cfg.vlm.model
     rows = artifacts.read_jsonl(data / "sft.jsonl")
@@ -92,7 +104,8 @@ def main(cfg) -> None:
         (out / "stats.json").write_text(json.dumps(
             {"rows": len(rows), "steps": trainer.state.global_step, "vision_standardized": standardized,
              "vision_heldout": vision_heldout, "grounding": grounded, "selected": record["selected"],
-             "validation": record["validation"], "attempts": attempts, "kept_attempt": record["attempt"]},
+             "validation": record["validation"], "attempts": attempts, "kept_attempt": record["attempt"],
+             "torch_threads": torch.get_num_threads()},
             indent=2) + "\n")
     checkpoints.finish(work)
     print(f"vlm_sft: {len(rows)} rows, {trainer.state.global_step} steps -> {out_dir}")
