@@ -73,7 +73,8 @@ class SharedPoller:
     ``folder`` is the run's submitit folder (``logs/slurm``). Each waiter registers its ids
     under ``.inflight/`` (touched at every poll); :meth:`states` returns the cached states
     when the cache is younger than ``max_age_s``, else refreshes it under an exclusive
-    ``flock`` with one ``sacct`` call over all registered ids (ids not touched for
+    ``flock`` with one ``sacct`` call over all registered ids (plus one ``squeue`` for the jobs
+    sacct lists as pending or not yet: their live state and reason; ids not touched for
     ``3 * max_age_s + 60`` s, e.g. of a killed waiter, are dropped). A job submitted since
     the last refresh reads ``UNKNOWN`` (still waiting) until the next one: twenty waiters
     that submit within one interval cost one ``sacct`` call, not twenty.
@@ -125,6 +126,13 @@ class SharedPoller:
         if ids:
             out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Reason", "-j", ",".join(sorted(ids))])
             states = parse_sacct(out)
+            # slurmdbd records a new job and its pending reason late (minutes on a loaded machine): the
+            # controller's squeue has them now, for jobs sacct lists as pending or not at all
+            ask = sorted({j.split("_")[0] for j in ids if j not in states or states[j].state == "PENDING"}
+                         | {j.split("_")[0] for j, s in states.items() if s.state == "PENDING"})
+            if ask:
+                live = parse_sacct(_run(["squeue", "-h", "-j", ",".join(ask), "-o", "%i|%T|%r"]))
+                states.update({j: s for j, s in live.items() if j not in states or states[j].state == "PENDING"})
         blob = {"time": time.time(), "states": {j: [s.state, s.reason] for j, s in states.items()}}
         # stamped when sacct answered: a slow controller does not make the next waiter refresh at once
         tmp = self.folder / f"{CACHE}.tmp-{os.getpid()}"
