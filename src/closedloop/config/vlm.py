@@ -227,22 +227,13 @@ def check_vlm(v) -> None:
     if v.data.presence_pairs_per_image not in (0, 1, 2):
         raise ConfigError(f"key 'vlm.data.presence_pairs_per_image': expected 0, 1 or 2, got "
                           f"{v.data.presence_pairs_per_image}")
-    if v.sft.grounding_probes < 0:
-        raise ConfigError(f"key 'vlm.sft.grounding_probes': expected an integer >= 0, got {v.sft.grounding_probes}")
-    if v.sft.grounding_every < 0:
-        raise ConfigError(f"key 'vlm.sft.grounding_every': expected an integer >= 0, got {v.sft.grounding_every}")
+    for key in ("grounding_probes", "grounding_every", "cpu_threads", "restarts"):
+        check_range(f"vlm.sft.{key}", v.sft[key], 0)
+    for key in ("restart_below", "grounding_threshold"):
+        check_range(f"vlm.sft.{key}", v.sft[key], 0, 1)
     if v.sft.keep_best and not (v.sft.grounding_every and v.sft.grounding_probes):
         raise ConfigError("key 'vlm.sft.keep_best': needs vlm.sft.grounding_every > 0 and vlm.sft.grounding_probes > 0 "
                           f"(the checks it selects from), got {v.sft.grounding_every} and {v.sft.grounding_probes}")
-    if not 0.0 <= v.sft.restart_below <= 1.0:
-        raise ConfigError(f"key 'vlm.sft.restart_below': expected a number in [0, 1], got {v.sft.restart_below}")
-    if v.sft.cpu_threads < 0:
-        raise ConfigError(f"key 'vlm.sft.cpu_threads': expected an integer >= 0, got {v.sft.cpu_threads}")
-    if v.sft.restarts < 0:
-        raise ConfigError(f"key 'vlm.sft.restarts': expected an integer >= 0, got {v.sft.restarts}")
-    if not 0.0 <= v.sft.grounding_threshold <= 1.0:
-        raise ConfigError(f"key 'vlm.sft.grounding_threshold': expected a number in [0, 1], got "
-                          f"{v.sft.grounding_threshold}")
     if v.pairs.n_response + v.pairs.n_image < 1:
         raise ConfigError("keys 'vlm.pairs.n_response' + 'vlm.pairs.n_image': expected at least one pair")
 
