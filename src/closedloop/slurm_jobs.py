@@ -128,8 +128,7 @@ class SharedPoller:
             states = parse_sacct(out)
             # slurmdbd records a new job and its pending reason late (minutes on a loaded machine): the
             # controller's squeue has them now, for jobs sacct lists as pending or not at all
-            ask = sorted({j.split("_")[0] for j in ids if j not in states or states[j].state == "PENDING"}
-                         | {j.split("_")[0] for j, s in states.items() if s.state == "PENDING"})
+            ask = sorted({j.split("_")[0] for j in {*ids, *states} if j not in states or states[j].state == "PENDING"})
             if ask:
                 live = parse_sacct(_run(["squeue", "-h", "-j", ",".join(ask), "-o", "%i|%T|%r"]))
                 states.update({j: s for j, s in live.items() if j not in states or states[j].state == "PENDING"})
