@@ -4,7 +4,7 @@
 #   snakemake --cores 2 --configfile configs/smoke.yaml   # the smoke config (tests)
 #   snakemake --cores 2 vdpo_all                          # one family alone: vdpo_all, coral_all, vlcot_all
 #   snakemake --cores 2 --config 'families=[loop]'        # `all` covers every family in `families`
-#   snakemake --cores 2 --config 'seeds=[0,1,2]'          # the loop per seed + a report over seeds
+#   snakemake --cores 2 --config 'seeds=[0,1,2]'          # the loop (and V-DPO) per seed + reports over seeds
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -28,9 +28,9 @@ else:
     include: "rules/mcts.smk"
     include: "rules/dpo.smk"
     include: "rules/report.smk"
+    include: "rules/vlm.smk"  # V-DPO (SPEC §4): in `all` with `families: [.., vlm]`, or `snakemake vdpo_all`
 
 
-include: "rules/vlm.smk"  # V-DPO (SPEC §4): in `all` with `families: [.., vlm]`, or `snakemake vdpo_all`
 include: "rules/vlcot.smk"  # VL-CoT (SPEC §6): `families: [.., vlcot]`, or `snakemake vlcot_all`
 include: "rules/coral.smk"  # COrAL (SPEC §5): `families: [.., coral]`, or `snakemake coral_all`
 

@@ -16,6 +16,24 @@ rule data:
         "closedloop run-stage data --config-yaml {params.cfg:q} job.task={wildcards.task:q} --log {log:q}"
 
 
+# The V-DPO branch's data (SPEC §4), built once with the experiment's seed and shared by every seed
+# under `seeds` (like the tasks' data above); its training rules are in rules/vlm.smk.
+rule vlm_data:
+    output:
+        directory(str(paths.vlm_data_dir(CFG))),
+    params:
+        cfg=view_json("vlm_data"),
+        source=json.dumps(sources.vlm_data(), sort_keys=True),
+    conda:
+        "../workflow/envs/closedloop.yaml"
+    log:
+        str(LOGS / "vlm" / "vlm_data.log"),
+    benchmark:
+        str(LOGS / "vlm" / "vlm_data.benchmark.tsv")
+    shell:
+        "closedloop run-stage vlm_data --config-yaml {params.cfg:q} --log {log:q}"
+
+
 # One .dvc file per experiment (data/<experiment>.dvc): each data job re-adds its experiment's
 # data dir when it finishes; this makes the file a target of the DAG. Experiments never share it.
 rule track_data:

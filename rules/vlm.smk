@@ -1,27 +1,12 @@
-# V-DPO branch (SPEC §4): vlm_data -> vlm_sft -> vdpo_pairs -> {vdpo, dpo} -> pope -> vlm_report.
+# V-DPO branch (SPEC §4): vlm_data (rules/data.smk) -> vlm_sft -> vdpo_pairs -> {vdpo, dpo} -> pope -> vlm_report.
 # In `all` when `families` has vlm; alone: `snakemake --cores 2 vdpo_all`. Outputs under
 # results/<experiment>/vlm/. Each job gets only the vlm subsections it depends on (the stage table's
 # sections), so the LLM experiment is untouched, unless `vlm.model.text_backbone: loop_policy` builds
-# the VLM on the closed loop's last policy (SFT -> MCTS -> DPO_k -> V-DPO in one DAG).
+# the VLM on the closed loop's last policy (SFT -> MCTS -> DPO_k -> V-DPO in one DAG). Under `seeds`
+# these rules run once per seed (rules/seed_run.smk) on the one shared vlm_data.
 
 
 VLM_LOGS = LOGS / "vlm"
-
-
-rule vlm_data:
-    output:
-        directory(str(paths.vlm_data_dir(CFG))),
-    params:
-        cfg=view_json("vlm_data"),
-        source=json.dumps(sources.vlm_data(), sort_keys=True),
-    conda:
-        "../workflow/envs/closedloop.yaml"
-    log:
-        str(VLM_LOGS / "vlm_data.log"),
-    benchmark:
-        str(VLM_LOGS / "vlm_data.benchmark.tsv")
-    shell:
-        "closedloop run-stage vlm_data --config-yaml {params.cfg:q} --log {log:q}"
 
 
 rule vlm_sft:

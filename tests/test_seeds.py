@@ -93,3 +93,49 @@ def test_efficacy_preset_runs_three_seeds_with_more_search_than_the_default():
     assert list(eff.seeds) == [0, 1, 2]
     assert eff.mcts.n_prompts > default.mcts.n_prompts and eff.loop.iterations > default.loop.iterations
     assert sorted(eff.loop.ablations) == sorted(config.ABLATIONS)  # equal budgets: one loop config for all
+
+
+def test_vdpo_report_over_seeds_on_hand_made_predictions(tmp_path):
+    """The V-DPO branch over seeds (issue 22 part 5): per-seed metrics with mean ± sd, V-DPO's paired
+    gain over its own seed's SFT model (the same hand-made table as the loop's), each seed's SFT record."""
+    from closedloop import config
+    from closedloop.vlm import seeds as vlm_seeds
+    from closedloop.vlm.scenes import SPLITS
+
+    root = paths.Path(__file__).resolve().parents[1]
+    cfg = config.load([root / "configs" / "vlm_smoke.yaml"],
+                      [f"data_dir={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}", "seeds=[0, 1]"])
+    cfg.vlm.pope.models = ["sft", "vdpo"]
+    labels = ["yes", "no", "yes"]  # q0..q2; a correct answer is the label, a wrong one the other word
+    for s in (0, 1):
+        seed_cfg = paths.for_seed(cfg, s)
+        for tag, table in {"sft": BASE, "vdpo": MODEL}.items():
+            out = paths.pope_dir(seed_cfg, tag)
+            out.mkdir(parents=True)
+            rows = [{"id": f"q{i}", "label": labels[i],
+                     "answer": labels[i] if table[s][i] else {"yes": "no", "no": "yes"}[labels[i]]} for i in (1, 2, 0)]
+            with open(out / "predictions.jsonl", "w") as fh:
+                artifacts.write_jsonl(fh, rows)
+            acc = float(table[s].mean())
+            metrics = {"all": {"accuracy": acc, "f1": acc / 2, "yes_ratio": 0.5 + s / 10},
+                       "splits": {split: {"accuracy": acc} for split in SPLITS}}
+            (out / "metrics.json").write_text(json.dumps(metrics))
+        sft = paths.vlm_sft_dir(seed_cfg)
+        sft.mkdir(parents=True)
+        record = {"attempts": [{"seed": s}, {"seed": s + 1000}][: s + 1], "kept_attempt": s,
+                  "validation": {"accuracy": 0.8 + s / 100}, "grounding": {"flip_rate": 0.9, "passed": True}}
+        (sft / "stats.json").write_text(json.dumps(record))
+    agg = json.loads(json.dumps(vlm_seeds.aggregate(cfg)))
+    assert agg["metrics"]["sft"]["accuracy"]["per_seed"] == pytest.approx({"0": 1 / 3, "1": 2 / 3})
+    assert agg["metrics"]["sft"]["accuracy"]["sd"] == pytest.approx(np.std([1 / 3, 2 / 3], ddof=1))
+    assert agg["metrics"]["vdpo"]["yes_ratio"]["mean"] == pytest.approx(0.55)
+    assert agg["metrics"]["vdpo"]["adversarial/accuracy"]["mean"] == pytest.approx(2 / 3)
+    gain = agg["gain_over_sft"]["vdpo"]
+    assert gain["gain"] == pytest.approx(1 / 6) and (gain["gained"], gain["lost"]) == (2, 1)
+    assert gain["per_seed"] == pytest.approx([1 / 3, 0.0]) and "sft" not in agg["gain_over_sft"]
+    assert agg["sft"]["1"] == {"attempts": 2, "kept_attempt": 1, "validation_accuracy": 0.81,
+                               "grounding_flip_rate": 0.9, "grounding_passed": True}
+    md = vlm_seeds.render(cfg, agg)
+    assert "| sft | 50.0 ± 23.6 (33.3 / 66.7) | 25.0 ± 11.8 (16.7 / 33.3) | 55.0 ± 7.1 (50.0 / 60.0) | 33.3 |" in md
+    assert "| vdpo | +16.7 [" in md and "| +33.3 / +0.0 | +2 / −1 |" in md
+    assert "| 1 | 2 | 1 | 81.0 | 90.0 | passed |" in md

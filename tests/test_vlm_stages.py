@@ -254,6 +254,46 @@ def test_vdpo_all_dag(repo_copy):
     assert "results/vlm_smoke/vlm/vdpo" in out.stdout and "results/vlm_smoke/vlm/dpo" in out.stdout
 
 
+def test_vdpo_over_seeds_shares_the_data_and_seed_0_is_the_single_run(repo_copy):
+    """``seeds: [0, 1]`` (issue 22 part 5): the branch's data once, its training and evaluation once per
+    seed (rules seed<k>_*), then the report over seeds; run for real, seed 0's models, pairs and answers
+    are byte-identical to a single run's, and the report's per-seed scores are the seeds' own."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("CLOSEDLOOP_LAUNCH_CONFIG", None)
+    env.pop("CLOSEDLOOP_LAUNCHER", None)
+
+    def snakemake(*args):
+        out = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile",
+                              "configs/vlm_smoke.yaml", *args], cwd=repo_copy, env=env, capture_output=True,
+                             text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    plan = snakemake("-n", "--config", "seeds=[0, 1, 2]", "--", "vdpo_all")
+    table = re.search(r"job\s+count\n[-\s]+\n(.*?)\ntotal", plan.stdout, re.S)
+    jobs = {m[0]: int(m[1]) for m in re.findall(r"(\w+)\s+(\d+)", table.group(1))}
+    per_seed = {"vlm_sft": 1, "vdpo_pairs": 1, "vdpo": 2, "pope": 3, "vlm_report": 1}
+    assert jobs == {"vlm_data": 1, "vlm_seeds_report": 1, "vdpo_all": 1,
+                    **{f"seed{s}_{rule}": n for s in range(3) for rule, n in per_seed.items()}}
+
+    snakemake("--config", "seeds=[0, 1]", "--", "vdpo_all")
+    # the single run on the same data (its view lacks the seeds marker, so only mtime may rerun the data)
+    snakemake("--rerun-triggers", "mtime", "--config", "results_dir=single", "--", "vdpo_all")
+    seeded, single = repo_copy / "results" / "vlm_smoke", repo_copy / "single" / "vlm_smoke"
+    for rel in ["sft/model/model.safetensors", "pairs/pairs.jsonl", "dpo/model/model.safetensors",
+                "vdpo/model/model.safetensors", "pope/vdpo/predictions.jsonl"]:
+        assert (seeded / "seed0" / "vlm" / rel).read_bytes() == (single / "vlm" / rel).read_bytes(), rel
+    agg = json.loads((seeded / "vlm" / "seeds.json").read_text())
+    for s in (0, 1):
+        for tag in ("sft", "dpo", "vdpo"):
+            own = json.loads((seeded / f"seed{s}" / "vlm" / "pope" / tag / "metrics.json").read_text())
+            assert agg["metrics"][tag]["accuracy"]["per_seed"][str(s)] == own["all"]["accuracy"]
+        attempts = json.loads((seeded / f"seed{s}" / "vlm" / "sft" / "stats.json").read_text())["attempts"]
+        assert agg["sft"][str(s)]["attempts"] == len(attempts) and attempts[0]["seed"] == s
+    report = (seeded / "vlm" / "report.md").read_text()
+    assert "over seeds 0, 1" in report and "| vdpo | " in report and "## SFT per seed" in report
+
+
 def test_paper_preset_keeps_the_hub_model():
     cfg = config.load([ROOT / "configs" / "paper" / "vdpo_llava7b.yaml"])
     assert cfg.vlm.model.kind == config.VLMKind.hf and cfg.vlm.model.name_or_path == "llava-hf/llava-1.5-7b-hf"

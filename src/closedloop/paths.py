@@ -249,6 +249,12 @@ def vlm_report_rst(cfg) -> Path:
     return vlm_run_dir(cfg) / "report.rst"
 
 
+def vlm_seeds_report_file(cfg) -> Path:
+    """``results/<experiment>/vlm/report.md`` under ``seeds``: POPE per seed, mean ± sd, paired gains
+    over SFT; each seed's own branch report is ``results/<experiment>/seed<k>/vlm/report.md``."""
+    return experiment_dir(cfg) / "vlm" / "report.md"
+
+
 # ---- the VL-CoT family (SPEC §6): results/<experiment>/vlcot/ ------------------------------
 
 def vlcot_data_dir(cfg) -> Path:
@@ -342,7 +348,8 @@ def coral_report_file(cfg) -> Path:
 
 def family_reports(cfg) -> dict[str, Path]:
     """The report each family in ``families`` ends in: the default target ``all`` builds these
-    (the loop's: the report over seeds under ``seeds``)."""
-    files = {"loop": seeds_report_file if cfg.get("seeds") else report_file, "vlm": vlm_report_file,
+    (the loop's and the V-DPO branch's: their reports over seeds under ``seeds``)."""
+    seeds = bool(cfg.get("seeds"))
+    files = {"loop": seeds_report_file if seeds else report_file, "vlm": vlm_seeds_report_file if seeds else vlm_report_file,
              "coral": coral_report_file, "vlcot": vlcot_report_file}
     return {family: files[family](cfg) for family in cfg.families}

@@ -63,6 +63,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("vdpo", "vlm", (*_VLM_TRAINED, "vlm.pairs", "vlm.vdpo"), HEAVY),
     Stage("pope", "vlm", (*_VLM_TRAINED, "vlm.pairs", "vlm.vdpo", "vlm.pope"), HEAVY),
     Stage("vlm_report", "vlm", ("vlm.pope",)),
+    Stage("vlm_seeds_report", "vlm", ("seeds", "vlm.pope")),
     Stage("vlcot_data", "vlcot", ("vlcot.model", "vlcot.data")),
     Stage("vlcot_sft", "vlcot", _VLCOT_TRAINED, HEAVY),
     Stage("vlcot_rejection", "vlcot", (*_VLCOT_TRAINED, "vlcot.rejection"), HEAVY),
