@@ -355,14 +355,21 @@ def render_seeds(cfg, agg: dict) -> str:
             cells.append(f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f} ({per})")
         lines.append(f"| {tag} | " + " | ".join(cells) + " |")
     if agg["gain_over_sft"]:
-        lines += ["", f"## Gain over SFT (points), paired by seed and question, {level}% interval over seeds × "
-                      "questions", "",
-                  "Two-level percentile bootstrap: seeds drawn with replacement, then questions (one draw shared by "
-                  "the drawn seeds); gained / lost summed over seeds.", "",
-                  "| model | task | gain [interval] | per seed | gained / lost |", "|---|---|---|---|---|"]
-        for key, g in agg["gain_over_sft"].items():
-            tag, task = key.rsplit("/", 1)
-            per = " / ".join(f"{100 * v:+.1f}" for v in g["per_seed"])
-            lines.append(f"| {tag} | {task} | {100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, "
-                         f"{100 * g['ci_high']:+.1f}] | {per} | +{g['gained']} / −{g['lost']} |")
+        lines += gain_over_sft_lines(level, ["model", "task"],
+                                     [(key.rsplit("/", 1), g) for key, g in agg["gain_over_sft"].items()])
     return "\n".join(lines) + "\n"
+
+
+def gain_over_sft_lines(level: int, key_headers: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
+    """The report section of paired gains over SFT (:func:`closedloop.stats.paired_gain_over_seeds`):
+    one table row per (key cells, gain record)."""
+    lines = ["", f"## Gain over SFT (points), paired by seed and question, {level}% interval over seeds × questions",
+             "", "Two-level percentile bootstrap: seeds drawn with replacement, then questions (one draw shared by "
+             "the drawn seeds); gained / lost summed over seeds.", "",
+             "| " + " | ".join(key_headers) + " | gain [interval] | per seed | gained / lost |",
+             "|---|" + "---|" * (len(key_headers) + 2)]
+    for keys, g in rows:
+        per = " / ".join(f"{100 * v:+.1f}" for v in g["per_seed"])
+        lines.append("| " + " | ".join(keys) + f" | {100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, "
+                     f"{100 * g['ci_high']:+.1f}] | {per} | +{g['gained']} / −{g['lost']} |")
+    return lines

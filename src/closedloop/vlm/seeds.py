@@ -6,7 +6,7 @@ model's score can be paired with its own seed's SFT model question by question.
 The report, ``results/<experiment>/vlm/report.md`` (stage ``vlm_seeds_report``):
   - per model, accuracy / F1 / yes-ratio overall and accuracy per POPE split: mean ± sample sd over
     seeds (:func:`closedloop.stats.seed_summary`), with each seed's value;
-  - per trained model (DPO, V-DPO), the paired accuracy gain over SFT with a two-level percentile
+  - per trained model (DPO, V-DPO), the paired accuracy gain (points) over SFT with a two-level percentile
     bootstrap over seeds × questions (:func:`closedloop.stats.paired_gain_over_seeds`: a question
     is correct when its parsed answer equals its label);
   - per seed, the SFT stage's record: the attempt kept (``vlm.sft.restarts``), its validation accuracy
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 
 from closedloop import artifacts, paths, stats
+from closedloop.reporting import aligned, gain_over_sft_lines
 from closedloop.vlm.scenes import SPLITS
 
 OVERALL = ("accuracy", "f1", "yes_ratio")
@@ -46,8 +47,6 @@ def aggregate(cfg) -> dict:
                                                           for s in cfg.seeds}) for split in SPLITS}
         out["metrics"][t] = rows
     if "sft" in tags:
-        from closedloop.reporting import aligned
-
         correct = {t: {s: correct_by_question(paths.pope_dir(c, t)) for s, c in seed_cfgs.items()} for t in tags}
         for t in tags:
             if t == "sft":
@@ -92,15 +91,7 @@ def render(cfg, agg: dict) -> str:
     lines += [f"| {t} | " + " | ".join(_summary(agg["metrics"][t][f"{s}/accuracy"]) for s in SPLITS) + " |"
               for t in tags]
     if agg["gain_over_sft"]:
-        lines += ["", f"## Accuracy gain over SFT (points), paired by seed and question, {level}% interval over "
-                      "seeds × questions", "",
-                  "Two-level percentile bootstrap: seeds drawn with replacement, then questions (one draw shared by "
-                  "the drawn seeds); gained / lost summed over seeds.", "",
-                  "| model | gain [interval] | per seed | gained / lost |", "|---|---|---|---|"]
-        for t, g in agg["gain_over_sft"].items():
-            per = " / ".join(f"{100 * v:+.1f}" for v in g["per_seed"])
-            lines.append(f"| {t} | {100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] | "
-                         f"{per} | +{g['gained']} / −{g['lost']} |")
+        lines += gain_over_sft_lines(level, ["model"], [([t], g) for t, g in agg["gain_over_sft"].items()])
     lines += ["", "## SFT per seed", "",
               "| seed | attempts | kept | validation accuracy | grounding flips | grounding |", "|---|---|---|---|---|---|"]
     for s, r in agg["sft"].items():
