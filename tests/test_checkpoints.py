@@ -12,6 +12,10 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
         if complete:
             (tmp_path / f"checkpoint-{step}" / checkpoints.STATE).write_text("{}")
     (tmp_path / "checkpoint-x").mkdir()
+    (tmp_path / "checkpoint-8").mkdir()  # killed while writing the state (seen in CI): empty, then cut
+    (tmp_path / "checkpoint-8" / checkpoints.STATE).write_text("")
+    assert checkpoints.latest(tmp_path).name == "checkpoint-4"
+    (tmp_path / "checkpoint-8" / checkpoints.STATE).write_text('{"global_step": 8, "log_hi')
     assert checkpoints.latest(tmp_path).name == "checkpoint-4" and checkpoints.step_of(checkpoints.latest(tmp_path)) == 4
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from closedloop import config, paths
+from closedloop import checkpoints, config, paths
 from closedloop.stages import vdpo_pairs, vlm_data, vlm_sft
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,8 @@ def test_vlm_sft_resumes_after_a_kill(tmp_path):
     vlm_data.main(cfg)
     cmd = [sys.executable, "-m", "closedloop", "run-stage", "vlm_sft", *args]
     work = paths.vlm_sft_dir(cfg).parent / ".work"
-    _kill_when(cmd, env, lambda: len(list(work.glob("sft-*/trainer/checkpoint-*/trainer_state.json"))) >= 1)
+    # killed once a checkpoint is complete (its state parses: the kill may land while the state is written)
+    _kill_when(cmd, env, lambda: any(checkpoints.is_complete(c) for c in work.glob("sft-*/trainer/checkpoint-*")))
     out = paths.vlm_sft_dir(cfg)
     assert not out.exists()  # nothing marked done
     log = _run(cmd, env)
@@ -79,7 +80,7 @@ def test_vdpo_reuses_a_finished_gamma_and_resumes_the_next(tmp_path):
 
     def second_gamma_checkpointed():
         first = list(work.glob(f"vdpo-*/gamma-{grid[0]}/entry.json"))
-        return first and list(work.glob(f"vdpo-*/gamma-{grid[1]}/trainer/checkpoint-*/trainer_state.json"))
+        return first and any(checkpoints.is_complete(c) for c in work.glob(f"vdpo-*/gamma-{grid[1]}/trainer/checkpoint-*"))
 
     _kill_when(cmd, env, second_gamma_checkpointed)
     out = paths.vdpo_dir(cfg, "vdpo")

@@ -14,6 +14,7 @@ does not change what is trained.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from transformers import TrainerCallback
 from closedloop import artifacts
 from closedloop import config as cl_config
 
-STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint: its presence marks a complete checkpoint
+STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint: once it parses, the checkpoint is complete
 
 
 def is_main_process() -> bool:
@@ -51,12 +52,21 @@ def work_dir(final: Path, view: dict, inputs: dict[str, Path], prefix: str | Non
     return work
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """A checkpoint whose trainer state (written last) exists and parses: a job killed while
+    writing it leaves an empty or cut file, which HF's resume would fail on."""
+    try:
+        return isinstance(json.loads((checkpoint / STATE).read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def latest(trainer_dir: Path) -> Path | None:
-    """The complete ``checkpoint-<step>`` with the highest step, or None."""
+    """The complete ``checkpoint-<step>`` (:func:`is_complete`) with the highest step, or None."""
     found = []
     for path in Path(trainer_dir).glob("checkpoint-*"):
         match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and (path / STATE).is_file():
+        if match and is_complete(path):
             found.append((int(match.group(1)), path))
     return max(found)[1] if found else None
 
