@@ -351,13 +351,18 @@ def render_seeds(cfg, agg: dict) -> str:
         cells = []
         for task in tasks:
             a = agg["accuracy"][f"{tag}/{task}"]
-            per = " / ".join(f"{100 * v:.1f}" for v in a["per_seed"].values())
-            cells.append(f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f} ({per})")
+            cells.append(seed_summary_cell(a))
         lines.append(f"| {tag} | " + " | ".join(cells) + " |")
     if agg["gain_over_sft"]:
         lines += gain_over_sft_lines(level, ["model", "task"],
                                      [(key.rsplit("/", 1), g) for key, g in agg["gain_over_sft"].items()])
     return "\n".join(lines) + "\n"
+
+
+def seed_summary_cell(a: dict) -> str:
+    """A :func:`closedloop.stats.seed_summary` as a table cell in %: mean ± sd (each seed's value)."""
+    per = " / ".join(f"{100 * v:.1f}" for v in a["per_seed"].values())
+    return f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f} ({per})"
 
 
 def gain_over_sft_lines(level: int, key_headers: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 
 from closedloop import artifacts, paths, stats
-from closedloop.reporting import aligned, gain_over_sft_lines
+from closedloop.reporting import aligned, gain_over_sft_lines, seed_summary_cell
 from closedloop.vlm.scenes import SPLITS
 
 OVERALL = ("accuracy", "f1", "yes_ratio")
@@ -68,11 +68,6 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
-def _summary(a: dict) -> str:
-    per = " / ".join(_pct(v) for v in a["per_seed"].values())
-    return f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f} ({per})"
-
-
 def render(cfg, agg: dict) -> str:
     """report.md over seeds (see the module doc)."""
     tags, seeds, level = list(agg["metrics"]), agg["seeds"], int(100 * cfg.vlm.pope.ci_level)
@@ -84,11 +79,11 @@ def render(cfg, agg: dict) -> str:
              "| model | accuracy | F1 | yes-ratio | lowest accuracy |", "|---|---|---|---|---|"]
     for t in tags:
         m = agg["metrics"][t]
-        lines.append(f"| {t} | {_summary(m['accuracy'])} | {_summary(m['f1'])} | {_summary(m['yes_ratio'])} | "
+        lines.append(f"| {t} | {seed_summary_cell(m['accuracy'])} | {seed_summary_cell(m['f1'])} | {seed_summary_cell(m['yes_ratio'])} | "
                      f"{_pct(min(m['accuracy']['per_seed'].values()))} |")
     lines += ["", "Accuracy per negative type (%): mean ± sd over seeds (per seed):", "",
               "| model | " + " | ".join(SPLITS) + " |", "|---|" + "---|" * len(SPLITS)]
-    lines += [f"| {t} | " + " | ".join(_summary(agg["metrics"][t][f"{s}/accuracy"]) for s in SPLITS) + " |"
+    lines += [f"| {t} | " + " | ".join(seed_summary_cell(agg["metrics"][t][f"{s}/accuracy"]) for s in SPLITS) + " |"
               for t in tags]
     if agg["gain_over_sft"]:
         lines += gain_over_sft_lines(level, ["model"], [([t], g) for t, g in agg["gain_over_sft"].items()])
