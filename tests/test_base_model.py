@@ -49,3 +49,17 @@ def test_provenance_records_it_and_hashes_once_per_process(tmp_path):
     records = [json.loads((tmp_path / d / "provenance.json").read_text()) for d in "ab"]
     assert records[0]["base_model"] == records[1]["base_model"] == artifacts.base_model(view)
     assert models._sha256.cache_info().misses == 1  # the 98 MB GGUF was read once
+
+
+def test_decoding_stages_put_the_model_on_this_processs_gpu(monkeypatch):
+    """Stages that only decode (evaluate, MCTS, instance sampling) place the model themselves
+    (the Trainer does it for training): before, they stayed on the CPU of a GPU node."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.inference_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert models.inference_device() == torch.device("cuda", 3)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert models.inference_device() == torch.device("cuda", 0)

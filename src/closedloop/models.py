@@ -269,7 +269,8 @@ def load_tokenizer(source: str, mcfg, processor_class=None):
 def load_dir(source: str | Path, mcfg, inference: bool = False, key: str | None = None, model_class=None,
              processor_class=None):
     """(model, tokenizer) from a ``from_pretrained`` dir or hub id, in eval mode; in
-    ``model.inference_dtype`` (when set) for stages that only decode. ``model_class`` /
+    ``model.inference_dtype`` (when set) and on :func:`inference_device` for stages that only
+    decode (``inference``). ``model_class`` /
     ``processor_class`` load other families' models the same way (the V-DPO branch's LLaVA and
     its processor). A source that cannot load raises :class:`ModelError` naming it (and the
     config ``key`` that chose it)."""
@@ -288,9 +289,20 @@ def load_dir(source: str | Path, mcfg, inference: bool = False, key: str | None 
     except (OSError, ValueError) as err:  # no such hub id / offline / not a model transformers knows
         raise ModelError(f"{source}: cannot load the model{f' ({key})' if key else ''}: {_first_line(err)}") from None
     model.eval()
+    if inference:
+        model.to(inference_device())
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = getattr(processing, "tokenizer", processing).pad_token_id
     return model, processing
+
+
+def inference_device() -> torch.device:
+    """Where a stage that only decodes (evaluate, MCTS, instance sampling) runs its model: this
+    process's GPU (``LOCAL_RANK``, 0 for a single process) when CUDA is available, else the CPU.
+    Training stages leave placement to the Trainer (accelerate), which does the same."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def dtype_name(mcfg, inference: bool) -> str:
