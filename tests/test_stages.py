@@ -94,7 +94,7 @@ def test_evaluate_on_validation_in_bf16_names_split_and_dtype(smoke_cfg):
     data_dir = paths.data_dir(smoke_cfg, "synthetic")
     val_ids = [r["id"] for r in artifacts.read_jsonl(data_dir / "validation.jsonl")]
     assert [p["id"] for p in artifacts.read_jsonl(out / "predictions.jsonl")] == val_ids
-    assert metrics["split"] == "validation" and metrics["dtype"] == "bfloat16"
+    assert metrics["split"] == "validation" and metrics["dtype"] == "bfloat16" and metrics["device"] == "cpu"
     assert metrics["data"]["sha256"] == artifacts.content_hash(data_dir / "validation.jsonl")
     model, _ = models.load_dir(models.base_source(smoke_cfg.model), smoke_cfg.model)
     assert next(model.parameters()).dtype == torch.float32  # training stages keep model.dtype

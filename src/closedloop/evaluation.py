@@ -191,7 +191,8 @@ def evaluate(cfg, tag: str, task: str, ev, rows: list[dict], out_dir: Path, view
               "data": {"path": str(data), "sha256": artifacts.content_hash(data / f"{split}.jsonl")}}
     if family is None:
         model, tokenizer = models.load_dir(source, cfg.model, inference=True)
-        common["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        weights = next(model.parameters())
+        common["dtype"], common["device"] = str(weights.dtype).removeprefix("torch."), weights.device.type
         set_seed(cfg.seed)
         if mode != "generate":
             records, metrics = run_harness(model, tokenizer, cfg, task, ev, rows, mode)

@@ -234,7 +234,8 @@ def decoding_section(cfg, metrics: dict[tuple[str, str, str], dict]) -> str:
 
 def software_line(cfg, metrics) -> str:
     """Library versions (the SFT artifact's provenance) and the precision used: the training
-    dtype and bf16 autocast setting (the SFT job's config), the evaluated weights' dtypes."""
+    dtype and bf16 autocast setting (the SFT job's config), the evaluated weights' dtypes and
+    devices (``cpu``, ``cuda``)."""
     sft = paths.sft_dir(cfg)
     try:
         packages = json.loads((sft / artifacts.PROVENANCE).read_text())["packages"]
@@ -243,10 +244,12 @@ def software_line(cfg, metrics) -> str:
         return "Software and precision: n/a (no SFT provenance)."
     autocast = {True: "on", False: "off", None: "auto (on where the CPU or GPU has bf16 units)"}[model.bf16_training]
     dtypes = sorted({m["dtype"] for m in metrics.values() if "dtype" in m})
+    devices = sorted({m["device"] for m in metrics.values() if "device" in m})
     versions = ", ".join(f"{k} {packages.get(k)}" for k in ("python", "torch", "transformers", "trl", "lm-eval")
                          if packages.get(k))
     return (f"Software: {versions}. Precision: training weights {model.dtype}, bf16 autocast {autocast}; "
-            f"evaluation weights {', '.join(dtypes) or 'n/a'} (log-softmax of scored choices in float32).")
+            f"evaluation weights {', '.join(dtypes) or 'n/a'}"
+            + (f" on {', '.join(devices)}" if devices else "") + " (log-softmax of scored choices in float32).")
 
 
 def render(cfg, metrics, logs, stats, decodings=None) -> str:
