@@ -48,4 +48,4 @@ for _ablation in cl_config.ABLATIONS:
         name:
             f"ablation_{_ablation}"
         input:
-            [str(paths.eval_dir(CFG, paths.model_tag(k, _ablation), t)) for k in iterations() for t in CFG.eval.tasks],
+            [str(paths.eval_dir(CFG, paths.model_tag(k, _ablation), t)) for k in paths.evaluated_iterations(CFG, _ablation) for t in CFG.eval.tasks],

@@ -64,6 +64,13 @@ def test_smoke_dag_runs_end_to_end_then_has_nothing_to_do(smoke_local_run):
                                               "dvc_views": 1, "all": 1}
     assert "results/smoke/ablations/plain_dpo/iter2/mcts/merged" in ablations.stdout
     assert "results/smoke/ablations/plain_dpo/iter1/mcts" not in ablations.stdout
+    # only their last policies evaluated: the same jobs but two evaluations, and none of the run's rerun
+    last = snakemake(repo_copy, "-n", "--config", "loop={ablations: [plain_dpo, offline_mcts]}",
+                     "eval={ablation_iterations: last}")
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert planned_jobs(last.stdout) == {"mcts": 1, "mcts_merge": 1, "dpo": 4, "evaluate": 4, "report": 1,
+                                         "dvc_views": 1, "all": 1}
+    assert "results/smoke/eval/ablations/plain_dpo/iter1" not in last.stdout
 
     second = snakemake(repo_copy)
     assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr

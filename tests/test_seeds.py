@@ -93,6 +93,32 @@ def test_efficacy_preset_runs_three_seeds_with_more_search_than_the_default():
     assert list(eff.seeds) == [0, 1, 2]
     assert eff.mcts.n_prompts > default.mcts.n_prompts and eff.loop.iterations > default.loop.iterations
     assert sorted(eff.loop.ablations) == sorted(config.ABLATIONS)  # equal budgets: one loop config for all
+    assert config.enum_value(eff.eval.ablation_iterations) == "last"
+
+
+def test_ablations_evaluated_at_their_last_iteration_only():
+    """``eval.ablation_iterations: last``: each ablation's final policy is evaluated, the closed loop's
+    every policy; evaluation jobs' views do not change (switching reruns nothing), the report's do."""
+    from closedloop import config, reporting
+
+    every = config.load([], ["loop.iterations=3", "loop.ablations=[plain_dpo, offline_mcts]", "eval.tasks=[synthetic]"])
+    last = config.load([], ["loop.iterations=3", "loop.ablations=[plain_dpo, offline_mcts]", "eval.tasks=[synthetic]",
+                            "eval.ablation_iterations=last"])
+    assert paths.eval_model_tags(last) == ["sft", "iter1", "iter2", "iter3", "ablations/plain_dpo/iter3",
+                                           "ablations/offline_mcts/iter3"]
+    assert len(paths.eval_model_tags(every)) == 1 + 3 * 3
+    assert config.stage_view(every, "evaluate", ["synthetic"]) == config.stage_view(last, "evaluate", ["synthetic"])
+    assert config.stage_view(last, "report")["eval"]["ablation_iterations"] == "last"
+    assert config.stage_view(every, "report") != config.stage_view(last, "report")
+
+    def m(acc):
+        return {"accuracy": acc, "ci_low": acc - 0.05, "ci_high": acc + 0.05, "n": 20}
+
+    metrics = {(tag, "synthetic"): m(0.5 + 0.01 * k) for k, tag in enumerate(paths.eval_model_tags(last))}
+    table = reporting.iteration_table(last, metrics).splitlines()
+    assert table[2] == "| synthetic | closedloop | 50.0 [45.0, 55.0] | 51.0 [46.0, 56.0] | 52.0 [47.0, 57.0] | 53.0 [48.0, 58.0] |"
+    assert table[3] == "| synthetic | plain_dpo | 50.0 [45.0, 55.0] | – | – | 54.0 [49.0, 59.0] |"
+    assert table[4] == "| synthetic | offline_mcts | 50.0 [45.0, 55.0] | – | – | 55.0 [50.0, 60.0] |"
 
 
 def test_vdpo_report_over_seeds_on_hand_made_predictions(tmp_path):

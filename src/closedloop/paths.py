@@ -191,10 +191,19 @@ def loop_variants(cfg) -> list[str]:
     return [CLOSED_LOOP, *cfg.loop.ablations]
 
 
+def evaluated_iterations(cfg, variant: str = CLOSED_LOOP) -> list[int]:
+    """The iterations k whose policy_k of ``variant`` is evaluated: 1..N, or only N for an
+    ablation under ``eval.ablation_iterations: last``."""
+    every = list(range(1, cfg.loop.iterations + 1))
+    if variant == CLOSED_LOOP or cl_config.enum_value(cfg.eval.ablation_iterations) == "all":
+        return every
+    return every[-1:]
+
+
 def eval_model_tags(cfg) -> list[str]:
-    """Every model the experiment evaluates: ``eval.models`` plus policy_1..N of each loop."""
-    return list(cfg.eval.models) + [model_tag(k, v) for v in loop_variants(cfg)
-                                    for k in range(1, cfg.loop.iterations + 1)]
+    """Every model the experiment evaluates: ``eval.models`` plus the evaluated policies of each
+    loop (:func:`evaluated_iterations`)."""
+    return list(cfg.eval.models) + [model_tag(k, v) for v in loop_variants(cfg) for k in evaluated_iterations(cfg, v)]
 
 
 # ---- the V-DPO branch (SPEC §4): results/<experiment>/vlm/ -------------------------------

@@ -45,19 +45,22 @@ def accuracy_table(cfg, metrics) -> str:
 
 
 def iteration_series(cfg, metrics, variant: str, task: str) -> list[tuple[int, dict]]:
-    """(k, metrics) for k = 0 (the SFT policy) .. N of one loop variant."""
+    """(k, metrics) for k = 0 (the SFT policy) and each evaluated iteration of one loop variant
+    (:func:`closedloop.paths.evaluated_iterations`)."""
     series = [(0, metrics[("sft", task)])] if ("sft", task) in metrics else []
-    return series + [(k, metrics[(paths.model_tag(k, variant), task)]) for k in range(1, cfg.loop.iterations + 1)]
+    return series + [(k, metrics[(paths.model_tag(k, variant), task)]) for k in paths.evaluated_iterations(cfg, variant)]
 
 
 def iteration_table(cfg, metrics) -> str:
+    """Accuracy per iteration of each loop variant; "–" where a policy was not evaluated."""
     ks = range(0, cfg.loop.iterations + 1)
     lines = ["| task | loop | " + " | ".join("SFT" if k == 0 else f"iter {k}" for k in ks) + " |",
              "|---|---|" + "---|" * len(ks)]
     for task in cfg.eval.tasks:
         for variant in paths.loop_variants(cfg):
+            series = dict(iteration_series(cfg, metrics, variant, task))
             lines.append(f"| {task} | {variant} | "
-                         + " | ".join(cell(m) for _, m in iteration_series(cfg, metrics, variant, task)) + " |")
+                         + " | ".join(cell(series[k]) if k in series else "–" for k in ks) + " |")
     return "\n".join(lines)
 
 
@@ -84,6 +87,9 @@ def paired_table(cfg) -> str:
         for variant in paths.loop_variants(cfg):
             cells = []
             for k in range(1, cfg.loop.iterations + 1):
+                if k not in paths.evaluated_iterations(cfg, variant):
+                    cells.append("–")
+                    continue
                 change = stats.paired_change(sft, correct_by_id(cfg, paths.model_tag(k, variant), task) or {})
                 cells.append(f"+{change['gained']} / −{change['lost']}, p {change['p']:.2f}")
             lines.append(f"| {task} | {variant} | " + " | ".join(cells) + " |")

@@ -44,6 +44,11 @@ class Reference(str, Enum):
     previous = "previous"  # option: policy_{k-1}
 
 
+class AblationIterations(str, Enum):
+    all = "all"  # every policy_k of each ablation
+    last = "last"  # each ablation's final policy only (the closed loop's are always all evaluated)
+
+
 class MCScoring(str, Enum):
     loglikelihood = "loglikelihood"  # lm-evaluation-harness acc / acc_norm (the field's way)
     generate = "generate"  # decode, then read the option letter (our scorer)
@@ -139,6 +144,10 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["synthetic", "arc_challenge", "sciq"])
     models: list[str] = field(default_factory=lambda: ["sft"])
     """Models evaluated besides the loop's policies: ``base`` (untrained) and/or ``sft``."""
+    ablation_iterations: AblationIterations = AblationIterations.all
+    """Which policies of each ablation (``loop.ablations``) are evaluated: ``all`` iterations, or the
+    ``last`` one only, which is what the comparison at equal budgets needs (it saves an evaluation
+    per task for each earlier iteration of each ablation)."""
     split: Split = Split.heldout
     """``validation`` to choose settings without looking at the held-out split."""
     mc_scoring: MCScoring = MCScoring.loglikelihood

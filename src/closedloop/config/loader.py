@@ -27,6 +27,9 @@ class ExperimentConfig(CoralSections, VLCoTSections, VLMSections, LLMSections, S
 
 
 SHARED_KEYS = ("experiment", "seed", "data_dir", "results_dir")
+DAG_KEYS = {"eval.ablation_iterations": ("report", "seeds_report")}
+"""Keys that choose which jobs the DAG holds, read by no job but the stages listed: dropped from
+every other stage's view, so switching one adds or removes jobs and reruns none."""
 
 
 def load(
@@ -119,7 +122,8 @@ def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: in
     Only the stage's sections (:data:`closedloop.stage_table.STAGES`; ``vlm.sft`` is one
     subsection), the catalogue entries of ``tasks`` and the job's ``model`` go to the job, so a
     change anywhere else does not invalidate it. ``dpo`` of iteration ``iteration`` gets
-    that iteration's settings (:func:`~closedloop.config.llm.dpo_for`). Under ``seeds`` a job
+    that iteration's settings (:func:`~closedloop.config.llm.dpo_for`); :data:`DAG_KEYS` reach
+    only the stages that read them. Under ``seeds`` a job
     sees only its own seed (``seeds: [seed]``, which puts it in the per-seed layout), so adding
     a seed reruns nothing of the others; a stage with the ``seeds`` section sees them all.
     """
@@ -140,6 +144,10 @@ def stage_view(cfg: DictConfig, stage: str, tasks: list[str] = (), iteration: in
         view["data"] = {"tasks": {t: full["data"]["tasks"][t] for t in tasks}}
         if stage == "data" and any(full["data"]["tasks"][t]["source"] == "jsonl" for t in tasks):
             view["data"].update({key: full["data"][key] for key in DATA_LIMITS})  # they judge a user's file
+    for key, readers in DAG_KEYS.items():
+        top, _, sub = key.partition(".")
+        if stage not in readers and isinstance(view.get(top), dict):
+            view[top].pop(sub, None)
     if stage == "dpo" and iteration is not None:
         view["dpo"] = OmegaConf.to_container(dpo_for(cfg, iteration), enum_to_str=True)
     if model is not None:
