@@ -48,7 +48,10 @@ def test_seed_summary_is_mean_and_sample_sd():
 def test_report_over_seeds_on_hand_made_predictions(smoke_cfg):
     cfg = smoke_cfg
     cfg.seeds, cfg.eval.tasks, cfg.eval.models, cfg.loop.iterations = [0, 1], ["synthetic"], ["sft"], 1
-    correct = {"sft": BASE, "iter1": MODEL}
+    cfg.loop.ablations = ["plain_dpo"]
+    ablation = np.array([[0, 0, 0],
+                         [0, 1, 1]])  # closed loop − ablation = [[1, 1, 0], [0, 0, 0]]
+    correct = {"sft": BASE, "iter1": MODEL, "ablations/plain_dpo/iter1": ablation}
     for s in (0, 1):
         seed_cfg = paths.for_seed(cfg, s)
         assert paths.run_dir(seed_cfg).name == f"seed{s}"
@@ -68,6 +71,11 @@ def test_report_over_seeds_on_hand_made_predictions(smoke_cfg):
     md = reporting.render_seeds(cfg, json.loads(json.dumps(agg)))
     assert "| sft | 50.0 ± 23.6 (33.3 / 66.7) |" in md
     assert "| iter1 | synthetic | +16.7 [" in md and "| +33.3 / +0.0 | +2 / −1 |" in md
+    versus = agg["closed_loop_over_ablation"]["plain_dpo/synthetic"]  # the talk's ranking, paired the same way
+    assert versus["gain"] == pytest.approx(1 / 3) and versus["per_seed"] == pytest.approx([2 / 3, 0.0])
+    assert (versus["gained"], versus["lost"]) == (2, 0)
+    assert "## The closed loop's iteration-1 policy against each ablation's" in md
+    assert "| plain_dpo | synthetic | +33.3 [" in md and "| +66.7 / +0.0 | +2 / −0 |" in md
 
 
 def test_a_seeds_job_sees_only_its_own_seed(smoke_cfg):

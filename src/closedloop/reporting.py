@@ -330,21 +330,29 @@ def aligned(scores: dict[int, dict[str, float]], ids: list[str]):
 
 
 def seeds_aggregate(cfg, scores, n_boot: int, level: float) -> dict:
-    """Per-seed accuracy with mean ± sd for every (model, task), and for every trained policy the
-    paired gain over the SFT model of the same seed (:func:`closedloop.stats.paired_gain_over_seeds`)."""
-    out = {"accuracy": {}, "gain_over_sft": {}}
+    """Per-seed accuracy with mean ± sd for every (model, task); for every trained policy the
+    paired gain over the SFT model of the same seed; and with ablations, the closed loop's final
+    policy against each ablation's (the talk's ranking, SPEC §3), paired the same way
+    (:func:`closedloop.stats.paired_gain_over_seeds`)."""
+    out = {"accuracy": {}, "gain_over_sft": {}, "closed_loop_over_ablation": {}}
     for (tag, task), by_seed in scores.items():
         out["accuracy"][f"{tag}/{task}"] = stats.seed_summary(
             {s: sum(q.values()) / len(q) for s, q in sorted(by_seed.items())})
+
+    def gain(baseline, model):
+        ids = sorted(set.intersection(*(set(q) for q in [*baseline.values(), *model.values()])))
+        return stats.paired_gain_over_seeds(aligned(baseline, ids), aligned(model, ids), n_boot, level, cfg.seed)
+
+    last = cfg.loop.iterations
+    for task in cfg.eval.tasks:
+        for variant in cfg.loop.ablations if last else ():
+            out["closed_loop_over_ablation"][f"{variant}/{task}"] = gain(
+                scores[(paths.model_tag(last, variant), task)], scores[(paths.model_tag(last), task)])
     if "sft" not in cfg.eval.models:
         return out
     for (tag, task), by_seed in scores.items():
-        if tag in ("base", "sft"):
-            continue
-        sft = scores[("sft", task)]
-        ids = sorted(set.intersection(*(set(q) for q in [*sft.values(), *by_seed.values()])))
-        out["gain_over_sft"][f"{tag}/{task}"] = stats.paired_gain_over_seeds(
-            aligned(sft, ids), aligned(by_seed, ids), n_boot, level, cfg.seed)
+        if tag not in ("base", "sft"):
+            out["gain_over_sft"][f"{tag}/{task}"] = gain(scores[("sft", task)], by_seed)
     return out
 
 
@@ -365,6 +373,11 @@ def render_seeds(cfg, agg: dict) -> str:
     if agg["gain_over_sft"]:
         lines += gain_over_sft_lines(level, ["model", "task"],
                                      [(key.rsplit("/", 1), g) for key, g in agg["gain_over_sft"].items()])
+    if agg.get("closed_loop_over_ablation"):
+        lines += gain_over_sft_lines(
+            level, ["ablation", "task"], [(key.rsplit("/", 1), g) for key, g in agg["closed_loop_over_ablation"].items()],
+            title=f"The closed loop's iteration-{cfg.loop.iterations} policy against each ablation's (points; "
+                  "positive: the closed loop is ahead)")
     return "\n".join(lines) + "\n"
 
 
@@ -374,10 +387,11 @@ def seed_summary_cell(a: dict) -> str:
     return f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f} ({per})"
 
 
-def gain_over_sft_lines(level: int, key_headers: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
-    """The report section of paired gains over SFT (:func:`closedloop.stats.paired_gain_over_seeds`):
-    one table row per (key cells, gain record)."""
-    lines = ["", f"## Gain over SFT (points), paired by seed and question, {level}% interval over seeds × questions",
+def gain_over_sft_lines(level: int, key_headers: list[str], rows: list[tuple[list[str], dict]],
+                        title: str = "Gain over SFT (points)") -> list[str]:
+    """The report section of paired gains over SFT, or over another baseline named in ``title``
+    (:func:`closedloop.stats.paired_gain_over_seeds`): one table row per (key cells, gain record)."""
+    lines = ["", f"## {title}, paired by seed and question, {level}% interval over seeds × questions",
              "", "Two-level percentile bootstrap: seeds drawn with replacement, then questions (one draw shared by "
              "the drawn seeds); gained / lost summed over seeds.", "",
              "| " + " | ".join(key_headers) + " | gain [interval] | per seed | gained / lost |",
