@@ -344,10 +344,9 @@ def seeds_aggregate(cfg, scores, n_boot: int, level: float) -> dict:
         return stats.paired_gain_over_seeds(aligned(baseline, ids), aligned(model, ids), n_boot, level, cfg.seed)
 
     last = cfg.loop.iterations
-    for task in cfg.eval.tasks:
-        for variant in cfg.loop.ablations if last else ():
-            out["closed_loop_over_ablation"][f"{variant}/{task}"] = gain(
-                scores[(paths.model_tag(last, variant), task)], scores[(paths.model_tag(last), task)])
+    for task, variant in [(t, v) for t in cfg.eval.tasks for v in cfg.loop.ablations] if last else ():
+        out["closed_loop_over_ablation"][f"{variant}/{task}"] = gain(
+            scores[(paths.model_tag(last, variant), task)], scores[(paths.model_tag(last), task)])
     if "sft" not in cfg.eval.models:
         return out
     for (tag, task), by_seed in scores.items():
@@ -365,11 +364,7 @@ def render_seeds(cfg, agg: dict) -> str:
              "## Accuracy (%): mean ± sd over seeds (per seed)", "",
              "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for tag in paths.eval_model_tags(cfg):
-        cells = []
-        for task in tasks:
-            a = agg["accuracy"][f"{tag}/{task}"]
-            cells.append(seed_summary_cell(a))
-        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+        lines.append(f"| {tag} | " + " | ".join(seed_summary_cell(agg["accuracy"][f"{tag}/{task}"]) for task in tasks) + " |")
     if agg["gain_over_sft"]:
         lines += gain_over_sft_lines(level, ["model", "task"],
                                      [(key.rsplit("/", 1), g) for key, g in agg["gain_over_sft"].items()])
