@@ -85,9 +85,9 @@ def paired_table(cfg) -> str:
         if sft is None:
             return ""
         for variant in paths.loop_variants(cfg):
-            cells = []
+            cells, evaluated = [], paths.evaluated_iterations(cfg, variant)
             for k in range(1, cfg.loop.iterations + 1):
-                if k not in paths.evaluated_iterations(cfg, variant):
+                if k not in evaluated:
                     cells.append("–")
                     continue
                 change = stats.paired_change(sft, correct_by_id(cfg, paths.model_tag(k, variant), task) or {})
@@ -366,10 +366,10 @@ def render_seeds(cfg, agg: dict) -> str:
     for tag in paths.eval_model_tags(cfg):
         lines.append(f"| {tag} | " + " | ".join(seed_summary_cell(agg["accuracy"][f"{tag}/{task}"]) for task in tasks) + " |")
     if agg["gain_over_sft"]:
-        lines += gain_over_sft_lines(level, ["model", "task"],
+        lines += paired_gain_lines(level, ["model", "task"],
                                      [(key.rsplit("/", 1), g) for key, g in agg["gain_over_sft"].items()])
     if agg.get("closed_loop_over_ablation"):
-        lines += gain_over_sft_lines(
+        lines += paired_gain_lines(
             level, ["ablation", "task"], [(key.rsplit("/", 1), g) for key, g in agg["closed_loop_over_ablation"].items()],
             title=f"The closed loop's iteration-{cfg.loop.iterations} policy against each ablation's (points; "
                   "positive: the closed loop is ahead)")
@@ -382,7 +382,7 @@ def seed_summary_cell(a: dict) -> str:
     return f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f} ({per})"
 
 
-def gain_over_sft_lines(level: int, key_headers: list[str], rows: list[tuple[list[str], dict]],
+def paired_gain_lines(level: int, key_headers: list[str], rows: list[tuple[list[str], dict]],
                         title: str = "Gain over SFT (points)") -> list[str]:
     """The report section of paired gains over SFT, or over another baseline named in ``title``
     (:func:`closedloop.stats.paired_gain_over_seeds`): one table row per (key cells, gain record)."""

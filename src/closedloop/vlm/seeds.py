@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 
 from closedloop import artifacts, paths, stats
-from closedloop.reporting import aligned, gain_over_sft_lines, seed_summary_cell
+from closedloop.reporting import aligned, paired_gain_lines, seed_summary_cell
 from closedloop.vlm.scenes import SPLITS
 
 OVERALL = ("accuracy", "f1", "yes_ratio")
@@ -86,7 +86,7 @@ def render(cfg, agg: dict) -> str:
     lines += [f"| {t} | " + " | ".join(seed_summary_cell(agg["metrics"][t][f"{s}/accuracy"]) for s in SPLITS) + " |"
               for t in tags]
     if agg["gain_over_sft"]:
-        lines += gain_over_sft_lines(level, ["model"], [([t], g) for t, g in agg["gain_over_sft"].items()])
+        lines += paired_gain_lines(level, ["model"], [([t], g) for t, g in agg["gain_over_sft"].items()])
     lines += ["", "## SFT per seed", "",
               "| seed | attempts | kept | validation accuracy | grounding flips | grounding |", "|---|---|---|---|---|---|"]
     for s, r in agg["sft"].items():
