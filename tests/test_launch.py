@@ -144,6 +144,13 @@ def test_snakemake_resource_flags_layer_over_the_launch_settings(tmp_path):
         launch.resources("evaluate", s.slurm)
 
 
+def test_ranks_meet_on_a_port_below_the_ephemeral_range_derived_from_the_job_id():
+    ports = [launch.master_port(str(job)) for job in range(1, 2001)] + [launch.master_port("4242_7")]
+    assert all(20000 <= port <= 32767 for port in ports)
+    assert launch.master_port("19") == launch.master_port("19") != launch.master_port("20")
+    assert len(set(ports)) > 1800  # spread, so that two jobs on one node rarely share a port
+
+
 def test_sacct_rows_are_read_by_job_and_array_element():
     from closedloop import slurm_jobs
 

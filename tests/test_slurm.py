@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from closedloop import artifacts
+from closedloop import artifacts, launch
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,6 +238,7 @@ def test_two_ranks_train_with_gloo_ddp(slurm, tmp_path):
     for rank in (0, 1):
         log = (folder / f"{job}_{rank}_log.out").read_text()
         assert f"sft: rank {rank} of world size 2 (distributed, gloo)" in log, log[-2000:]
+        assert re.search(rf"rank {rank}/2 \(local {rank}\) master \S+:{launch.master_port(job)}\n", log), log[-2000:]
     sft = tmp_path / "results" / "smoke" / "sft"
     assert (sft / "model" / "model.safetensors").is_file()
     assert [p.name for p in sft.parent.iterdir() if p.name.startswith(".sft")] == []

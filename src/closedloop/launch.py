@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -327,6 +328,15 @@ def stage_function(stage: str):
     return getattr(importlib.import_module(module), function)
 
 
+def master_port(job_id: str) -> int:
+    """The rendezvous port that every rank of Slurm job ``job_id`` derives alike, in
+    20000–32767: below Linux's ephemeral range (32768–60999), from which any outgoing
+    connection on the node may hold a port at any moment. submitit's own pick spans
+    20000–60000, and CI once lost a two-rank job to EADDRINUSE on its port 47436.
+    A ``MASTER_PORT`` already in the job's environment wins."""
+    return 20000 + zlib.crc32(job_id.encode()) % (32768 - 20000)
+
+
 class StageJob(submitit.helpers.Checkpointable):
     """The callable submitit pickles: runs one stage unit in the job, on every rank.
 
@@ -354,7 +364,8 @@ class StageJob(submitit.helpers.Checkpointable):
 
             if not torch.cuda.is_available():
                 os.environ["ACCELERATE_USE_CPU"] = "true"  # the HF Trainer only goes distributed (gloo) on CPU with it
-            dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            os.environ.setdefault("MASTER_PORT", str(master_port(env.job_id)))  # read back by submitit
+            dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
             print(f"closedloop: rank {dist.rank}/{dist.world_size} (local {dist.local_rank}) "
                   f"master {dist.master_addr}:{dist.master_port}", flush=True)
         stage_function(self.stage)(cfg)
