@@ -367,7 +367,7 @@ def render_seeds(cfg, agg: dict) -> str:
         lines.append(f"| {tag} | " + " | ".join(seed_summary_cell(agg["accuracy"][f"{tag}/{task}"]) for task in tasks) + " |")
     if agg["gain_over_sft"]:
         lines += paired_gain_lines(level, ["model", "task"],
-                                     [(key.rsplit("/", 1), g) for key, g in agg["gain_over_sft"].items()])
+                                   [(key.rsplit("/", 1), g) for key, g in agg["gain_over_sft"].items()])
     if agg.get("closed_loop_over_ablation"):
         lines += paired_gain_lines(
             level, ["ablation", "task"], [(key.rsplit("/", 1), g) for key, g in agg["closed_loop_over_ablation"].items()],
@@ -383,7 +383,7 @@ def seed_summary_cell(a: dict) -> str:
 
 
 def paired_gain_lines(level: int, key_headers: list[str], rows: list[tuple[list[str], dict]],
-                        title: str = "Gain over SFT (points)") -> list[str]:
+                      title: str = "Gain over SFT (points)") -> list[str]:
     """The report section of paired gains over SFT, or over another baseline named in ``title``
     (:func:`closedloop.stats.paired_gain_over_seeds`): one table row per (key cells, gain record)."""
     lines = ["", f"## {title}, paired by seed and question, {level}% interval over seeds × questions",
